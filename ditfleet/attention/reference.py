@@ -1,0 +1,52 @@
+"""Float64 reference attention, the yardstick of every backend test, ``doctor`` and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_lens: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention in ``dtype`` (float64 by default), by query chunks.
+
+    Args:
+        q: ``[B, S_q, H, D]`` any float dtype.
+        k: ``[B, S_k, H, D]``.
+        v: ``[B, S_k, H, D]``.
+        scale: softmax scale, ``None`` = ``D ** -0.5``.
+        kv_lens: valid leading keys per batch element, or ``None`` for all.
+        dtype: compute dtype of the reference.
+        chunk: query rows per step (bounds memory to ``chunk * S_k`` scores per head).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` and ``lse`` ``[B, H, S_q]``, both in ``dtype``.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qq = q.transpose(1, 2).to(dtype)
+    kk = k.transpose(1, 2).to(dtype)
+    vv = v.transpose(1, 2).to(dtype)
+    mask = None
+    if kv_lens is not None:
+        pos = torch.arange(k.shape[1], device=k.device)
+        mask = pos[None, :] < torch.as_tensor(list(kv_lens), device=k.device)[:, None]  # [B, S_k]
+        mask = mask[:, None, None, :]
+    outs, lses = [], []
+    for i in range(0, qq.shape[2], chunk):
+        s = torch.matmul(qq[:, :, i : i + chunk], kk.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]), vv))
+        lses.append(lse)
+    return torch.cat(outs, dim=2).transpose(1, 2), torch.cat(lses, dim=2)

@@ -1,0 +1,171 @@
+"""The ``ditfleet`` command: check-config | doctor | bench.
+
+Every user error (bad config, missing file, bad option) prints one message and exits with
+status 2, without a traceback; an internal bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+import torch
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("ditfleet")
+
+BENCH_SUITES = {
+    "attention": ("ditfleet.bench.attention", "per-kernel dense attention: ms, TFLOP/s, error vs fp32"),
+    "sp-attention": ("ditfleet.bench.sp_attention", "sequence-parallel attention (run under torchrun), vs yunchang"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad command lines as a UserError (exit 2, one line)."""
+
+    def error(self, message):  # noqa: D401
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config JSON (default: the embedded tiny config)")
+    p.add_argument("-c", "--config", dest="config_opt", help="run config JSON (same as the positional argument)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (dotted for nested keys, value as JSON), e.g. --set parallel.seq_p_size=2",
+    )
+
+
+def _load(args, world_size: int | None = None):
+    from .config import load_config
+    from .defaults import TINY_DEFAULT
+
+    path = args.config_opt or args.config
+    if path is None:
+        return load_config(None, args.overrides, data=TINY_DEFAULT, world_size=world_size), "embedded tiny default"
+    return load_config(path, args.overrides, world_size=world_size), path
+
+
+def cmd_check_config(args) -> int:
+    from .attention import format_table
+
+    world = args.world_size
+    if world is None and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        world = int(os.environ["WORLD_SIZE"])
+    cfg, source = _load(args, world_size=world)
+    device = torch.device(args.device) if args.device else cfg.torch_device()
+    par = cfg.parallel
+    print(f"config: {source} -- valid")
+    print(
+        f"task {cfg.task}, {cfg.target_video_length} frames {cfg.target_height}x{cfg.target_width}, "
+        f"{cfg.infer_steps} steps, dtype {cfg.dtype}, device {device}"
+    )
+    print(
+        f"parallel: {par.world_size} process(es) = cfg {par.cfg_p_size} x ring {par.ring_degree} x "
+        f"ulysses {par.ulysses_degree} ({par.seq_p_attn_type}), launcher {cfg.launcher}"
+    )
+    resolutions = cfg.resolve_attention(device)
+    used = [r for r in resolutions.values() if r is not None]
+    print("attention kernels on this machine:")
+    print("  " + format_table(used).replace("\n", "\n  "))
+    for site, r in resolutions.items():
+        if r is None:
+            print(f"  {site}: not used by task {cfg.task}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .attention import reference_attention
+    from .attention.registry import KERNELS, kernel_class
+    from .bench.common import package_versions
+
+    print(f"ditfleet {__version__}, python {sys.version.split()[0]}")
+    for name, ver in package_versions().items():
+        print(f"  {name} {ver}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else "CUDA: not available")
+    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    print(f"attention self-check on {device} / {str(dtype).removeprefix('torch.')} "
+          f"(B=2, S_q=1001, S_k=512, H=6, D=64, kv_lens=[512, 300]) vs float64:")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, 6, 64, generator=gen) for s in (1001, 512, 512))
+    ref, ref_lse = reference_attention(q, k, v, kv_lens=[512, 300])
+    failed = 0
+    for key in KERNELS:
+        cls = kernel_class(key)
+        reasons = cls.unavailable_reasons(device, dtype)
+        if reasons:
+            print(f"  {key:16s} skipped: {'; '.join(reasons)}")
+            continue
+        backend = cls(device=device, dtype=dtype)
+        out, lse = backend(
+            q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), kv_lens=[512, 300], return_lse=cls.caps.lse
+        )
+        err = float((out.double().cpu() - ref).norm() / ref.norm())
+        lse_err = float((lse.double().cpu() - ref_lse).abs().max()) if lse is not None else float("nan")
+        limit = 6e-2 if key.startswith("sage") else tol
+        ok = err <= limit and (lse is None or lse_err <= 1e-2)
+        failed += not ok
+        print(f"  {key:16s} {'ok  ' if ok else 'FAIL'} rel L2 {err:.2e} (limit {limit:.0e}), LSE max err {lse_err:.1e}  {cls.description}")
+    print("self-check passed" if not failed else f"self-check: {failed} kernel(s) FAILED")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    if getattr(args, "unavailable", None):
+        raise UserError(args.unavailable)
+    return importlib.import_module(BENCH_SUITES[args.suite][0]).main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ditfleet", description="Distributed inference for video diffusion transformers (Wan2.1).")
+    p.add_argument("--version", action="version", version=f"ditfleet {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("check-config", help="validate a config and show which kernel each attention site runs here")
+    _add_config_args(c)
+    c.add_argument("--world-size", type=int, help="processes the run will have (default: torchrun's WORLD_SIZE, else the config's)")
+    c.add_argument("--device", choices=["cpu", "cuda"], help="resolve kernels for this device (default: the config's)")
+    c.set_defaults(func=cmd_check_config)
+
+    d = sub.add_parser("doctor", help="show the environment and self-check every attention kernel that can run here")
+    d.add_argument("--device", choices=["cpu", "cuda"])
+    d.set_defaults(func=cmd_doctor)
+
+    b = sub.add_parser("bench", help="benchmark suites (results as JSON under benchmarks/results/)")
+    suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)
+    for name, (module, help_text) in BENCH_SUITES.items():
+        s = suites.add_parser(name, help=help_text)
+        try:
+            importlib.import_module(module).add_arguments(s)
+        except ImportError as e:  # keep the other commands usable; say why this suite is not
+            s.set_defaults(unavailable=f"bench {name} cannot run here: {e}")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"ditfleet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditfleet: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The run config: typed dataclasses loaded from JSON, overridden from the CLI, validated up front.
+
+Key names follow LightX2V's (``self_attn_1_type``, ``infer_steps``, ``parallel.seq_p_size`` ...) so
+its configs load unchanged; ditfleet's own keys sit beside them. Precedence: ``--set`` on the
+command line > the JSON file > the defaults below. Every problem a user can cause raises
+:class:`~ditfleet.errors.ConfigError` naming the key and what would be valid; unknown keys log a
+warning with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attention.registry import ATTN_TYPES, SELF_ATTENTION_ONLY, SITES, Resolution, resolve, valid_types
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SP_ATTN_TYPES = ("ulysses", "ring", "usp")
+TASKS = ("t2v", "i2v")
+LAUNCHERS = ("local", "torchrun", "ray")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("auto", "cpu", "cuda")
+SPARGE_CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation (shown by the README table and ``--help``)."""
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class ParallelConfig:
+    """How the GPUs of one run split the work (LightX2V's ``parallel`` block, plus ``ulysses_size``)."""
+
+    seq_p_size: int = _f(1, "Sequence-parallel degree: GPUs that share one video's tokens (ulysses x ring).")
+    seq_p_attn_type: str = _f(
+        "ulysses",
+        "How self-attention is split: `ulysses` (all-to-all over heads), `ring` (K/V rotate by P2P, "
+        "LSE merge) or `usp` (Ulysses inside ring groups).",
+        choices=SP_ATTN_TYPES,
+    )
+    cfg_p_size: int = _f(1, "Classifier-free-guidance degree: 2 runs the conditional and unconditional passes on different GPUs.")
+    ulysses_size: int | None = _f(
+        None, "With `usp`: the Ulysses degree inside each ring group (ring degree = seq_p_size / ulysses_size)."
+    )
+
+    @property
+    def ulysses_degree(self) -> int:
+        if self.seq_p_attn_type == "ulysses":
+            return self.seq_p_size
+        if self.seq_p_attn_type == "ring":
+            return 1
+        return self.ulysses_size or 1
+
+    @property
+    def ring_degree(self) -> int:
+        return self.seq_p_size // self.ulysses_degree
+
+    @property
+    def world_size(self) -> int:
+        return self.seq_p_size * self.cfg_p_size
+
+
+@dataclass
+class RadialAttnSetting:
+    """Radial attention's static mask (used when a site is `radial_attn`)."""
+
+    decay_factor: float = _f(0.2, "How fast the diagonal band narrows with temporal distance (reference: 0.2).")
+    block_size: int = _f(128, "Block size of the block-sparse mask, in tokens (multiple of 16).")
+    dense_timesteps: int = _f(0, "Run the first N denoising steps with dense attention.")
+    dense_layers: int = _f(0, "Run the first N DiT blocks with dense attention.")
+
+
+@dataclass
+class SpargeAttnSetting:
+    """Sparge attention options."""
+
+    topk: float | None = _f(
+        None, "Checkpoint-free mode: keep this fraction (0, 1] of key blocks per query block instead of tuned thresholds."
+    )
+
+
+@dataclass
+class RunConfig:
+    """One run of ditfleet. Field names are the JSON keys."""
+
+    task: str = _f("t2v", "`t2v` (text to video) or `i2v` (image + text to video).", choices=TASKS)
+    model_path: str | None = _f(
+        None, "Wan2.1 weights: an official release folder or a Diffusers folder. Null: the embedded tiny random model."
+    )
+    launcher: str = _f("local", "`local` (one process), `torchrun` (one process per GPU) or `ray` (actors in a placement group).", choices=LAUNCHERS)
+    device: str = _f("auto", "`auto` (CUDA when available), `cuda` or `cpu`.", choices=DEVICES)
+    dtype: str = _f("bf16", "DiT compute dtype: `bf16`, `fp16` or `fp32`.", choices=tuple(DTYPES))
+    world_size: int | None = _f(
+        None, "Processes in the run; null = the product of the parallel degrees. Under torchrun, its WORLD_SIZE must match."
+    )
+    seed: int = _f(42, "Seed of the initial noise (identical on every rank).")
+    infer_steps: int = _f(50, "Denoising steps.")
+    target_video_length: int = _f(81, "Frames to generate; must be 4n+1 (the VAE compresses time by 4).")
+    target_height: int = _f(480, "Video height in pixels; multiple of 16.")
+    target_width: int = _f(832, "Video width in pixels; multiple of 16.")
+    text_len: int = _f(512, "Text tokens the DiT attends to (UMT5 output padded to this length).")
+    sample_guide_scale: float = _f(5.0, "Classifier-free guidance scale.")
+    sample_shift: float = _f(5.0, "Flow-matching timestep shift.")
+    enable_cfg: bool = _f(True, "Run classifier-free guidance (two passes per step); false runs one.")
+    self_attn_1_type: str = _f("torch_sdpa", "Kernel of video self-attention (any attention type).")
+    cross_attn_1_type: str = _f("torch_sdpa", "Kernel of video -> text cross-attention (any type but `radial_attn`).")
+    cross_attn_2_type: str = _f("torch_sdpa", "Kernel of video -> reference-image cross-attention, I2V (any type but `radial_attn`).")
+    strict_backends: bool = _f(False, "Fail at start-up instead of running a fallback kernel when a kernel's package is missing.")
+    sparge: bool = _f(False, "Run self-attention with Sparge attention (needs `sparge_ckpt` or `sparge_attn_setting.topk`).")
+    sparge_ckpt: str | None = _f(None, "Sparge per-layer thresholds: a `.pt` (loaded with weights_only=True) or `.safetensors` file.")
+    radial_attn_setting: RadialAttnSetting = _f(RadialAttnSetting, "Radial attention options.")
+    sparge_attn_setting: SpargeAttnSetting = _f(SpargeAttnSetting, "Sparge attention options.")
+    parallel: ParallelConfig = _f(ParallelConfig, "Parallel layout.")
+    cpu_offload: bool = _f(False, "LightX2V key, accepted for compatibility; ditfleet does not offload, so only false is valid.")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def site_types(self) -> dict[str, str | None]:
+        """Attention type per site; ``None`` for a site this task does not use (image cross-attention in T2V)."""
+        self_type = "sparge" if self.sparge else self.self_attn_1_type
+        return {
+            "self_attn_1_type": self_type,
+            "cross_attn_1_type": self.cross_attn_1_type,
+            "cross_attn_2_type": self.cross_attn_2_type if self.task == "i2v" else None,
+        }
+
+    def resolve_attention(self, device: torch.device | None = None) -> dict[str, Resolution | None]:
+        """Resolve every used site's kernel once (start-up). Raises ConfigError if one cannot run."""
+        device = device or self.torch_device()
+        out: dict[str, Resolution | None] = {}
+        for site, attn_type in self.site_types().items():
+            if attn_type is None:
+                out[site] = None
+                continue
+            need_lse = site == "self_attn_1_type" and self.parallel.ring_degree > 1
+            out[site] = resolve(
+                attn_type, site=site, device=device, dtype=self.torch_dtype, strict=self.strict_backends, need_lse=need_lse
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building from JSON-like data, with type checks and did-you-mean for unknown keys
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "object"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected an object with keys {', '.join(f.name for f in dataclasses.fields(tp))}, got {json.dumps(value)}")
+        return _build(tp, value, prefix=key + ".")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            log.warning("unknown config key %r ignored%s", prefix + key, hint)
+            continue
+        f = fields[key]
+        value = _coerce(value, hints[key], prefix + key)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(prefix + key, f"{json.dumps(value)} is not valid; valid: {', '.join(choices)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(path), f"{part!r} is not an object, cannot set a key inside it")
+    node[path[-1]] = value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key=value`` (``key`` dotted for nested keys; ``value`` JSON, else a string)."""
+    if "=" not in text:
+        raise ConfigError(None, f"--set {text!r}: expected key=value, e.g. --set parallel.seq_p_size=2")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    cls: Any = RunConfig
+    for i, part in enumerate(path):
+        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in names:
+            where = ".".join(path[:i]) or "top level"
+            close = difflib.get_close_matches(part, list(names), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(names)}"
+            raise ConfigError(key, f"unknown key {part!r} at {where}; {hint}")
+        cls = typing.get_type_hints(cls)[part]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path, value
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON config file; syntax errors become a ConfigError with file, line, column and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(None, f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(None, f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = text.splitlines()[e.lineno - 1] if text.splitlines() else ""
+        raise ConfigError(
+            None, f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}\n    {line}\n    {' ' * (e.colno - 1)}^"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"{path}: the config must be a JSON object {{...}}, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    data: dict | None = None,
+    world_size: int | None = None,
+    check_files: bool = True,
+) -> RunConfig:
+    """Build and validate a RunConfig: defaults < JSON (``path`` or ``data``) < ``overrides``.
+
+    Args:
+        path: JSON config file; ``None`` uses only ``data`` / defaults.
+        overrides: ``key=value`` strings from ``--set``.
+        data: an already-parsed config dict (instead of ``path``).
+        world_size: processes actually launched (torchrun's WORLD_SIZE, Ray's worker count); checked
+            against the parallel degrees.
+        check_files: verify that referenced files exist (``sparge_ckpt``).
+    """
+    raw: dict = dict(read_json(path)) if path is not None else dict(data or {})
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(raw, keys, value)
+    cfg = _build(RunConfig, raw)
+    validate(cfg, world_size=world_size, check_files=check_files)
+    return cfg
+
+
+def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool = True) -> None:
+    """Raise ConfigError for the first invalid setting, naming its key and what would be valid."""
+
+    def positive(key: str, value: int | float) -> None:
+        if value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+
+    # attention sites
+    for site in SITES:
+        t = getattr(cfg, site)
+        if t not in ATTN_TYPES:
+            close = difflib.get_close_matches(t, list(ATTN_TYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(site, f"unknown attention type {t!r}{hint}; valid: {', '.join(valid_types(site))}")
+        if site != "self_attn_1_type" and t in SELF_ATTENTION_ONLY:
+            raise ConfigError(
+                site, f"{t!r} works for self-attention only (set it on self_attn_1_type); valid here: {', '.join(valid_types(site))}"
+            )
+    uses_sparge = cfg.sparge or "sparge" in (cfg.self_attn_1_type, cfg.cross_attn_1_type, cfg.cross_attn_2_type)
+    if cfg.sparge and cfg.self_attn_1_type == "radial_attn":
+        raise ConfigError("sparge", "sparge: true replaces self-attention, which is set to radial_attn; choose one")
+    if uses_sparge:
+        topk = cfg.sparge_attn_setting.topk
+        if cfg.sparge_ckpt is None and topk is None:
+            raise ConfigError(
+                "sparge_ckpt", "Sparge attention needs tuned thresholds: set sparge_ckpt to a .pt/.safetensors file "
+                "(or sparge_attn_setting.topk for the checkpoint-free mode)"
+            )
+    if cfg.sparge_ckpt is not None:
+        p = Path(cfg.sparge_ckpt)
+        if p.suffix not in SPARGE_CKPT_SUFFIXES:
+            raise ConfigError("sparge_ckpt", f"{cfg.sparge_ckpt!r}: expected a {' or '.join(SPARGE_CKPT_SUFFIXES)} file")
+        if check_files and not p.is_file():
+            raise ConfigError("sparge_ckpt", f"file {cfg.sparge_ckpt!r} does not exist")
+    if cfg.sparge_attn_setting.topk is not None and not 0 < cfg.sparge_attn_setting.topk <= 1:
+        raise ConfigError("sparge_attn_setting.topk", f"must lie in (0, 1], got {cfg.sparge_attn_setting.topk}")
+
+    # video shape and sampling
+    n = cfg.target_video_length
+    if n < 1 or (n - 1) % 4:
+        lo = max(1, (n - 1) // 4 * 4 + 1)
+        raise ConfigError("target_video_length", f"must be 4n+1 (1, 5, 9, ..., 81), got {n}; nearest valid: {lo} or {lo + 4}")
+    for key in ("target_height", "target_width"):
+        v = getattr(cfg, key)
+        if v <= 0 or v % 16:
+            raise ConfigError(key, f"must be a positive multiple of 16, got {v}; nearest valid: {max(16, round(v / 16) * 16)}")
+    positive("infer_steps", cfg.infer_steps)
+    positive("text_len", cfg.text_len)
+    positive("sample_shift", cfg.sample_shift)
+    if cfg.sample_guide_scale < 0:
+        raise ConfigError("sample_guide_scale", f"must be >= 0, got {cfg.sample_guide_scale}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError("seed", f"must lie in [0, 2**63), got {cfg.seed}")
+    if cfg.cpu_offload:
+        raise ConfigError("cpu_offload", "ditfleet does not offload to CPU; only false is valid (shard with parallel.seq_p_size instead)")
+
+    # radial settings
+    rs = cfg.radial_attn_setting
+    positive("radial_attn_setting.decay_factor", rs.decay_factor)
+    if rs.block_size <= 0 or rs.block_size % 16:
+        raise ConfigError("radial_attn_setting.block_size", f"must be a positive multiple of 16, got {rs.block_size}")
+    for key in ("dense_timesteps", "dense_layers"):
+        if getattr(rs, key) < 0:
+            raise ConfigError(f"radial_attn_setting.{key}", f"must be >= 0, got {getattr(rs, key)}")
+
+    # parallel layout
+    par = cfg.parallel
+    positive("parallel.seq_p_size", par.seq_p_size)
+    if par.cfg_p_size not in (1, 2):
+        raise ConfigError("parallel.cfg_p_size", f"must be 1 or 2 (conditional and unconditional passes), got {par.cfg_p_size}")
+    if par.cfg_p_size == 2 and not cfg.enable_cfg:
+        raise ConfigError("parallel.cfg_p_size", "cfg_p_size 2 splits classifier-free guidance, but enable_cfg is false; set it to 1")
+    if par.seq_p_attn_type == "usp":
+        u = par.ulysses_size
+        if u is None or u < 1 or par.seq_p_size % u:
+            divs = [d for d in range(1, par.seq_p_size + 1) if par.seq_p_size % d == 0]
+            raise ConfigError(
+                "parallel.ulysses_size", f"usp needs a Ulysses degree dividing seq_p_size={par.seq_p_size}; valid: {divs}, got {u}"
+            )
+    elif par.ulysses_size not in (None, par.ulysses_degree):
+        raise ConfigError(
+            "parallel.ulysses_size", f"only used with seq_p_attn_type 'usp' ({par.seq_p_attn_type} implies {par.ulysses_degree})"
+        )
+    expected = par.world_size
+    for key, ws in (("world_size", cfg.world_size), ("world size", world_size)):
+        if ws is not None and ws != expected:
+            raise ConfigError(
+                "parallel",
+                f"seq_p_size={par.seq_p_size} x cfg_p_size={par.cfg_p_size} = {expected} processes, "
+                f"but the {key} is {ws}; make the product of the parallel degrees equal the number of GPUs",
+            )
+    if cfg.launcher == "local" and expected > 1:
+        raise ConfigError(
+            "launcher", f"'local' runs one process, but the parallel degrees need {expected}; use torchrun or ray"
+        )
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, doc)`` for every config key, nested keys dotted (the README table)."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_docs(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append((prefix + f.name, json.dumps(default), f.metadata.get("doc", "")))
+    return rows
