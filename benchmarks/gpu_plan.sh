@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU plan, run on a lent multi-GPU H100 host (see README "Benchmarks"): correctness first,
+# then the benchmarks. Usage: bash benchmarks/gpu_plan.sh OUTDIR [STEP ...]
+# Steps: env gputests doctor attention sp2 sp4 dit   (default: all). Each step logs to OUTDIR/<step>.log
+# and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site.
+set -u
+out=${1:?usage: gpu_plan.sh OUTDIR [STEP ...]}; shift
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+steps=${*:-env gputests doctor attention sp2 sp4 dit}
+ngpu=$(nvidia-smi -L | wc -l)
+step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS
+  ( "$@" ) >"$out/$name.log" 2>&1; local rc=$?; echo "=== $name rc=$rc $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"; }
+for s in $steps; do case $s in
+  env) step env bash -c 'nvidia-smi; python3 -c "import torch,sys;print(sys.version, torch.__version__, torch.version.cuda, torch.cuda.device_count())"; python3 -m pip list 2>/dev/null | grep -iE "flash|cutlass|yunchang|ray|triton|quack|tvm"';;
+  gputests) step gputests python3 -m pytest -q -x tests/gpu -p no:cacheprovider;;
+  doctor) step doctor python3 -m ditfleet doctor --device cuda;;
+  attention) step attention python3 -m ditfleet bench attention --kernels sdpa_cudnn sdpa_flash sdpa_efficient fa4 sage_triton --out "$out/attention_h100.json";;
+  sp2) [ "$ngpu" -ge 2 ] && step sp2 torchrun --nproc-per-node 2 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_2gpu.json";;
+  sp4) [ "$ngpu" -ge 4 ] && step sp4 torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_4gpu.json";;
+  dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
+  *) echo "unknown step $s";;
+esac; done
