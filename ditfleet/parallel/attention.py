@@ -1,0 +1,158 @@
+"""The sequence-parallel attention entry point (Ulysses, ring, or USP = Ulysses inside ring),
+the local cross-attention helper, and the start-up check of a backend against the mesh.
+
+USP layout: the sequence chunk of a process is its SP rank ``ring_rank * U + ulysses_rank``, so
+the ``U`` chunks of a Ulysses group are neighbours and the group's all-to-all yields one
+contiguous *super-chunk* of ``U * chunk`` tokens (for ``H_pad / U`` heads). Ring peers (same
+Ulysses rank, successive ring ranks) then rotate super-chunks. Padding is only at the global
+end, so the valid keys of super-chunk ``c`` are ``clamp(S - c * U * chunk, 0, U * chunk)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.base import AttentionBackend
+from ..errors import ConfigError
+from .mesh import ParallelMesh
+from .ring import RingComm, block_attend, ring_attention, ring_forward
+from .shard import SeqShard
+from .ulysses import UlyssesComm, pad_heads, padded_heads, ulysses_attention, ulysses_forward
+
+SEQ_P_ATTN_KEY = "parallel.seq_p_attn_type"
+
+
+def check_backend_for_mesh(backend: AttentionBackend, mesh: ParallelMesh) -> None:
+    """Fail at start-up when ``backend`` cannot run sequence-parallel on ``mesh``.
+
+    Raises:
+        ConfigError: (key ``parallel.seq_p_attn_type``) the ring degree is > 1 and the backend
+            returns no LSE, which ring attention needs to merge partial results.
+    """
+    if mesh.ring_size > 1 and not backend.caps.lse:
+        raise ConfigError(
+            SEQ_P_ATTN_KEY,
+            f"ring attention (ring_size {mesh.ring_size}) needs a kernel that returns the LSE, but "
+            f"{backend.key} ({backend.description}) does not; use Ulysses only (ring_size 1, "
+            f"ulysses_size {mesh.sp_size}) or pick a kernel with LSE for this site",
+        )
+
+
+def _check_shapes(q, k, v, shard: SeqShard, kv_shard: SeqShard) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, S, H, D] with k, v alike; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] != shard.chunk:
+        raise ValueError(f"local q has {q.shape[1]} tokens, its shard says {shard.chunk} (global {shard.global_len})")
+    if k.shape[1] != kv_shard.chunk:
+        raise ValueError(f"local k/v have {k.shape[1]} tokens, kv_shard says {kv_shard.chunk} (global {kv_shard.global_len})")
+
+
+def sequence_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: AttentionBackend,
+    mesh: ParallelMesh,
+    shard: SeqShard,
+    kv_shard: SeqShard | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    ulysses_chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a sharded query sequence over a sharded key sequence, across the SP group.
+
+    Runs Ulysses (``ring_size == 1``), ring (``ulysses_size == 1``), USP (both > 1) or the plain
+    kernel (SP degree 1). The result equals single-device attention over the unpadded sequences.
+
+    Args:
+        q: ``[B, S_q_local, H, D]`` this rank's query chunk (``shard.chunk`` tokens, from
+            :func:`shard_sequence`), in the backend's dtype and device.
+        k: ``[B, S_k_local, H, D]`` this rank's key chunk (``kv_shard.chunk`` tokens).
+        v: ``[B, S_k_local, H, D]`` this rank's value chunk.
+        backend: the site's kernel (an :class:`AttentionBackend`); must return the LSE when
+            ``mesh.ring_size > 1``.
+        mesh: the parallel mesh.
+        shard: the query sequence's :class:`SeqShard`.
+        kv_shard: the key sequence's shard; ``None`` means ``shard`` (self-attention).
+        scale: softmax scale; ``None`` = ``D ** -0.5``.
+        return_lse: also return the float32 LSE of the local queries.
+        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
+        ``[B, H, S_q_local]`` when ``return_lse``, else ``None``. Rows of padded queries are
+        unspecified (``gather_sequence`` drops them).
+
+    Raises:
+        ConfigError: ring degree > 1 with a backend that returns no LSE.
+    """
+    kv_shard = kv_shard or shard
+    check_backend_for_mesh(backend, mesh)
+    _check_shapes(q, k, v, shard, kv_shard)
+    u, r = mesh.ulysses_size, mesh.ring_size
+    if u == 1 and r == 1:
+        lens = None if kv_shard.pad == 0 else [kv_shard.global_len] * q.shape[0]
+        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=return_lse)
+    if r == 1:
+        return ulysses_attention(
+            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard,
+            scale=scale, return_lse=return_lse, chunks=ulysses_chunks,
+        )
+    if u == 1:
+        return ring_attention(
+            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse
+        )
+    return _usp(q, k, v, backend=backend, mesh=mesh, kv_shard=kv_shard, scale=scale,
+                return_lse=return_lse, chunks=ulysses_chunks)
+
+
+def _usp(q, k, v, *, backend, mesh: ParallelMesh, kv_shard: SeqShard, scale, return_lse, chunks):
+    """Ulysses inside each ring group: all-to-all to super-chunks, ring over them, all-to-all back."""
+    u = mesh.ulysses_size
+    num_heads = q.shape[2]
+    h_pad = padded_heads(num_heads, u)
+    ring = RingComm.from_mesh(mesh)
+    valid = [kv_shard.chunk_valid(c, u) for c in range(ring.size)]
+    block = block_attend(backend, scale)
+
+    def attend(q_super, kv_super, want_lse):
+        out, lse = ring_forward(q_super, kv_super, comm=ring, attend=block, chunk_valid=valid)
+        return out, (lse if want_lse else None)
+
+    out, lse = ulysses_forward(
+        pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),
+        comm=UlyssesComm(mesh.group("ulysses"), u), attend=attend, return_lse=return_lse, chunks=chunks,
+    )
+    if h_pad != num_heads:
+        out = out[:, :, :num_heads].contiguous()
+        lse = lse[:, :num_heads].contiguous() if lse is not None else None
+    return out, lse
+
+
+def cross_attention(
+    q: torch.Tensor,
+    context_k: torch.Tensor,
+    context_v: torch.Tensor,
+    *,
+    backend: AttentionBackend,
+    scale: float | None = None,
+    context_lens: list[int] | None = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Local query shard against the full, replicated context (text / CLIP tokens): no communication.
+
+    Args:
+        q: ``[B, S_q_local, H, D]`` this rank's query chunk (padded rows are harmless).
+        context_k: ``[B, S_ctx, H, D]`` the whole context's keys, identical on every rank.
+        context_v: ``[B, S_ctx, H, D]`` its values.
+        backend: the site's kernel.
+        scale: softmax scale; ``None`` = ``D ** -0.5``.
+        context_lens: valid leading context tokens per batch element, ``None`` = all.
+        return_lse: also return the float32 LSE.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
+        ``[B, H, S_q_local]`` or ``None``.
+    """
+    return backend(q, context_k, context_v, scale=scale, kv_lens=context_lens, return_lse=return_lse)

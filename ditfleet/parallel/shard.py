@@ -1,0 +1,119 @@
+"""Sequence sharding: contiguous chunks by SP rank, padding at the global end only.
+
+A global length ``S`` over ``P`` sequence-parallel ranks becomes ``P`` chunks of
+``ceil(S / P)`` tokens; the last ``P * chunk - S`` positions are padding. Because padding sits
+at the end, every chunk (and every run of neighbouring chunks) holds a *leading* run of valid
+tokens, so valid key counts are plain integers (``kv_lens``) that every backend understands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .mesh import ParallelMesh
+
+# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (torch >= 2.10); same semantics.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class SeqShard:
+    """Where one sharded sequence lives.
+
+    Attributes:
+        global_len: real (unpadded) sequence length.
+        sp_size: number of chunks (the mesh's ``sp_size``).
+        sp_rank: index of the chunk this process holds.
+        chunk: tokens per chunk, ``ceil(global_len / sp_size)``.
+    """
+
+    global_len: int
+    sp_size: int
+    sp_rank: int
+    chunk: int
+
+    @classmethod
+    def for_length(cls, global_len: int, mesh: ParallelMesh) -> SeqShard:
+        """The shard of a sequence of ``global_len`` tokens on this process of ``mesh``."""
+        if global_len < 1:
+            raise ValueError(f"sequence length must be >= 1, got {global_len}")
+        chunk = -(-global_len // mesh.sp_size)
+        return cls(global_len, mesh.sp_size, mesh.sp_rank, chunk)
+
+    @property
+    def padded_len(self) -> int:
+        return self.chunk * self.sp_size
+
+    @property
+    def pad(self) -> int:
+        """Padding tokens at the global end."""
+        return self.padded_len - self.global_len
+
+    @property
+    def start(self) -> int:
+        """Global position of this process's first token."""
+        return self.sp_rank * self.chunk
+
+    def valid_in(self, start: int, length: int) -> int:
+        """Valid (non-padding) tokens among global positions ``[start, start + length)``."""
+        return max(0, min(length, self.global_len - start))
+
+    def chunk_valid(self, index: int, chunks_per_block: int = 1) -> int:
+        """Valid tokens of block ``index`` when neighbouring chunks are grouped ``chunks_per_block`` at a time."""
+        size = self.chunk * chunks_per_block
+        return self.valid_in(index * size, size)
+
+    @property
+    def local_valid(self) -> int:
+        """Valid tokens of this process's own chunk."""
+        return self.valid_in(self.start, self.chunk)
+
+
+def shard_sequence(x: torch.Tensor, mesh: ParallelMesh, dim: int = 1) -> tuple[torch.Tensor, SeqShard]:
+    """This process's contiguous chunk of ``x`` along ``dim``, zero-padded at the global end.
+
+    Args:
+        x: the full tensor, identical on every rank of the SP group, any dtype; ``x.shape[dim]``
+            is the global sequence length.
+        mesh: the parallel mesh (the chunk index is ``mesh.sp_rank``).
+        dim: the sequence dim.
+
+    Returns:
+        ``(x_local, shard)``: ``x_local`` has ``shard.chunk`` tokens along ``dim`` (a contiguous
+        copy, so the full tensor can be freed), same dtype and device as ``x``; ``shard`` is the
+        :class:`SeqShard` record ``gather_sequence`` and the attention wrappers need.
+    """
+    dim = dim % x.dim()
+    shard = SeqShard.for_length(x.shape[dim], mesh)
+    local = x.narrow(dim, shard.start, shard.local_valid) if shard.local_valid else x.narrow(dim, 0, 0)
+    if local.shape[dim] < shard.chunk:
+        pad = [0, 0] * (x.dim() - 1 - dim) + [0, shard.chunk - local.shape[dim]]
+        local = F.pad(local, pad)
+    return local.contiguous(), shard
+
+
+def gather_sequence(x_local: torch.Tensor, mesh: ParallelMesh, shard: SeqShard, dim: int = 1) -> torch.Tensor:
+    """All-gather the chunks of the SP group and drop the padding: the inverse of ``shard_sequence``.
+
+    Args:
+        x_local: this process's chunk, ``shard.chunk`` tokens along ``dim``, any dtype.
+        mesh: the parallel mesh.
+        shard: the record ``shard_sequence`` returned.
+        dim: the sequence dim.
+
+    Returns:
+        The full tensor, ``shard.global_len`` tokens along ``dim``, same dtype/device, on every rank.
+    """
+    dim = dim % x_local.dim()
+    if x_local.shape[dim] != shard.chunk:
+        raise ValueError(f"gather_sequence: local length {x_local.shape[dim]} != shard chunk {shard.chunk}")
+    if mesh.sp_size == 1:
+        return x_local.narrow(dim, 0, shard.global_len)
+    front = x_local.movedim(dim, 0).contiguous()
+    out = front.new_empty((mesh.sp_size * front.shape[0], *front.shape[1:]))
+    all_gather_single(out, front, group=mesh.group("sp"))
+    return out[: shard.global_len].movedim(0, dim)

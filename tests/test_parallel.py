@@ -1,0 +1,283 @@
+"""Sequence-parallel attention on CPU: gloo ranks vs single-device torch_sdpa (fp32 rel L2 <= 1e-5).
+
+Spawning is slow on a small CI machine, so each world size runs all its cases in one spawn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from ditfleet.attention import Capabilities, reference_attention, resolve
+from ditfleet.attention.sdpa import SdpaCpuFlash
+from ditfleet.bench.common import rel_l2
+from ditfleet.errors import ConfigError
+from ditfleet.parallel import (
+    SEQ_P_ATTN_KEY,
+    ParallelMesh,
+    SeqShard,
+    cfg_combine,
+    cfg_exchange,
+    cfg_select,
+    check_backend_for_mesh,
+    cross_attention,
+    gather_sequence,
+    init_parallel,
+    merge_attention,
+    merge_attention_,
+    padded_heads,
+    sequence_parallel_attention,
+    shard_sequence,
+)
+from ditfleet.parallel.ulysses import head_groups
+
+TOL = 1e-5
+
+
+class NoLseSdpa(SdpaCpuFlash):
+    """A kernel that declares no LSE (like a sparse kernel): fine for Ulysses, refused by ring."""
+
+    key = "no_lse_test"
+    description = "test kernel without LSE"
+    caps = Capabilities(lse=False, devices=frozenset({"cpu"}), dtypes=SdpaCpuFlash.caps.dtypes)
+
+
+def sdpa():
+    return resolve("torch_sdpa", site="test", device="cpu", dtype=torch.float32).backend
+
+
+def qkv(seed: int, b: int, s_q: int, s_k: int, h: int, d: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, s_q, h, d, generator=g), torch.randn(b, s_k, h, d, generator=g),
+            torch.randn(b, s_k, h, d, generator=g))
+
+
+def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, lse=True, label=""):
+    """Shard, run sequence_parallel_attention, gather, compare with single-device torch_sdpa."""
+    backend = backend or sdpa()
+    q, k, v = qkv(seed, b, s_q, s_k, h, d)
+    ref_out, ref_lse = sdpa()(q, k, v, return_lse=True)
+    q_l, shard = shard_sequence(q, mesh)
+    k_l, kv_shard = shard_sequence(k, mesh)
+    v_l, _ = shard_sequence(v, mesh)
+    out_l, lse_l = sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard,
+                                               kv_shard=kv_shard, return_lse=lse, ulysses_chunks=chunks)
+    assert out_l.shape == q_l.shape and out_l.dtype == q.dtype, label
+    out = gather_sequence(out_l, mesh, shard)
+    err = rel_l2(out, ref_out)
+    assert err <= TOL, f"{label} {mesh.describe()} S_q={s_q} S_k={s_k} H={h}: out rel L2 {err:.2e}"
+    if lse:
+        assert lse_l.shape == (b, h, shard.chunk) and lse_l.dtype == torch.float32, label
+        lse_err = rel_l2(gather_sequence(lse_l, mesh, shard, dim=2), ref_lse)
+        assert lse_err <= TOL, f"{label} {mesh.describe()} S_q={s_q} S_k={s_k}: lse rel L2 {lse_err:.2e}"
+    else:
+        assert lse_l is None
+
+
+# ------------------------------------------------------------------ distributed cases
+def _world2(rank, world):
+    u = init_parallel(ulysses_size=2)
+    r = init_parallel(ring_size=2)
+    assert (u.sp_rank, r.sp_rank) == (rank, rank)
+    for mesh, name in ((u, "ulysses"), (r, "ring")):
+        check_case(mesh, s_q=1001, s_k=1001, h=6, label=name)              # non-divisible
+        check_case(mesh, s_q=64, s_k=64, h=4, label=name)                  # divisible
+        check_case(mesh, s_q=1001, s_k=515, h=6, seed=1, label=name)       # q length != kv length
+    check_case(u, s_q=301, s_k=301, h=6, chunks=2, label="ulysses overlap")
+    check_case(u, s_q=301, s_k=301, h=6, backend=NoLseSdpa(torch.device("cpu"), torch.float32), lse=False,
+               label="ulysses no-LSE kernel")
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)      # round trip, other dim
+    x_l, sh = shard_sequence(x, r, dim=-1)
+    assert torch.equal(gather_sequence(x_l, r, sh, dim=-1), x)
+    # a kernel without LSE under ring fails with ConfigError on every rank, before any communication
+    with pytest.raises(ConfigError) as info:
+        check_case(r, s_q=64, s_k=64, h=2, backend=NoLseSdpa(torch.device("cpu"), torch.float32), lse=False)
+    assert info.value.key == SEQ_P_ATTN_KEY
+    # cross-attention: local query shard against the replicated context
+    q, k, v = qkv(5, 2, 99, 13, 4, 8)
+    q_l, sh = shard_sequence(q, u)
+    out = gather_sequence(cross_attention(q_l, k, v, backend=sdpa(), context_lens=[13, 9])[0], u, sh)
+    ref, _ = reference_attention(q, k, v, kv_lens=[13, 9])
+    assert rel_l2(out, ref) <= TOL
+    return True
+
+
+def _world4(rank, world):
+    meshes = {
+        "ulysses4": init_parallel(ulysses_size=4),
+        "ring4": init_parallel(ring_size=4),
+        "usp2x2": init_parallel(ring_size=2, ulysses_size=2),
+    }
+    usp = meshes["usp2x2"]
+    assert (usp.ring_rank, usp.ulysses_rank, usp.sp_rank) == (rank // 2, rank % 2, rank)
+    assert usp.axis_ranks("ulysses") == [rank - rank % 2, rank - rank % 2 + 1]
+    for name, mesh in meshes.items():
+        check_case(mesh, s_q=1001, s_k=1001, h=6, label=name)              # 6 heads on Ulysses 4: padded to 8
+        check_case(mesh, s_q=256, s_k=256, h=4, label=name)
+        check_case(mesh, s_q=1001, s_k=257, h=6, seed=2, label=name)
+    check_case(usp, s_q=1001, s_k=1001, h=6, chunks=2, label="usp overlap")
+    check_case(meshes["ulysses4"], s_q=203, s_k=203, h=8, chunks=2, label="ulysses4 overlap")
+    # tiny sequences: whole chunks of padding are neither computed nor sent
+    check_case(meshes["ring4"], s_q=3, s_k=2, h=2, label="ring4 empty chunks")
+    check_case(usp, s_q=5, s_k=3, h=2, label="usp empty super-chunk")
+    # cfg 2 x sp 2: conditional on cfg rank 0, unconditional on cfg rank 1, then exchange
+    for sp in ({"ulysses_size": 2}, {"ring_size": 2}):
+        mesh = init_parallel(cfg_size=2, **sp)
+        assert mesh.cfg_rank == rank // 2
+        branches = [qkv(10 + i, 1, 333, 333, 6, 16) for i in range(2)]
+        q, k, v = (cfg_select(branches[0][i], branches[1][i], mesh) for i in range(3))
+        q_l, sh = shard_sequence(q, mesh)
+        k_l, _ = shard_sequence(k, mesh)
+        v_l, _ = shard_sequence(v, mesh)
+        out_l, _ = sequence_parallel_attention(q_l, k_l, v_l, backend=sdpa(), mesh=mesh, shard=sh)
+        cond, uncond = cfg_exchange(gather_sequence(out_l, mesh, sh), mesh)
+        refs = [sdpa()(*branches[i])[0] for i in range(2)]
+        assert rel_l2(cond, refs[0]) <= TOL and rel_l2(uncond, refs[1]) <= TOL, f"cfg {sp}"
+        guided = cfg_combine(cond, uncond, 5.0)
+        assert rel_l2(guided, refs[1] + 5.0 * (refs[0] - refs[1])) <= TOL
+    return True
+
+
+def _world8_heads12(rank, world):
+    mesh = init_parallel(ulysses_size=8)
+    check_case(mesh, s_q=37, s_k=37, h=12, b=1, d=8, label="12 heads on 8 ranks")
+    return True
+
+
+def test_sequence_parallel_world2():
+    assert run_distributed(_world2, 2) == [True, True]
+
+
+def test_sequence_parallel_world4():
+    assert run_distributed(_world4, 4) == [True] * 4
+
+
+def test_ulysses_12_heads_on_8_ranks():
+    assert run_distributed(_world8_heads12, 8) == [True] * 8
+
+
+# ------------------------------------------------------------------ single-process units
+def test_mesh_product_must_match_world():
+    with pytest.raises(ConfigError) as info:
+        ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=4)
+    msg = str(info.value)
+    assert info.value.key == "parallel"
+    for part in ("cfg_size 2", "ring_size 2", "ulysses_size 2", "= 8", "4 process"):
+        assert part in msg, msg
+    with pytest.raises(ConfigError, match="cfg_size must be 1 or 2"):
+        ParallelMesh(cfg_size=3, world_size=3)
+    with pytest.raises(ConfigError, match="ring_size must be an integer >= 1"):
+        ParallelMesh(ring_size=0, world_size=0)
+    mesh = ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=8)
+    assert mesh.sp_size == 4 and mesh.sp_rank == 0
+
+
+def test_nccl_device_comes_from_local_rank(monkeypatch):
+    """Second node of a 2 x 8 run: global rank 9 must use cuda:1, not cuda:9 (LightX2V's multi-node bug)."""
+    import ditfleet.parallel.mesh as mesh_mod
+
+    calls = {}
+    monkeypatch.setattr(mesh_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mesh_mod.torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(mesh_mod.torch.cuda, "set_device", lambda dev: calls.setdefault("set_device", dev))
+    monkeypatch.setattr(mesh_mod.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    for name, value in (("RANK", "9"), ("WORLD_SIZE", "16"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    env = mesh_mod.init_distributed()
+    assert env.device == torch.device("cuda", 1) and env.backend == "nccl"
+    assert calls["set_device"] == torch.device("cuda", 1) and calls["device_id"] == torch.device("cuda", 1)
+    assert (calls["rank"], calls["world_size"]) == (9, 16)
+    monkeypatch.setenv("LOCAL_RANK", "8")  # more processes per node than GPUs
+    with pytest.raises(ConfigError, match="LOCAL_RANK=8"):
+        mesh_mod.init_distributed()
+
+
+def test_no_lse_backend_under_ring_is_config_error():
+    nolse = NoLseSdpa(torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError) as info:
+        check_backend_for_mesh(nolse, ParallelMesh(ring_size=2, ulysses_size=2, world_size=4))
+    assert info.value.key == SEQ_P_ATTN_KEY and "LSE" in str(info.value)
+    check_backend_for_mesh(nolse, ParallelMesh(ulysses_size=4, world_size=4))  # Ulysses needs no LSE
+    check_backend_for_mesh(sdpa(), ParallelMesh(ring_size=4, world_size=4))
+
+
+def test_head_padding_and_groups():
+    assert padded_heads(12, 8) == 16 and padded_heads(6, 4) == 8 and padded_heads(40, 4) == 40
+    assert head_groups(5, 2) == [(0, 2), (2, 5)] or head_groups(5, 2) == [(0, 3), (3, 5)]
+    assert head_groups(1, 4) == [(0, 1)]
+    assert sum(b - a for a, b in head_groups(10, 3)) == 10
+
+
+def test_seq_shard_math():
+    mesh = ParallelMesh(ring_size=2, ulysses_size=2, world_size=4)
+    sh = SeqShard.for_length(1001, mesh)
+    assert (sh.chunk, sh.pad, sh.padded_len) == (251, 3, 1004)
+    assert [sh.chunk_valid(i) for i in range(4)] == [251, 251, 251, 248]
+    assert [sh.chunk_valid(i, 2) for i in range(2)] == [502, 499]
+    tiny = SeqShard.for_length(3, ParallelMesh(ring_size=4, world_size=4))
+    assert [tiny.chunk_valid(i) for i in range(4)] == [1, 1, 1, 0]
+    x = torch.randn(2, 1001, 3)
+    x_l, sh1 = shard_sequence(x, ParallelMesh())  # a world of one: the whole sequence, no padding
+    assert sh1.pad == 0 and torch.equal(gather_sequence(x_l, ParallelMesh(), sh1), x)
+
+
+def test_padding_would_change_the_result():
+    """The masking the parallel tests rely on matters: zero-padded keys left in change the output."""
+    q, k, v = qkv(3, 1, 17, 17, 2, 8)
+    pad = torch.zeros(1, 3, 2, 8)
+    with_pad, _ = sdpa()(q, torch.cat((k, pad), 1), torch.cat((v, pad), 1))
+    masked, _ = sdpa()(q, torch.cat((k, pad), 1), torch.cat((v, pad), 1), kv_lens=[17])
+    ref, _ = sdpa()(q, k, v)
+    assert rel_l2(masked, ref) <= TOL and rel_l2(with_pad, ref) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lse_merge_matches_float64(dtype):
+    q, k, v = qkv(4, 2, 33, 90, 3, 16)
+    ref_out, ref_lse = reference_attention(q, k, v)
+    bounds = [0, 7, 50, 90]
+    outs, lses = [], []
+    for a, b in zip(bounds, bounds[1:]):
+        o, l = reference_attention(q, k[:, a:b], v[:, a:b])
+        outs.append(o.to(dtype))
+        lses.append(l.float())
+    out, lse = merge_attention(outs, lses, dtype=torch.float32)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_l2(out, ref_out) <= tol and rel_l2(lse, ref_lse) <= 1e-6
+    # order does not matter
+    out_rev, _ = merge_attention(outs[::-1], lses[::-1], dtype=torch.float32)
+    assert rel_l2(out_rev, ref_out) <= tol
+
+
+def test_lse_merge_masked_block_and_empty_state():
+    q, k, v = qkv(6, 1, 9, 20, 2, 8)
+    ref_out, ref_lse = reference_attention(q, k, v)
+    # a block whose keys are all masked: lse -inf, output garbage -> no effect
+    dead_out = torch.full((1, 9, 2, 8), 123.0)
+    dead_lse = torch.full((1, 2, 9), -math.inf)
+    out = ref_out.float().clone()
+    lse = ref_lse.float().clone()
+    merge_attention_(out, lse, dead_out, dead_lse)
+    assert rel_l2(out, ref_out) <= 1e-6 and torch.equal(lse, ref_lse.float())
+    # an empty running state (lse -inf) takes the block as is
+    out0, lse0 = torch.zeros(1, 9, 2, 8), torch.full((1, 2, 9), -math.inf)
+    merge_attention_(out0, lse0, ref_out.float(), ref_lse.float())
+    assert rel_l2(out0, ref_out) <= 1e-6 and torch.equal(lse0, ref_lse.float())
+    # both empty: stays empty, no nan
+    out1, lse1 = torch.zeros(1, 9, 2, 8), torch.full((1, 2, 9), -math.inf)
+    merge_attention_(out1, lse1, dead_out, dead_lse)
+    assert torch.equal(out1, torch.zeros_like(out1)) and torch.isneginf(lse1).all()
+    # part of the rows masked in one block (per-row -inf)
+    o_a, l_a = reference_attention(q, k[:, :12], v[:, :12])
+    o_b, l_b = reference_attention(q, k[:, 12:], v[:, 12:])
+    l_b = l_b.float().clone()
+    l_b[:, :, 4:] = -math.inf
+    out2, lse2 = merge_attention([o_a.float(), o_b.float()], [l_a.float(), l_b], dtype=torch.float32)
+    assert rel_l2(out2[:, :4], ref_out[:, :4]) <= 1e-6 and rel_l2(out2[:, 4:], o_a[:, 4:]) <= 1e-6
+    with pytest.raises(TypeError):
+        merge_attention_(torch.zeros(1, 9, 2, 8, dtype=torch.bfloat16), lse1, dead_out, dead_lse)
