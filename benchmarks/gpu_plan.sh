@@ -2,7 +2,8 @@
 # The GPU plan, run on a lent multi-GPU H100 host (see README "Benchmarks"): correctness first,
 # then the benchmarks. Usage: bash benchmarks/gpu_plan.sh OUTDIR [STEP ...]
 # Steps: env gputests doctor attention sp2 sp4 dit   (default: all). Each step logs to OUTDIR/<step>.log
-# and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site.
+# and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site, and
+# .commit (carried; written by the sender: git rev-parse HEAD, -dirty if needed) since the copy has no .git.
 set -u
 out=${1:?usage: gpu_plan.sh OUTDIR [STEP ...]}; shift
 mkdir -p "$out"

@@ -71,7 +71,10 @@ def git_commit(repo: Path | None = None) -> str:
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uno"], capture_output=True, text=True)
         return head + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (e.g. sent to a GPU host): `benchmarks/gpu_plan.sh` is
+        # run with the hash written to .commit beside the package by the sender.
+        stamp = repo / ".commit"
+        return stamp.read_text().strip() if stamp.is_file() else "unknown"
 
 
 def package_versions() -> dict[str, str]:
