@@ -22,6 +22,7 @@ log = logging.getLogger("ditfleet")
 BENCH_SUITES = {
     "attention": ("ditfleet.bench.attention", "per-kernel dense attention: ms, TFLOP/s, error vs fp32"),
     "sp-attention": ("ditfleet.bench.sp_attention", "sequence-parallel attention (run under torchrun), vs yunchang"),
+    "dit": ("ditfleet.bench.dit", "Wan DiT block and full forward at 14B / 720p shapes, optionally vs diffusers"),
 }
 
 
