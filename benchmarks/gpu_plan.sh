@@ -19,6 +19,7 @@ for s in $steps; do case $s in
   attention) step attention python3 -m ditfleet bench attention --kernels sdpa_cudnn sdpa_flash sdpa_efficient fa4 sage_triton --out "$out/attention_h100.json";;
   sp2) [ "$ngpu" -ge 2 ] && step sp2 torchrun --nproc-per-node 2 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_2gpu.json";;
   sp4) [ "$ngpu" -ge 4 ] && step sp4 torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_4gpu.json";;
+  wangpu) step wangpu python3 -m pytest -q -x tests/gpu/test_wan_gpu.py -p no:cacheprovider;;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
   *) echo "unknown step $s";;
 esac; done
