@@ -1,4 +1,4 @@
-"""The ``ditfleet`` command: check-config | doctor | bench.
+"""The ``ditfleet`` command: generate | check-config | doctor | bench.
 
 Every user error (bad config, missing file, bad option) prints one message and exits with
 status 2, without a traceback; an internal bug still shows its traceback.
@@ -15,6 +15,7 @@ import sys
 import torch
 
 from . import __version__
+from .engine import generate_cli
 from .errors import UserError
 
 log = logging.getLogger("ditfleet")
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ditfleet {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate videos (T2V / I2V) from a config; no arguments: the embedded tiny default")
+    _add_config_args(g)
+    generate_cli.add_arguments(g)
+    g.set_defaults(func=generate_cli.main)
 
     c = sub.add_parser("check-config", help="validate a config and show which kernel each attention site runs here")
     _add_config_args(c)

@@ -99,7 +99,8 @@ class RunConfig:
 
     task: str = _f("t2v", "`t2v` (text to video) or `i2v` (image + text to video).", choices=TASKS)
     model_path: str | None = _f(
-        None, "Wan2.1 weights: an official release folder or a Diffusers folder. Null: the embedded tiny random model."
+        None, "Wan2.1 weights: a Diffusers folder (`Wan-AI/Wan2.1-*-Diffusers`) for `generate`; the DiT alone also "
+        "loads from an official release folder. Null: the embedded tiny random model."
     )
     launcher: str = _f("local", "`local` (one process), `torchrun` (one process per GPU) or `ray` (actors in a placement group).", choices=LAUNCHERS)
     device: str = _f("auto", "`auto` (CUDA when available), `cuda` or `cpu`.", choices=DEVICES)
@@ -107,6 +108,15 @@ class RunConfig:
     world_size: int | None = _f(
         None, "Processes in the run; null = the product of the parallel degrees. Under torchrun, its WORLD_SIZE must match."
     )
+    prompt: str | None = _f(None, "Text prompt (null: the official Wan2.1 example prompt).")
+    negative_prompt: str | None = _f(None, "Classifier-free-guidance negative prompt (null: the official Wan2.1 one).")
+    image_path: str | None = _f(None, "I2V reference image (PNG/JPEG/...); resized to target_height x target_width.")
+    output: str | None = _f(
+        None, "`.mp4`, `.npy` (uint8 [F, H, W, 3]) or a folder (PNG frames), plus `<name>.json`; "
+        "null: `outputs/ditfleet-<task>-<time>-seed<seed>.mp4`."
+    )
+    fps: int = _f(16, "Frame rate of mp4 outputs.")
+    sample_solver: str = _f("unipc", "Flow-matching sampler: `unipc` (multistep, official) or `euler`.", choices=("unipc", "euler"))
     seed: int = _f(42, "Seed of the initial noise (identical on every rank).")
     infer_steps: int = _f(50, "Denoising steps.")
     target_video_length: int = _f(81, "Frames to generate; must be 4n+1 (the VAE compresses time by 4).")
@@ -355,6 +365,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
         if v <= 0 or v % 16:
             raise ConfigError(key, f"must be a positive multiple of 16, got {v}; nearest valid: {max(16, round(v / 16) * 16)}")
     positive("infer_steps", cfg.infer_steps)
+    positive("fps", cfg.fps)
     positive("text_len", cfg.text_len)
     positive("sample_shift", cfg.sample_shift)
     if cfg.sample_guide_scale < 0:

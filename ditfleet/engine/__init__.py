@@ -1,0 +1,61 @@
+"""Generation engine: encode -> denoise -> decode -> write, for one request or a jobs file.
+
+Public API::
+
+    from ditfleet.engine import Pipeline, request_from_config
+    pipe = Pipeline.from_config(cfg)                       # every component loaded once
+    result = pipe.generate(request_from_config(cfg, prompt="a cat", output="cat.mp4"))
+
+    from ditfleet.engine import ModelRunner, make_sampler  # the per-rank pieces
+    latents = pipe.runner.denoise(pipe.encode(request))    # EncodedRequest: plain, broadcastable tensors
+
+Modules: :mod:`.sampler` (flow UniPC / Euler, pure tensors), :mod:`.encoders` (UMT5, CLIP),
+:mod:`.vae` (conditioning, streamed decode), :mod:`.runner` (DiT + CFG + sampler per rank),
+:mod:`.pipeline`, :mod:`.video` (atomic streaming writers), :mod:`.jobs`, :mod:`.tiny` (the
+embedded random model), :mod:`.generate_cli` (``ditfleet generate``).
+"""
+
+from .errors import ImageError, JobsFileError, ModelFolderError, OutputError, RequestError
+from .jobs import Job, JobsSummary, parse_jobs, run_jobs
+from .pipeline import DEFAULT_PROMPT, GenerateResult, Pipeline, check_model_folder, load_image, request_from_config
+from .request import EncodedRequest, GenerateRequest
+from .runner import ModelRunner, initial_noise
+from .sampler import EulerSampler, FlowSchedule, UniPCSampler, make_sampler, make_schedule
+from .encoders import DEFAULT_NEGATIVE_PROMPT
+from .tiny import TINY_SPEC, build_components, tiny_model_path
+from .video import VideoWriter, output_kind, read_video, report_path
+
+__all__ = [
+    "DEFAULT_NEGATIVE_PROMPT",
+    "DEFAULT_PROMPT",
+    "TINY_SPEC",
+    "EncodedRequest",
+    "EulerSampler",
+    "FlowSchedule",
+    "GenerateRequest",
+    "GenerateResult",
+    "ImageError",
+    "Job",
+    "JobsFileError",
+    "JobsSummary",
+    "ModelFolderError",
+    "ModelRunner",
+    "OutputError",
+    "Pipeline",
+    "RequestError",
+    "UniPCSampler",
+    "VideoWriter",
+    "build_components",
+    "check_model_folder",
+    "initial_noise",
+    "load_image",
+    "make_sampler",
+    "make_schedule",
+    "output_kind",
+    "parse_jobs",
+    "read_video",
+    "report_path",
+    "request_from_config",
+    "run_jobs",
+    "tiny_model_path",
+]

@@ -1,0 +1,425 @@
+"""One request end to end: encode -> denoise -> decode (streamed) -> write, with a JSON report.
+
+Public API::
+
+    from ditfleet.engine import Pipeline, request_from_config
+    pipe = Pipeline.from_config(cfg)                     # loads every component once
+    result = pipe.generate(request_from_config(cfg, prompt="a cat", output="cat.mp4"))
+    result.output, result.report_path, result.latents
+
+Components come from ``model_path`` in the Diffusers layout (``tokenizer/``, ``text_encoder/``,
+``transformer/``, ``vae/``; ``image_encoder/``, ``image_processor/`` for I2V). The DiT is loaded
+by :func:`ditfleet.models.wan.load_dit` (which also reads official release folders); with
+``model_path`` null, the embedded tiny random model (:mod:`.tiny`) is built into the cache and
+loaded the same way. Where this module is silent, it does what Diffusers' ``WanPipeline`` /
+``WanImageToVideoPipeline`` do; sampling follows the official Wan2.1 script (:mod:`.sampler`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+from .encoders import DEFAULT_NEGATIVE_PROMPT, ImageEncoder, TextEncoder
+from .errors import ImageError, ModelFolderError
+from .request import EncodedRequest, GenerateRequest
+from .runner import ModelRunner
+from .tiny import tiny_model_path
+from .vae import WanVAE
+from .video import VideoWriter, check_output, report_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: The official Wan2.1 T2V example prompt, used when neither the config nor the command line gives one.
+DEFAULT_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
+DEFAULT_OUTPUT_DIR = "outputs"
+
+LAYOUT_HELP = (
+    "a Diffusers Wan2.1 folder (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds model_index.json, "
+    "tokenizer/ (tokenizer.json or spiece.model), text_encoder/ (config.json, model*.safetensors), "
+    "transformer/ (config.json, diffusion_pytorch_model*.safetensors), vae/ (config.json, "
+    "diffusion_pytorch_model.safetensors), and for I2V image_encoder/ (config.json, model*.safetensors) "
+    "and image_processor/ (preprocessor_config.json)"
+)
+OFFICIAL_MARKERS = ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth")
+
+
+# ---- config -> request ----------------------------------------------------------------------------
+def default_output(task: str, seed: int) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(DEFAULT_OUTPUT_DIR, f"ditfleet-{task}-{stamp}-seed{seed}.mp4")
+
+
+def request_from_config(cfg, **overrides) -> GenerateRequest:
+    """The request a config describes; ``overrides`` (non-None values) replace its fields.
+
+    Reads ``prompt``, ``negative_prompt``, ``image_path``, ``output``, ``fps`` and ``sample_solver``
+    when the config has them (defaults otherwise), and the sampling keys (``seed``,
+    ``target_video_length``, ``target_height``, ``target_width``, ``infer_steps``, ``sample_shift``,
+    ``sample_guide_scale``, ``enable_cfg``).
+    """
+    fields = dict(
+        prompt=getattr(cfg, "prompt", None) or DEFAULT_PROMPT,
+        negative_prompt=getattr(cfg, "negative_prompt", None),
+        image=getattr(cfg, "image_path", None),
+        seed=cfg.seed,
+        frames=cfg.target_video_length,
+        height=cfg.target_height,
+        width=cfg.target_width,
+        steps=cfg.infer_steps,
+        shift=cfg.sample_shift,
+        guide_scale=cfg.sample_guide_scale,
+        enable_cfg=cfg.enable_cfg,
+        solver=getattr(cfg, "sample_solver", None) or "unipc",
+        fps=getattr(cfg, "fps", None) or 16,
+        output=getattr(cfg, "output", None),
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if not fields["output"]:
+        fields["output"] = default_output(cfg.task, fields["seed"])
+    return GenerateRequest(**fields)
+
+
+# ---- the model folder --------------------------------------------------------------------------
+def _weights_present(folder: Path, single: str, index: str, problems: list[str], root: Path) -> None:
+    rel = folder.relative_to(root)
+    if (folder / index).is_file():
+        try:
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{rel / index} is not a valid index (no weight_map)")
+            return
+        problems.extend(f"{rel / s} (listed in {index})" for s in shards if not (folder / s).is_file())
+    elif not (folder / single).is_file():
+        if not list(folder.glob("*.safetensors")):
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+            hint = f" (found {', '.join(pickles)}: ditfleet reads safetensors only)" if pickles else ""
+            problems.append(f"{rel / single}{hint}")
+
+
+def check_model_folder(path: str | Path, task: str) -> Path:
+    """Check that ``path`` is a complete Diffusers Wan2.1 folder for ``task`` before loading anything.
+
+    Raises:
+        ModelFolderError: naming every missing file and what a valid layout holds.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ModelFolderError(f"model_path {str(path)!r} does not exist; point it at {LAYOUT_HELP}")
+    if not root.is_dir():
+        raise ModelFolderError(f"model_path {str(path)!r} is a file; point it at the folder: {LAYOUT_HELP}")
+    if any((root / m).exists() for m in OFFICIAL_MARKERS) and not (root / "text_encoder").is_dir():
+        raise ModelFolderError(
+            f"model_path {str(root)!r} is an official Wan2.1 release folder (.pth text encoder and VAE); the pipeline "
+            f"reads the Diffusers layout (the Wan-AI/Wan2.1-*-Diffusers repositories): {LAYOUT_HELP}"
+        )
+    problems: list[str] = []
+    tok = root / "tokenizer"
+    if not any((tok / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        problems.append("tokenizer/tokenizer.json (or spiece.model)")
+    comps = [("text_encoder", "model.safetensors", "model.safetensors.index.json"),
+             ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+             ("transformer", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
+    if task == "i2v":
+        comps.append(("image_encoder", "model.safetensors", "model.safetensors.index.json"))
+        if not (root / "image_processor" / "preprocessor_config.json").is_file():
+            problems.append("image_processor/preprocessor_config.json")
+    for name, single, index in comps:
+        folder = root / name
+        if not (folder / "config.json").is_file():
+            problems.append(f"{name}/config.json")
+        if folder.is_dir():
+            _weights_present(folder, single, index, problems, root)
+        else:
+            problems.append(f"{name}/{single}")
+    if problems:
+        raise ModelFolderError(f"model folder {str(root)!r} is incomplete for task {task}: missing "
+                               f"{', '.join(problems)}; {LAYOUT_HELP}")
+    return root
+
+
+def _load(component: str, root: Path, fn):
+    from safetensors import SafetensorError
+
+    try:
+        return fn()
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{root / component}: cannot be loaded ({type(e).__name__}: {msg})") from e
+
+
+# ---- images --------------------------------------------------------------------------------------
+def load_image(path: str | Path):
+    """Open an image file as RGB (EXIF orientation applied). Raises :class:`ImageError`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ImageError(f"image {str(path)!r} does not exist")
+    if p.is_dir():
+        raise ImageError(f"image {str(path)!r} is a folder, expected an image file (png, jpg, webp, ...)")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"image {str(path)!r} cannot be read as an image ({e})") from None
+
+
+# ---- results ---------------------------------------------------------------------------------------
+@dataclass
+class GenerateResult:
+    """What :meth:`Pipeline.generate` produced.
+
+    Attributes:
+        output: the written video (``None`` with ``decode=False``).
+        report_path: its JSON report (``None`` with ``decode=False``).
+        report: the report's content.
+        latents: float32 ``[1, 16, F', h, w]`` final latents, on the CPU.
+        frames: frames written.
+    """
+
+    output: Path | None
+    report_path: Path | None
+    report: dict
+    latents: torch.Tensor
+    frames: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+class _Progress:
+    """tqdm over the denoising steps (off when stderr is not a terminal, or quiet)."""
+
+    def __init__(self, total: int, label: str, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True)
+
+    def __call__(self, i: int, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------
+class Pipeline:
+    """Every component of one model, loaded once; :meth:`generate` runs one request.
+
+    Build it with :meth:`from_config`. Attributes: ``cfg``, ``model_path``, ``tiny`` (embedded
+    random model), ``device``, ``text_encoder``, ``image_encoder`` (I2V), ``vae``, ``runner``
+    (:class:`ModelRunner`), ``attention`` (resolved kernel per site), ``load_timings``.
+    """
+
+    def __init__(self, cfg, *, model_path: Path, tiny: bool, device: torch.device, text_encoder: TextEncoder,
+                 image_encoder: ImageEncoder | None, vae: WanVAE, runner: ModelRunner, attention: dict,
+                 load_timings: dict):
+        self.cfg, self.model_path, self.tiny, self.device = cfg, model_path, tiny, device
+        self.text_encoder, self.image_encoder, self.vae, self.runner = text_encoder, image_encoder, vae, runner
+        self.attention, self.load_timings = attention, load_timings
+
+    @classmethod
+    def from_config(cls, cfg, *, mesh=None) -> Pipeline:
+        """Check the model folder, resolve the attention kernels, load every component once.
+
+        Raises:
+            ModelFolderError / CheckpointError: the folder is missing, incomplete or inconsistent.
+            ConfigError: a kernel the config asks for cannot run here (``strict_backends``).
+        """
+        t0 = time.perf_counter()
+        device = cfg.torch_device()
+        tiny = cfg.model_path is None
+        root = tiny_model_path(cfg.task) if tiny else Path(cfg.model_path).expanduser()
+        t_build = time.perf_counter() - t0
+        check_model_folder(root, cfg.task)
+        from ..models.wan import find_checkpoint
+
+        _check_task(root, cfg.task, find_checkpoint(root).config)  # before any weight is read
+        attention = cfg.resolve_attention(device)
+        dtype = cfg.torch_dtype
+        # UMT5 overflows in fp16: encode text in bf16 then (the official T5 dtype), else the run dtype.
+        text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        t1 = time.perf_counter()
+        text = _load("text_encoder", root, lambda: TextEncoder.load(root, device=device, dtype=text_dtype, text_len=cfg.text_len))
+        image = None
+        if cfg.task == "i2v":
+            image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
+        vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
+        t2 = time.perf_counter()
+        runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh)
+        t3 = time.perf_counter()
+        _check_compatible(root, cfg, runner.dit.config, text, image, vae)
+        timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
+        from ..attention import format_table
+
+        used = [r for r in attention.values() if r is not None]
+        log.info("attention kernels:\n  %s", format_table(used).replace("\n", "\n  "))
+        if tiny:
+            log.info("model: the embedded tiny Wan2.1 (random weights: the video is noise; set model_path to real "
+                     "Wan2.1 Diffusers weights for real videos)")
+        return cls(cfg, model_path=root, tiny=tiny, device=device, text_encoder=text, image_encoder=image, vae=vae,
+                   runner=runner, attention=attention, load_timings=timings)
+
+    # ---- one request ------------------------------------------------------------------------------
+    def check(self, req: GenerateRequest) -> None:
+        """Validate a request (fields, output path, image) before any work."""
+        patch = self.runner.dit.config.patch_size
+        req.validate(self.cfg.task, spatial_multiple=self.vae.scale_s * max(patch[1], patch[2]))
+        if (req.frames - 1) % self.vae.scale_t:
+            raise UserError(f"frames: must be {self.vae.scale_t}n+1 for this VAE, got {req.frames}")
+        check_output(req.output)
+        if self.cfg.task == "i2v":
+            load_image(req.image)
+
+    def encode(self, req: GenerateRequest, timings: dict | None = None) -> EncodedRequest:
+        """Text (and image) encoding, once per request: the tensors every rank receives."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        context = self.text_encoder.encode(req.prompt)
+        neg = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+        context_null = self.text_encoder.encode(neg) if req.enable_cfg else None
+        timings["encode_text_s"] = time.perf_counter() - t0
+        clip_fea = y = None
+        if self.image_encoder is not None:
+            t1 = time.perf_counter()
+            from diffusers.video_processor import VideoProcessor
+
+            img = load_image(req.image)
+            clip_fea = self.image_encoder.encode(img)
+            pixels = VideoProcessor(vae_scale_factor=self.vae.scale_s).preprocess(img, height=req.height, width=req.width)
+            y = self.vae.encode_condition(pixels.to(self.vae.device, torch.float32), req.frames)
+            timings["encode_image_s"] = time.perf_counter() - t1
+        return EncodedRequest(
+            context=context, context_null=context_null, clip_fea=clip_fea, y=y,
+            latent_shape=self.vae.latent_shape(req.frames, req.height, req.width), seed=req.seed, steps=req.steps,
+            shift=req.shift, guide_scale=req.guide_scale, enable_cfg=req.enable_cfg, solver=req.solver,
+        )
+
+    def generate(self, req: GenerateRequest, *, decode: bool = True, quiet: bool = False) -> GenerateResult:
+        """Run one request: encode, denoise, decode streamed into the writer, write the report.
+
+        Args:
+            req: the request.
+            decode: False stops after denoising (no video, no report; ``result.latents`` only).
+            quiet: no progress bar.
+
+        Raises:
+            UserError: an invalid request, output path or image (before any work); nothing is
+                left behind on any failure.
+        """
+        self.check(req)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings: dict = {}
+        t0 = time.perf_counter()
+        enc = self.encode(req, timings)
+        progress = _Progress(req.steps, req.label if req.label != "request" else "denoise", quiet)
+        t1 = time.perf_counter()
+        try:
+            latents = self.runner.denoise(enc, progress=progress)
+        finally:
+            progress.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings["denoise_s"] = time.perf_counter() - t1
+        timings["denoise_step_s"] = timings["denoise_s"] / req.steps
+        latents = latents.float().cpu()
+        if not decode:
+            timings["total_s"] = time.perf_counter() - t0
+            return GenerateResult(None, None, self._report(req, enc, timings, None, 0), latents, 0, timings)
+        t2 = time.perf_counter()
+        h, w = req.height, req.width
+        with VideoWriter(req.output, req.frames, h, w, fps=req.fps) as writer:
+            for chunk in self.vae.decode_stream(latents.to(self.vae.device)):
+                writer.write(chunk)
+            output = writer.commit()
+        timings["decode_write_s"] = time.perf_counter() - t2
+        timings["total_s"] = time.perf_counter() - t0
+        report = self._report(req, enc, timings, output, writer.written)
+        try:
+            rpath = write_json_atomic(report_path(output), report)
+        except OSError as e:
+            raise UserError(f"report {report_path(output)}: cannot be written ({e.strerror})") from None
+        log.info("wrote %s (%d frames %dx%d) and %s in %.1f s", output, writer.written, w, h, rpath.name, timings["total_s"])
+        return GenerateResult(output, rpath, report, latents, writer.written, timings)
+
+    def _report(self, req: GenerateRequest, enc: EncodedRequest, timings: dict, output: Path | None, frames: int) -> dict:
+        cfg, par = self.cfg, self.cfg.parallel
+        sampler = self.runner.sampler(enc)
+        return {
+            "ditfleet_version": __version__,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "output": str(output) if output is not None else None,
+            "frames": frames,
+            "request": {k: v for k, v in req.__dict__.items()},
+            "negative_prompt_used": req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+            "seed": req.seed,
+            "noise": "torch.randn(1, 16, F', H/8, W/8) float32 from torch.Generator('cpu').manual_seed(seed)",
+            "model": {"path": str(self.model_path), "embedded_tiny_random": self.tiny, "task": cfg.task,
+                      "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.runner.dit.config.__dict__.items()}},
+            "device": str(self.device),
+            "dtype": cfg.dtype,
+            "attention": {site: (r.as_dict() if r is not None else None) for site, r in self.attention.items()},
+            "parallel": {"launcher": cfg.launcher, "world_size": par.world_size, "cfg_p_size": par.cfg_p_size,
+                         "seq_p_size": par.seq_p_size, "seq_p_attn_type": par.seq_p_attn_type,
+                         "ring_degree": par.ring_degree, "ulysses_degree": par.ulysses_degree,
+                         "cfg_mode": "batch of 2" if enc.enable_cfg and par.cfg_p_size == 1 else
+                         ("split over cfg ranks" if enc.enable_cfg else "off")},
+            "sampler": {**sampler.describe(), "shift": enc.shift, "schedule": self.runner.schedule,
+                        "guide_scale": enc.guide_scale, "enable_cfg": enc.enable_cfg},
+            "timings_s": timings,
+            "load_timings_s": self.load_timings,
+            "peak_memory": _peak_memory(self.device),
+            "config": cfg.to_dict(),
+        }
+
+
+def _check_task(root: Path, task: str, dit_cfg) -> None:
+    tcfg = root / "transformer" / "config.json"
+    if task == "i2v" and not dit_cfg.has_image_branch:
+        raise ModelFolderError(f"task i2v needs an I2V model, but {tcfg} describes a {dit_cfg.model_type} DiT (no image "
+                               "branch); set task to t2v or point model_path at Wan2.1-I2V weights")
+    if task == "t2v" and dit_cfg.has_image_branch:
+        raise ModelFolderError(f"task t2v, but {tcfg} describes an {dit_cfg.model_type} DiT; set task to i2v (and give an image)")
+
+
+def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageEncoder | None, vae: WanVAE) -> None:
+    """The components must fit together and the task: name both files when they do not."""
+    tcfg = root / "transformer" / "config.json"
+    _check_task(root, cfg.task, dit_cfg)
+    if text.dim != dit_cfg.text_dim:
+        raise ModelFolderError(f"{root / 'text_encoder' / 'config.json'}: d_model {text.dim} != text_dim {dit_cfg.text_dim} of {tcfg}")
+    if cfg.text_len > dit_cfg.text_len:
+        raise ModelFolderError(f"text_len {cfg.text_len} exceeds the DiT's text_len {dit_cfg.text_len} ({tcfg})")
+    if image is not None and image.dim != dit_cfg.image_dim:
+        raise ModelFolderError(f"{root / 'image_encoder' / 'config.json'}: hidden_size {image.dim} != image_dim "
+                               f"{dit_cfg.image_dim} of {tcfg}")
+    want_in = vae.z_dim * 2 + vae.scale_t if dit_cfg.has_image_branch else vae.z_dim
+    if dit_cfg.in_dim != want_in or dit_cfg.out_dim != vae.z_dim:
+        raise ModelFolderError(f"{root / 'vae' / 'config.json'}: z_dim {vae.z_dim} does not fit {tcfg} (in_dim "
+                               f"{dit_cfg.in_dim}, out_dim {dit_cfg.out_dim}; expected {want_in} and {vae.z_dim})")

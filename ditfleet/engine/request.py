@@ -1,0 +1,114 @@
+"""What one generation asks for (:class:`GenerateRequest`) and what the DiT ranks receive (:class:`EncodedRequest`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RequestError
+
+
+@dataclass
+class GenerateRequest:
+    """One video to generate.
+
+    Attributes:
+        prompt: the text prompt.
+        negative_prompt: the CFG negative prompt; ``None`` = the official Wan2.1 default.
+        image: I2V reference image path (``None`` for T2V).
+        seed: noise seed.
+        frames: video length, 4n + 1.
+        height, width: pixels, multiples of 16.
+        output: ``.mp4``, ``.npy``, or a folder (PNG frames).
+        steps: denoising steps.
+        shift: flow shift.
+        guide_scale: CFG scale.
+        enable_cfg: two passes per step (False: one, conditional only).
+        solver: ``"unipc"`` or ``"euler"``.
+        fps: mp4 frame rate.
+        label: how logs and summaries name it (e.g. ``jobs.jsonl:3``).
+    """
+
+    prompt: str
+    output: str
+    negative_prompt: str | None = None
+    image: str | None = None
+    seed: int = 42
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    steps: int = 50
+    shift: float = 5.0
+    guide_scale: float = 5.0
+    enable_cfg: bool = True
+    solver: str = "unipc"
+    fps: int = 16
+    label: str = "request"
+
+    def replace(self, **changes) -> GenerateRequest:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, task: str, *, spatial_multiple: int = 16) -> None:
+        """Raise :class:`RequestError` naming the first invalid field."""
+        where = f"{self.label}: " if self.label != "request" else ""
+        if not isinstance(self.prompt, str):
+            raise RequestError(f"{where}prompt: expected a string, got {self.prompt!r}")
+        n = self.frames
+        if n < 1 or (n - 1) % 4:
+            lo = max(1, (n - 1) // 4 * 4 + 1)
+            raise RequestError(f"{where}frames: must be 4n+1 (1, 5, 9, ..., 81), got {n}; nearest valid: {lo} or {lo + 4}")
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            if v <= 0 or v % spatial_multiple:
+                near = max(spatial_multiple, round(v / spatial_multiple) * spatial_multiple)
+                raise RequestError(f"{where}{key}: must be a positive multiple of {spatial_multiple}, got {v}; nearest valid: {near}")
+        if self.steps < 1:
+            raise RequestError(f"{where}steps: must be >= 1, got {self.steps}")
+        if not 0 <= self.seed < 2**63:
+            raise RequestError(f"{where}seed: must lie in [0, 2**63), got {self.seed}")
+        if self.solver not in ("unipc", "euler"):
+            raise RequestError(f"{where}sample_solver: {self.solver!r} is not valid; valid: unipc, euler")
+        if self.fps < 1:
+            raise RequestError(f"{where}fps: must be >= 1, got {self.fps}")
+        if task == "i2v" and not self.image:
+            raise RequestError(f"{where}task i2v needs a reference image: set image_path in the config, --image, "
+                               "or \"image\" in the jobs line")
+        if task == "t2v" and self.image:
+            raise RequestError(f"{where}image {self.image!r} given, but task is t2v; set task to i2v (with an I2V model) "
+                               "or drop the image")
+
+
+@dataclass
+class EncodedRequest:
+    """Everything the denoising ranks need, as plain tensors and numbers (broadcastable as is).
+
+    Attributes:
+        context: ``[1, text_len, text_dim]`` prompt features (zero past the prompt).
+        context_null: negative-prompt features, same shape; ``None`` when CFG is off.
+        clip_fea: I2V ``[1, 257, image_dim]`` CLIP features, else ``None``.
+        y: I2V ``[1, 4 + 16, F', h, w]`` mask + image latent, else ``None``.
+        latent_shape: ``(16, F', h, w)``.
+        seed, steps, shift, guide_scale, enable_cfg, solver: sampling settings.
+    """
+
+    context: torch.Tensor
+    context_null: torch.Tensor | None
+    clip_fea: torch.Tensor | None
+    y: torch.Tensor | None
+    latent_shape: tuple[int, int, int, int]
+    seed: int
+    steps: int
+    shift: float
+    guide_scale: float
+    enable_cfg: bool
+    solver: str = "unipc"
+    meta: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"context": self.context, "context_null": self.context_null, "clip_fea": self.clip_fea, "y": self.y}
+
+    def to(self, device: torch.device | str) -> EncodedRequest:
+        moved = {k: (None if v is None else v.to(device)) for k, v in self.tensors().items()}
+        return dataclasses.replace(self, **moved)

@@ -1,0 +1,126 @@
+"""``ModelRunner``: the DiT and the sampler of one rank; ``denoise(encoded request) -> latents``.
+
+One runner lives in every process of a run (a world of one here; one per GPU under torchrun or
+Ray). Each holds the whole DiT (sequence parallelism splits tokens, not weights) and runs the
+same loop with the same numbers, so every rank ends with the same latents:
+
+* the noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)`` as float32
+  ``[1, 16, F', H/8, W/8]`` -- Diffusers' ``randn_tensor`` semantics with a CPU generator, hence
+  the same on every rank, device and machine (the official script draws on the GPU instead);
+* classifier-free guidance runs the conditional and unconditional passes as one batch of 2
+  (``cfg_size`` 1; or one after the other with ``cfg_batch=False``), or one branch per cfg rank
+  with an all-gather (``parallel.cfg_p_size`` 2), through :mod:`ditfleet.parallel.cfg`; the guided
+  velocity ``uncond + scale * (cond - uncond)`` is formed in float32;
+* the sampler (:mod:`.sampler`) steps in float32 on identical inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..parallel import ParallelMesh, cfg_combine, cfg_exchange, cfg_predict, cfg_select
+from .request import EncodedRequest
+from .sampler import FlowSampler, make_sampler
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 ``[1, *shape]`` standard normal noise from a CPU generator seeded with ``seed``, moved to ``device``."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=gen, dtype=torch.float32).to(device)
+
+
+class ModelRunner:
+    """The denoising loop of one rank.
+
+    Args:
+        dit: a :class:`~ditfleet.models.wan.WanDiT` with its attention kernels set (and, under
+            sequence parallelism, ``set_parallel(mesh)`` called).
+        mesh: the parallel mesh; ``None`` is a world of one.
+        cfg_batch: with ``cfg_size`` 1, run both CFG branches as one batch of 2 (True) or one
+            after the other (False: half the activation memory).
+        schedule: sigma grid of the sampler, ``"wan"`` (official) or ``"diffusers"``.
+    """
+
+    def __init__(self, dit, *, mesh: ParallelMesh | None = None, cfg_batch: bool = True, schedule: str = "wan"):
+        self.dit = dit
+        self.mesh = mesh or ParallelMesh()
+        self.cfg_batch = cfg_batch
+        self.schedule = schedule
+
+    @classmethod
+    def load(
+        cls,
+        model_path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: Mapping[str, object],
+        mesh: ParallelMesh | None = None,
+        **kwargs,
+    ) -> ModelRunner:
+        """Load the DiT from ``model_path`` (official or Diffusers layout) and wrap it."""
+        from ..models.wan import load_dit
+
+        dit = load_dit(model_path, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None})
+        if mesh is not None and mesh.sp_size > 1:
+            dit.set_parallel(mesh)
+        return cls(dit, mesh=mesh, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.device
+
+    def sampler(self, enc: EncodedRequest) -> FlowSampler:
+        return make_sampler(enc.solver, enc.steps, enc.shift, schedule=self.schedule)
+
+    def _model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea, y) -> torch.Tensor:
+        b = x.shape[0]
+        return self.dit(x, t.expand(b), context, clip_fea=clip_fea, y=y)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, enc: EncodedRequest) -> torch.Tensor:
+        """The (guided) velocity at ``x``, ``t``: float32 like ``x``, identical on every rank."""
+        if not enc.enable_cfg:
+            return self._model(x, t, enc.context, enc.clip_fea, enc.y)
+        mesh = self.mesh
+        if mesh.cfg_size == 1 and not self.cfg_batch:
+            cond = dict(x=x, t=t, context=enc.context, clip_fea=enc.clip_fea, y=enc.y)
+            cond_v, uncond_v = cfg_predict(self._model, cond, {**cond, "context": enc.context_null}, mesh)
+        else:  # batch of 2 (cfg_size 1) or this rank's branch (cfg_size 2)
+
+            def sel(a):
+                return None if a is None else cfg_select(a, a, mesh)
+
+            ctx = cfg_select(enc.context, enc.context_null, mesh)
+            cond_v, uncond_v = cfg_exchange(self._model(sel(x), t, ctx, sel(enc.clip_fea), sel(enc.y)), mesh)
+        return cfg_combine(cond_v, uncond_v, enc.guide_scale)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        enc: EncodedRequest,
+        *,
+        noise: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run every sampling step.
+
+        Args:
+            enc: the encoded request (tensors on any device: moved here).
+            noise: the initial latents; default :func:`initial_noise` of ``enc.seed``.
+            progress: called with ``(step index, steps)`` after each step.
+
+        Returns:
+            float32 ``[1, 16, F', h, w]`` final latents (normalised, as the VAE's input after denormalising).
+        """
+        device = self.device
+        enc = enc.to(device)
+        x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
+        sampler = self.sampler(enc)
+        for i, t in enumerate(sampler.timesteps):
+            v = self.predict(x, t.reshape(1).to(device), enc)
+            x = sampler.step(v.float(), x)
+            if progress is not None:
+                progress(i, len(sampler))
+        return x
