@@ -1,11 +1,18 @@
 """Sequence-parallel attention on CPU: gloo ranks vs single-device torch_sdpa (fp32 rel L2 <= 1e-5).
 
 Spawning is slow on a small CI machine, so each world size runs all its cases in one spawn.
+Every implementation variant that runs on gloo (Ulysses p2p / packed, ring allgather / rotate,
+head-group pipelines, two compute streams) is checked there; the Triton LSE merge runs in
+Triton's CPU interpreter in a subprocess.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -32,6 +39,7 @@ from ditfleet.parallel import (
     sequence_parallel_attention,
     shard_sequence,
 )
+from ditfleet.parallel.merge import merge_step
 from ditfleet.parallel.ulysses import head_groups
 
 TOL = 1e-5
@@ -55,8 +63,9 @@ def qkv(seed: int, b: int, s_q: int, s_k: int, h: int, d: int):
             torch.randn(b, s_k, h, d, generator=g))
 
 
-def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, lse=True, label=""):
-    """Shard, run sequence_parallel_attention, gather, compare with single-device torch_sdpa."""
+def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, lse=True, label="", **variant):
+    """Shard, run sequence_parallel_attention (``variant``: its implementation keywords), gather,
+    compare with single-device torch_sdpa."""
     backend = backend or sdpa()
     q, k, v = qkv(seed, b, s_q, s_k, h, d)
     ref_out, ref_lse = sdpa()(q, k, v, return_lse=True)
@@ -64,10 +73,11 @@ def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, 
     k_l, kv_shard = shard_sequence(k, mesh)
     v_l, _ = shard_sequence(v, mesh)
     out_l, lse_l = sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard,
-                                               kv_shard=kv_shard, return_lse=lse, ulysses_chunks=chunks)
+                                               kv_shard=kv_shard, return_lse=lse, ulysses_chunks=chunks, **variant)
     assert out_l.shape == q_l.shape and out_l.dtype == q.dtype, label
     out = gather_sequence(out_l, mesh, shard)
     err = rel_l2(out, ref_out)
+    label = f"{label} {variant}" if variant else label
     assert err <= TOL, f"{label} {mesh.describe()} S_q={s_q} S_k={s_k} H={h}: out rel L2 {err:.2e}"
     if lse:
         assert lse_l.shape == (b, h, shard.chunk) and lse_l.dtype == torch.float32, label
@@ -87,6 +97,17 @@ def _world2(rank, world):
         check_case(mesh, s_q=64, s_k=64, h=4, label=name)                  # divisible
         check_case(mesh, s_q=1001, s_k=515, h=6, seed=1, label=name)       # q length != kv length
     check_case(u, s_q=301, s_k=301, h=6, chunks=2, label="ulysses overlap")
+    # every variant, batch 1 (direct receives into the kernel's buffers) and batch 2 (staging)
+    for b in (1, 2):
+        for impl in ("p2p", "packed"):
+            check_case(u, s_q=301, s_k=301, h=6, b=b, chunks=3, ulysses_impl=impl, label="ulysses groups")
+            check_case(u, s_q=301, s_k=157, h=6, b=b, ulysses_impl=impl, label="ulysses cross")
+        check_case(u, s_q=301, s_k=301, h=6, b=b, chunks=2, compute_streams=2, label="ulysses 2 streams")
+        for impl, extra in (("allgather", {"ring_chunks": 1}), ("allgather", {"ring_chunks": 4}),
+                            ("allgather", {"ring_chunks": 2, "compute_streams": 2}),
+                            ("rotate", {"merge_impl": "torch"}), ("rotate", {"merge_impl": "auto"})):
+            check_case(r, s_q=1001, s_k=1001, h=6, b=b, ring_impl=impl, label="ring", **extra)
+            check_case(r, s_q=301, s_k=157, h=6, b=b, seed=3, ring_impl=impl, label="ring cross", **extra)
     check_case(u, s_q=301, s_k=301, h=6, backend=NoLseSdpa(torch.device("cpu"), torch.float32), lse=False,
                label="ulysses no-LSE kernel")
     x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)      # round trip, other dim
@@ -120,6 +141,17 @@ def _world4(rank, world):
         check_case(mesh, s_q=1001, s_k=257, h=6, seed=2, label=name)
     check_case(usp, s_q=1001, s_k=1001, h=6, chunks=2, label="usp overlap")
     check_case(meshes["ulysses4"], s_q=203, s_k=203, h=8, chunks=2, label="ulysses4 overlap")
+    # the variants on 4 ranks, batch 1: Ulysses p2p pipelines, allgather / rotate ring, USP mixes
+    for impl in ("p2p", "packed"):
+        check_case(meshes["ulysses4"], s_q=203, s_k=203, h=8, b=1, chunks=2, ulysses_impl=impl, label="u4 b1")
+    check_case(meshes["ulysses4"], s_q=203, s_k=99, h=6, b=1, chunks=2, compute_streams=2, label="u4 padded heads")
+    for impl in ("allgather", "rotate"):
+        check_case(meshes["ring4"], s_q=1001, s_k=1001, h=6, b=1, ring_impl=impl, ring_chunks=3, label="r4 b1")
+        check_case(meshes["ring4"], s_q=3, s_k=2, h=2, ring_impl=impl, label="ring4 empty chunks")
+    for u_impl, r_impl in (("p2p", "allgather"), ("p2p", "rotate"), ("packed", "allgather"), ("packed", "rotate")):
+        check_case(usp, s_q=1001, s_k=1001, h=6, b=1, chunks=2, ulysses_impl=u_impl, ring_impl=r_impl,
+                   ring_chunks=2, label="usp b1")
+    check_case(usp, s_q=5, s_k=3, h=2, ring_impl="rotate", label="usp empty super-chunk rotate")
     # tiny sequences: whole chunks of padding are neither computed nor sent
     check_case(meshes["ring4"], s_q=3, s_k=2, h=2, label="ring4 empty chunks")
     check_case(usp, s_q=5, s_k=3, h=2, label="usp empty super-chunk")
@@ -141,6 +173,32 @@ def _world4(rank, world):
     return True
 
 
+def _bench_world4(rank, world, out):
+    """The sp-attention bench end to end on gloo, tiny shapes: every variant runs and matches one device."""
+    import argparse
+    import json
+
+    from ditfleet.bench import sp_attention
+    from ditfleet.parallel import init_distributed
+
+    parser = argparse.ArgumentParser()
+    sp_attention.add_arguments(parser)
+    args = parser.parse_args(["--seq-len", "203", "--heads", "6", "--head-dim", "8", "--dtype", "fp32",
+                              "--warmup", "0", "--iters", "1", "--no-yunchang", "--out", out])
+    assert sp_attention.run(args, init_distributed()) == 0
+    if rank == 0:
+        report = json.loads(open(out).read())
+        modes = report["kernels"]["sdpa_cpu_flash"]["modes"]
+        assert set(modes) == {"ulysses", "ring", "usp"} and report["kernels"]["sdpa_cpu_flash"]["diagnostics_ms"]
+        for mode, mres in modes.items():
+            assert len(mres["ditfleet"]) >= 4 and mres["best"]["variant"] in mres["ditfleet"], mode
+            assert sum(bool(e.get("is_default")) for e in mres["ditfleet"].values()) == 1, mode
+            for name, e in mres["ditfleet"].items():
+                assert "error" not in e and e["rel_l2_vs_1gpu"] <= TOL, (mode, name, e)
+            assert "breakdown_ms" in mres, mres.get("breakdown_error")
+    return True
+
+
 def _world8_heads12(rank, world):
     mesh = init_parallel(ulysses_size=8)
     check_case(mesh, s_q=37, s_k=37, h=12, b=1, d=8, label="12 heads on 8 ranks")
@@ -153,6 +211,10 @@ def test_sequence_parallel_world2():
 
 def test_sequence_parallel_world4():
     assert run_distributed(_world4, 4) == [True] * 4
+
+
+def test_sp_attention_bench_world4(tmp_path):
+    assert run_distributed(_bench_world4, 4, str(tmp_path / "sp.json")) == [True] * 4
 
 
 def test_ulysses_12_heads_on_8_ranks():
@@ -281,3 +343,79 @@ def test_lse_merge_masked_block_and_empty_state():
     assert rel_l2(out2[:, :4], ref_out[:, :4]) <= 1e-6 and rel_l2(out2[:, 4:], o_a[:, 4:]) <= 1e-6
     with pytest.raises(TypeError):
         merge_attention_(torch.zeros(1, 9, 2, 8, dtype=torch.bfloat16), lse1, dead_out, dead_lse)
+
+
+def test_merge_step_first_block_and_last_dtype():
+    """The ring's merge: a low-precision first block is taken as is; the last merge writes the output dtype."""
+    q, k, v = qkv(7, 1, 21, 60, 3, 16)
+    ref_out, ref_lse = reference_attention(q, k, v)
+    blocks = [reference_attention(q, k[:, a:b], v[:, a:b]) for a, b in ((0, 20), (20, 45), (45, 60))]
+    out, lse = blocks[0][0].to(torch.bfloat16), blocks[0][1].float()
+    for i, (o, l) in enumerate(blocks[1:]):
+        dtype = torch.bfloat16 if i == len(blocks) - 2 else torch.float32
+        out, lse = merge_step(out, lse, o.to(torch.bfloat16), l.float(), out_dtype=dtype, impl="torch")
+        assert out.dtype == dtype and lse.dtype == torch.float32
+    assert rel_l2(out, ref_out) <= 1e-2 and rel_l2(lse, ref_lse) <= 1e-6
+    with pytest.raises(ValueError, match="merge impl"):
+        merge_step(out.float(), lse, out, lse, impl="cuda")
+
+
+_TRITON_MERGE_CHECK = """
+import math, torch
+from ditfleet.parallel.merge import merge_attention_
+from ditfleet.parallel.triton_merge import merge_triton
+g = torch.Generator().manual_seed(0)
+def rel(x, r):
+    return float((x.double() - r.double()).norm() / r.double().norm())
+for dtype, d, s in ((torch.float32, 16, 37), (torch.bfloat16, 24, 70)):
+    b, h = 2, 3
+    acc = torch.randn(b, s, h, d, generator=g)
+    blk = torch.randn(b, s, h, d, generator=g).to(dtype)
+    la = torch.randn(b, h, s, generator=g) * 3
+    lb = torch.randn(b, h, s, generator=g) * 3
+    la[0, 1, :5] = -math.inf          # running state that saw no key
+    lb[1, 2, 3:9] = -math.inf         # block rows without a key
+    la[1, 0, :4] = -math.inf; lb[1, 0, :4] = -math.inf   # neither
+    acc[0, :5, 1] = float("nan")      # garbage in never-computed rows must not leak
+    ref, ref_lse = acc.clone(), la.clone()
+    ref[0, :5, 1] = 0.0
+    merge_attention_(ref, ref_lse, blk, lb)
+    ref[0, :5, 1] = blk[0, :5, 1].float()
+    # in place, float32 running state
+    out, out_lse = acc.clone(), la.clone()
+    merge_triton(out, out_lse, blk, lb, out, out_lse)
+    assert rel(out, ref) < 1e-6 and torch.equal(torch.isneginf(out_lse), torch.isneginf(ref_lse)), dtype
+    fin = torch.isfinite(ref_lse)
+    assert rel(out_lse[fin], ref_lse[fin]) < 1e-6
+    # into a new low-precision destination, from a strided (head-sliced) block
+    wide = torch.randn(b, s, h + 2, d, generator=g).to(dtype)
+    wide[:, :, 1 : h + 1] = blk
+    dst, dst_lse = torch.empty(b, s, h, d, dtype=dtype), torch.empty(b, h, s)
+    merge_triton(acc.clone(), la.clone(), wide[:, :, 1 : h + 1], lb, dst, dst_lse)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert dst.dtype == dtype and rel(dst, ref) < tol
+# the ring's chain through merge_step: bf16 first block as is, float32 running state, bf16 last merge
+from ditfleet.attention import reference_attention
+from ditfleet.parallel.merge import merge_step
+q, k, v = (torch.randn(1, 50, 2, 16, generator=g) for _ in range(3))
+ref_out, ref_lse = reference_attention(q, k, v)
+parts = [reference_attention(q, k[:, a:z], v[:, a:z]) for a, z in ((0, 10), (10, 33), (33, 50))]
+out, lse = parts[0][0].to(torch.bfloat16), parts[0][1].float()
+for i, (o, l) in enumerate(parts[1:]):
+    dtype = torch.bfloat16 if i == 1 else torch.float32
+    out, lse = merge_step(out, lse, o.to(torch.bfloat16), l.float(), out_dtype=dtype, impl="triton")
+    assert out.dtype == dtype
+assert rel(out, ref_out) < 1e-2 and rel(lse, ref_lse) < 1e-6
+print("triton merge ok")
+"""
+
+
+def test_triton_merge_in_interpreter():
+    """The fused Triton merge equals the torch merge (Triton's CPU interpreter, in a subprocess)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRITON_MERGE_CHECK)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "triton merge ok" in res.stdout, res.stdout + res.stderr

@@ -1,4 +1,4 @@
-"""``ditfleet bench sp-attention``: sequence-parallel attention vs one GPU, side by side with yunchang.
+"""``ditfleet bench sp-attention``: sequence-parallel attention vs one GPU, every implementation variant, vs yunchang.
 
 Run under torchrun, one process per GPU::
 
@@ -8,21 +8,29 @@ For each kernel (default ``sdpa_cudnn``, plus ``fa4`` when it can run) it measur
 
 * the one-GPU time of the kernel on the full sequence (rank 0, same inputs);
 * ditfleet's ``sequence_parallel_attention`` for each mode (``ulysses``: U = N; ``ring``: R = N;
-  ``usp``: U = 2, R = N / 2, from 4 GPUs) and each ``--ulysses-chunks`` value, its speedup over
-  one GPU and its rel L2 against the one-GPU output (gathered);
+  ``usp``: U = 2, R = N / 2, from 4 GPUs) and each implementation *variant* of that mode (see
+  :func:`variants`; ``ulysses_chunks=N`` entries are the original packed all-to-all / rotating
+  ring with a torch merge), each with its speedup over one GPU and its rel L2 against the one-GPU
+  output (gathered); the variant the code's defaults select is marked ``is_default`` and the
+  fastest one is named in the mode's ``best``;
 * a breakdown of the same shapes, piece by piece: communication alone (all-to-alls, ring
-  rotation), the kernel alone on the per-GPU shapes, and the LSE merges; so a missed target can
-  be told apart into comm, kernel efficiency and overhead;
+  rotation, the p2p / all-gather paths with no kernel), the kernel alone on the per-GPU shapes,
+  and the LSE merges (torch and fused); so a missed target can be told apart into comm, kernel
+  efficiency and overhead;
+* kernel diagnostics (``diagnostics_ms``): the kernel alone at the ring's shapes with and without
+  the LSE, with 1, 2 and all key chunks, and split into head groups; and at the Ulysses shape
+  split into head groups, to see what the LSE, short keys and small head groups cost;
 * yunchang's ``LongContextAttention`` on the same local shards (when yunchang imports; else why
   not), with its own one-GPU kernel time.
 
 Times are the median over iterations of the slowest rank. Rank 0 writes the JSON after every
-mode (a later failure keeps earlier numbers) and prints a table.
+mode (a later failure keeps earlier numbers) and prints a table with every variant and the winner.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 import traceback
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from ..attention.base import AttentionBackend
 from ..parallel import (
@@ -42,7 +51,10 @@ from ..parallel import (
     sequence_parallel_attention,
     shard_sequence,
 )
-from ..parallel.ulysses import pad_heads, padded_heads
+from ..parallel.merge import merge_step
+from ..parallel.mesh import nccl_sp_options
+from ..parallel.ring import allgather_forward
+from ..parallel.ulysses import pad_heads, padded_heads, ulysses_forward
 from .attention import card_slug, kernel_availability, make_inputs
 from .common import environment, rel_l2, time_cuda, write_json
 
@@ -51,6 +63,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS_4GPU = {"ulysses": 3.9, "ring": 3.75}
 YUNCHANG_TYPES = {"sdpa_cudnn": ["torch_cudnn", "torch_flash"], "sdpa_flash": ["torch_flash"],
                   "sdpa_efficient": ["torch_efficient"], "fa2": ["fa"], "fa3": ["fa3"]}
+# The original implementation, kept as the baseline of every mode ("ulysses_chunks=N" entries).
+LEGACY = {"ulysses_impl": "packed", "ring_impl": "rotate", "merge_impl": "torch"}
+# Implementation keywords of sequence_parallel_attention.
+SP_KEYWORDS = ("ulysses_impl", "ulysses_chunks", "ring_impl", "ring_chunks", "merge_impl", "compute_streams")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="+", default=None, metavar="KEY",
                         help="kernel keys (default: sdpa_cudnn, plus fa4 when it can run; sdpa_cpu_flash on CPU)")
     parser.add_argument("--modes", nargs="+", default=["ulysses", "ring", "usp"], choices=["ulysses", "ring", "usp"])
-    parser.add_argument("--ulysses-chunks", type=int, nargs="+", default=[1, 2], metavar="G",
-                        help="head groups pipelined against the all-to-alls, each timed (default: %(default)s)")
+    parser.add_argument("--ulysses-chunks", type=int, nargs="+", default=[1], metavar="G",
+                        help="head groups of the original (packed) Ulysses path, each timed as the baseline "
+                             "entry 'ulysses_chunks=G' (default: %(default)s)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
+                        help="run only variants whose name contains one of these strings (the baseline and the "
+                             "default always run); default: all")
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip the kernel-alone diagnostics")
     parser.add_argument("--yunchang-attn-types", nargs="+", default=None, metavar="TYPE",
                         help="yunchang AttnType values to run (default: the kernel's match; for sdpa_cudnn "
                              "torch_cudnn and torch_flash, because yunchang 0.6.4's torch_cudnn returns a zero LSE, "
@@ -75,6 +96,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/sp_attention_<card>_<n>gpu.json)")
+
+
+# ---------------------------------------------------------------- variants
+def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
+    """The implementations timed for ``mode``: ``(name, sequence_parallel_attention keywords, mesh options)``.
+
+    Mesh options (``nccl_max_ctas``, ``nccl_high_priority``) build a separate mesh whose Ulysses /
+    ring groups carry those NCCL settings (``hiprio``: NCCL streams at high priority, so their
+    CTAs are scheduled before the attention kernel's next ones; ``ctas8``: at most 8 CTAs per NCCL
+    kernel). ``gN``: head groups pipelined against the communication; ``2streams``: the groups'
+    kernels alternate over two CUDA streams. Names are stable JSON keys.
+    """
+    out = [(f"ulysses_chunks={c}", {**LEGACY, "ulysses_chunks": c}, {})
+           for c in (args.ulysses_chunks if mode != "ring" else [1])]
+    hi = {"nccl_high_priority": True}
+    hi_ctas = {"nccl_high_priority": True, "nccl_max_ctas": 8}
+    if mode == "ulysses":
+        p2p = {"ulysses_impl": "p2p"}
+        out += [(f"p2p g{g}", {**p2p, "ulysses_chunks": g}, {}) for g in (1, 5, 10)]
+        out += [("p2p g5 2streams", {**p2p, "ulysses_chunks": 5, "compute_streams": 2}, {}),
+                ("p2p g5 hiprio", {**p2p, "ulysses_chunks": 5}, hi),
+                ("p2p g5 hiprio ctas8", {**p2p, "ulysses_chunks": 5}, hi_ctas)]
+    elif mode == "ring":
+        ag = {"ring_impl": "allgather"}
+        out += [("rotate fused-merge", {"ring_impl": "rotate", "merge_impl": "auto"}, {})]
+        out += [(f"allgather g{g}", {**ag, "ring_chunks": g}, {}) for g in (1, 5)]
+        out += [("allgather g5 2streams", {**ag, "ring_chunks": 5, "compute_streams": 2}, {}),
+                ("allgather g5 hiprio", {**ag, "ring_chunks": 5}, hi),
+                ("allgather g5 hiprio ctas8", {**ag, "ring_chunks": 5}, hi_ctas)]
+    else:
+        p2p = {"ulysses_impl": "p2p"}
+        out += [("p2p + rotate fused-merge", {**p2p, "ring_impl": "rotate", "merge_impl": "auto"}, {}),
+                ("p2p + allgather g1", {**p2p, "ring_impl": "allgather", "ring_chunks": 1}, {}),
+                ("p2p + allgather g5", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, {}),
+                ("p2p + allgather g5 hiprio", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, hi)]
+    if args.variants:
+        out = [v for v in out if v[0].startswith("ulysses_chunks=") or any(t in v[0] for t in args.variants)]
+    return out
+
+
+def _effective(kwargs: dict, mode: str) -> dict:
+    """The implementation keywords that matter to ``mode``, defaults filled in (to spot the default variant)."""
+    params = inspect.signature(sequence_parallel_attention).parameters
+    full = {k: kwargs.get(k, params[k].default) for k in SP_KEYWORDS}
+    keys = []
+    if mode in ("ulysses", "usp"):
+        keys += ["ulysses_impl", "ulysses_chunks", "compute_streams"]
+    if mode in ("ring", "usp"):
+        keys += ["ring_impl"] + (["ring_chunks", "compute_streams"] if full["ring_impl"] == "allgather" else ["merge_impl"])
+    return {k: full[k] for k in keys}
+
+
+def _with_default(mode: str, vs: list) -> tuple[list, str]:
+    """``vs`` plus a ``"default"`` variant when none of them is what the code's defaults select."""
+    target = _effective({}, mode)
+    for name, kw, opts in vs:
+        if not opts and _effective(kw, mode) == target:
+            return vs, name
+    return vs + [("default", {}, {})], "default"
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -124,7 +204,7 @@ def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, arg
     parts: dict[str, float] = {}
     q, kv = q_l, torch.stack((k_l, v_l))
     if u > 1:
-        comm = UlyssesComm(mesh.group("ulysses"), u)
+        comm = UlyssesComm.from_mesh(mesh)
         h_pad = padded_heads(num_heads, u)
         tensors = tuple(pad_heads(t, h_pad) for t in (q_l, k_l, v_l))
         parts["a2a_in_with_pack"] = _time(lambda: comm.scatter_heads(tensors, 0, h_pad // u)[1].wait(), args, device)
@@ -134,6 +214,10 @@ def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, arg
         q, kv = comm.unpack(recv, meta)
         parts["a2a_out_with_copies"] = _time(
             lambda: [w.wait() for w in comm.gather_heads(torch.empty_like(q), None)[2]], args, device)
+        del recv, meta
+        # The p2p path with no kernel (its attend returns q as the output): in + out + all copies.
+        parts["p2p_comm_only"] = _time(lambda: ulysses_forward(*tensors, comm=comm, attend=lambda q_g, kv_g, _l: (q_g, None),
+                                                               return_lse=False, impl="p2p"), args, device)
     n_valid = shard.chunk_valid(0, u)
     lens = None if n_valid == kv.shape[2] else [n_valid] * b
     if r == 1:
@@ -142,12 +226,54 @@ def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, arg
         ring = RingComm.from_mesh(mesh)
         nxt = torch.empty_like(kv)
         parts["ring_rotation"] = _time(lambda: [ring.wait(ring.start(kv, nxt)) for _ in range(r - 1)], args, device)
+        parts["allgather_comm_only"] = _time(lambda: allgather_forward(
+            q, kv[0], kv[1], comm=ring, attend=lambda q_g, k_g, v_g, _l: (q_g, None), return_lse=False), args, device)
         parts["kernel_all_blocks"] = r * _time(lambda: backend(q, kv[0], kv[1], scale=scale, return_lse=True),
                                                args, device)
         o, l = backend(q, kv[0], kv[1], scale=scale, return_lse=True)
         acc, acc_lse = o.float(), l.clone()
         parts["lse_merges"] = (r - 1) * _time(lambda: merge_attention_(acc, acc_lse, o, l), args, device)
+        # The fused merge as the rotating ring uses it: in place on a float32 running state.
+        parts["lse_merges_fused"] = (r - 1) * _time(lambda: merge_step(acc, acc_lse, o, l), args, device)
     return {k: round(_slowest(v, device), 3) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- kernel diagnostics
+def _diagnostics(backend: AttentionBackend, q, k, v, world: int, scale, args, device) -> dict:
+    """The kernel alone (ms, slowest rank) at the per-GPU shapes of ring and Ulysses on ``world`` GPUs.
+
+    Ring shapes (``n = S / R`` queries, all H heads): keys ``n`` with and without the LSE (one
+    rotating-ring block), ``2n`` keys with the LSE, all ``S`` keys with and without the LSE (one
+    all-gather call), and all keys split into 5 head groups (all-gather with ``ring_chunks=5``).
+    Ulysses shapes (all S queries and keys, ``H / U`` heads): one call, and the same heads split
+    into 2, 5 and 10 groups. Totals over all the calls of one attention, so they compare directly.
+    """
+    b, s, h, d = q.shape
+    n = -(-s // world)
+    res: dict[str, float] = {}
+
+    def timed(name, calls):
+        res[name] = _time(lambda: [backend(*c, scale=scale, return_lse=lse) for *c, lse in calls], args, device)
+
+    def groups(qq, kk, vv, g):
+        bounds = [round(i * qq.shape[2] / g) for i in range(g + 1)]
+        return [(qq[:, :, a:z].contiguous(), kk[:, :, a:z].contiguous(), vv[:, :, a:z].contiguous(), False)
+                for a, z in zip(bounds, bounds[1:]) if z > a]
+
+    q_n, k_n, v_n = (t[:, :n].contiguous() for t in (q, k, v))
+    for lse in (True, False):
+        timed(f"ring_block q{n} k{n} lse={int(lse)} x{world}", [(q_n, k_n, v_n, lse)] * world)
+    timed(f"ring_2blocks q{n} k{2 * n} lse=1 x{world // 2}", [(q_n, k[:, : 2 * n], v[:, : 2 * n], True)] * (world // 2))
+    for lse in (False, True):
+        timed(f"allgather q{n} k{s} lse={int(lse)}", [(q_n, k, v, lse)])
+    timed(f"allgather q{n} k{s} lse=0 5groups", groups(q_n, k, v, 5))
+    hu = -(-h // world)
+    qu, ku, vu = (t[:, :, :hu].contiguous() for t in (q, k, v))
+    timed(f"ulysses q{s} k{s} h{hu}", [(qu, ku, vu, False)])
+    for g in (2, 5, 10):
+        if g <= hu:
+            timed(f"ulysses q{s} k{s} h{hu} {g}groups", groups(qu, ku, vu, g))
+    return {k: round(_slowest(v, device), 3) for k, v in res.items()}
 
 
 # ---------------------------------------------------------------- yunchang
@@ -196,8 +322,46 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:300]
 
 
+def _mesh_options_record(opts: dict, device) -> dict:
+    """What the mesh options asked for and whether this torch/NCCL could apply them."""
+    if not opts:
+        return {}
+    nccl = device.type == "cuda" and nccl_sp_options(opts.get("nccl_max_ctas"), opts.get("nccl_high_priority", False))
+    applied = bool(nccl) and "backend_override" in inspect.signature(init_device_mesh).parameters
+    if applied and opts.get("nccl_max_ctas") is not None:
+        applied = hasattr(getattr(nccl, "config", None), "max_ctas")
+    return {**opts, "applied": applied}
+
+
+def _run_variant(entry: dict, fn, mesh, shard, ref, base_ms, target, args, device, rank) -> None:
+    """Time ``fn`` (slowest rank), check its output against ``ref``, fill ``entry``; errors are recorded."""
+    try:
+        ms = _slowest(_time(fn, args, device), device)
+        out = gather_sequence(fn()[0], mesh, shard)
+        entry.update(ms=round(ms, 3), speedup=round(base_ms / ms, 3) if base_ms else None)
+        if ref is not None:
+            entry["rel_l2_vs_1gpu"] = rel_l2(out, ref)
+        if target is not None:
+            entry.update(target=target, target_met=bool(base_ms / ms >= target))
+        del out
+    except Exception as e:  # noqa: BLE001 - recorded, the other measurements go on
+        entry["error"] = _err(e)
+        if rank == 0:
+            traceback.print_exc()
+
+
 def main(args) -> int:
+    """Entry point under torchrun: set up the process group, run the suite, tear it down."""
     env = init_distributed(timeout_s=900)
+    rc = run(args, env)
+    dist.barrier()
+    dist.destroy_process_group()
+    return rc
+
+
+def run(args, env) -> int:
+    """The suite on an initialised process group (``env``: :class:`~ditfleet.parallel.DistEnv`)."""
+    t_start = time.perf_counter()
     device, rank, world = env.device, env.rank, env.world_size
     dtype = DTYPES[args.dtype]
     b, s, h, d = args.batch, args.seq_len, args.heads, args.head_dim
@@ -220,7 +384,16 @@ def main(args) -> int:
 
     def save():
         if rank == 0:
+            report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             write_json(out_path, report)
+
+    meshes: dict = {}
+
+    def mesh_for(u, r, opts):
+        key = (u, r, tuple(sorted(opts.items())))
+        if key not in meshes:
+            meshes[key] = init_parallel(ulysses_size=u, ring_size=r, **opts)
+        return meshes[key]
 
     for key, cls in runnable.items():
         backend = cls(device=device, dtype=dtype)
@@ -248,6 +421,12 @@ def main(args) -> int:
         dist.barrier()
         base_ms = _slowest(kres.get("single_gpu_ms", 0.0), device)
         yc_base = {t: _slowest(yc.get(t, {}).get("single_gpu_ms", 0.0), device) or base_ms for t in yc_types or []}
+        if not args.no_diagnostics:
+            try:
+                kres["diagnostics_ms"] = _diagnostics(backend, q, k, v, world, scale, args, device)
+            except Exception as e:  # noqa: BLE001
+                kres["diagnostics_error"] = _err(e)
+            save()
         for mode in args.modes:
             sizes = _mode_sizes(mode, world)
             if isinstance(sizes, str):
@@ -256,34 +435,40 @@ def main(args) -> int:
             u, r = sizes
             mres = kres["modes"][mode] = {"ulysses": u, "ring": r, "ditfleet": {}}
             target = TARGETS_4GPU.get(mode) if world == 4 else None
-            mesh = init_parallel(ulysses_size=u, ring_size=r)
+            mesh = mesh_for(u, r, {})
             q_l, shard = shard_sequence(q, mesh)
             k_l, _ = shard_sequence(k, mesh)
             v_l, _ = shard_sequence(v, mesh)
-            for chunks in (args.ulysses_chunks if u > 1 else [1]):
-                entry = mres["ditfleet"][f"ulysses_chunks={chunks}"] = {}
-
-                def fn(chunks=chunks):
-                    return sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard,
-                                                       scale=scale, ulysses_chunks=chunks)
-
+            vs, default_name = _with_default(mode, variants(mode, args))
+            for name, kwargs, opts in vs:
+                entry = mres["ditfleet"][name] = {"kwargs": kwargs}
+                if opts:
+                    entry["mesh_options"] = _mesh_options_record(opts, device)
+                if name == default_name:
+                    entry["is_default"] = True
                 try:
-                    ms = _slowest(_time(fn, args, device), device)
-                    out = gather_sequence(fn()[0], mesh, shard)
-                    entry.update(ms=round(ms, 3), speedup=round(base_ms / ms, 3) if base_ms else None)
-                    if ref is not None:
-                        entry["rel_l2_vs_1gpu"] = rel_l2(out, ref)
-                    if target is not None:
-                        entry.update(target=target, target_met=bool(base_ms / ms >= target))
-                    del out
-                except Exception as e:  # noqa: BLE001 - recorded, the other measurements go on
-                    entry["error"] = _err(e)
-                    if rank == 0:
-                        traceback.print_exc()
+                    vmesh = mesh_for(u, r, opts)
+                except Exception as e:  # noqa: BLE001
+                    entry["error"] = f"mesh with {opts}: {_err(e)}"
+                    continue
+
+                def fn(kwargs=kwargs, vmesh=vmesh):
+                    return sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=vmesh, shard=shard,
+                                                       scale=scale, **kwargs)
+
+                _run_variant(entry, fn, vmesh, shard, ref, base_ms, target, args, device, rank)
+                save()
+            timed = {n: e for n, e in mres["ditfleet"].items() if "ms" in e}
+            if timed:
+                best = min(timed, key=lambda n: timed[n]["ms"])
+                mres["best"] = {"variant": best, "ms": timed[best]["ms"], "speedup": timed[best].get("speedup")}
+            mres["default_variant"] = default_name
             try:
                 mres["breakdown_ms"] = _breakdown(mesh, backend, q_l, k_l, v_l, shard, scale, args, device)
             except Exception as e:  # noqa: BLE001
                 mres["breakdown_error"] = _err(e)
+                if rank == 0:
+                    traceback.print_exc()
             save()
             if "skipped" in yc:
                 mres["yunchang"] = {"skipped": yc["skipped"]}
@@ -311,16 +496,15 @@ def main(args) -> int:
     save()
     if rank == 0:
         _print_table(report, world, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
 def _print_table(report: dict, world: int, path: Path) -> None:
     env, shape = report["environment"], report["shape"]
     print(f"sp-attention on {world} x {env['card']}: S={shape['seq_len']} H={shape['heads']} D={shape['head_dim']} "
-          f"{shape['dtype']}  (median ms, slowest rank)")
+          f"{shape['dtype']}  (median ms, slowest rank; * = code default, <== fastest of the mode)")
     rows = [("kernel", "mode", "impl", "ms", "speedup", "rel L2", "target")]
+    winners = []
     for key, kres in report["kernels"].items():
         if "skipped" in kres:
             rows.append((key, "-", "skipped", "; ".join(kres["skipped"])[:60], "", "", ""))
@@ -330,10 +514,12 @@ def _print_table(report: dict, world: int, path: Path) -> None:
             if "skipped" in mres:
                 rows.append((key, mode, "skipped", mres["skipped"][:60], "", "", ""))
                 continue
+            best = mres.get("best", {}).get("variant")
             yc = mres.get("yunchang", {})
             yc_rows = [("yunchang", yc)] if "skipped" in yc else [(f"yunchang {t}", e) for t, e in yc.items()]
-            for impl, e in [(f"ditfleet {i}", e) for i, e in mres["ditfleet"].items()] + yc_rows:
-                name = impl
+            ours = [(("* " if e.get("is_default") else "") + f"ditfleet {i}" + ("  <==" if i == best else ""), e)
+                    for i, e in mres["ditfleet"].items()]
+            for name, e in ours + yc_rows:
                 if "ms" not in e:
                     rows.append((key, mode, name, (e.get("error") or e.get("skipped") or "?")[:60], "", "", ""))
                     continue
@@ -343,10 +529,21 @@ def _print_table(report: dict, world: int, path: Path) -> None:
                 rows.append((key, mode, name, f"{e['ms']:.2f}", f"{sp:.2f}" if sp else "", f"{err:.1e}" if err is not None else "", tgt))
             if "breakdown_ms" in mres:
                 rows.append((key, mode, "breakdown", ", ".join(f"{k} {v:.2f}" for k, v in mres["breakdown_ms"].items()), "", "", ""))
-    widths = [min(40, max(len(str(row[i])) for row in rows)) for i in range(len(rows[0]))]
+            if best:
+                e = mres["ditfleet"][best]
+                winners.append(f"{key} {mode}: {best} {e['ms']:.2f} ms ({e.get('speedup') or 0:.2f}x"
+                               + (f", target {e['target']} {'ok' if e['target_met'] else 'MISSED'}" if e.get("target") else "")
+                               + f"); default is {mres.get('default_variant')}")
+        if "diagnostics_ms" in kres:
+            for name, ms in kres["diagnostics_ms"].items():
+                rows.append((key, "diag", name, f"{ms:.2f}", "", "", ""))
+    widths = [min(44, max(len(str(row[i])) for row in rows)) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    print(f"wrote {path}")
+    print("winners:")
+    for line in winners:
+        print("  " + line)
+    print(f"wrote {path} ({report.get('elapsed_s', '?')} s)")
 
 
 if __name__ == "__main__":

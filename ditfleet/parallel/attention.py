@@ -4,8 +4,12 @@ the local cross-attention helper, and the start-up check of a backend against th
 USP layout: the sequence chunk of a process is its SP rank ``ring_rank * U + ulysses_rank``, so
 the ``U`` chunks of a Ulysses group are neighbours and the group's all-to-all yields one
 contiguous *super-chunk* of ``U * chunk`` tokens (for ``H_pad / U`` heads). Ring peers (same
-Ulysses rank, successive ring ranks) then rotate super-chunks. Padding is only at the global
-end, so the valid keys of super-chunk ``c`` are ``clamp(S - c * U * chunk, 0, U * chunk)``.
+Ulysses rank, successive ring ranks) then rotate (default) or all-gather super-chunks. Padding is
+only at the global end, so the valid keys of super-chunk ``c`` are ``clamp(S - c * U * chunk, 0, U * chunk)``.
+
+Implementation choices (``ulysses_impl``, ``ring_impl``, head-group pipelining, merge kernel)
+are keywords of :func:`sequence_parallel_attention`; every choice gives the same result, and
+``ditfleet bench sp-attention`` times them all.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import torch
 from ..attention.base import AttentionBackend
 from ..errors import ConfigError
 from .mesh import ParallelMesh
-from .ring import RingComm, block_attend, ring_attention, ring_forward
+from .ring import RING_IMPLS, RingComm, allgather_forward, block_attend, full_attend, ring_attention, ring_forward
 from .shard import SeqShard
-from .ulysses import UlyssesComm, pad_heads, padded_heads, ulysses_attention, ulysses_forward
+from .ulysses import ULYSSES_IMPLS, UlyssesComm, pad_heads, padded_heads, ulysses_attention, ulysses_forward
 
 SEQ_P_ATTN_KEY = "parallel.seq_p_attn_type"
 
@@ -59,6 +63,11 @@ def sequence_parallel_attention(
     scale: float | None = None,
     return_lse: bool = False,
     ulysses_chunks: int = 1,
+    ulysses_impl: str = "p2p",
+    ring_impl: str = "rotate",
+    ring_chunks: int = 5,
+    compute_streams: int = 1,
+    merge_impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a sharded query sequence over a sharded key sequence, across the SP group.
 
@@ -78,6 +87,17 @@ def sequence_parallel_attention(
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
         ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap).
+        ulysses_impl: ``"p2p"`` (direct receives into the kernel's buffers) or ``"packed"``
+            (``all_to_all_single`` + unpack); see :mod:`ditfleet.parallel.ulysses`.
+        ring_impl: ``"rotate"`` (the ring: K/V chunks rotate by P2P, LSE merges; the default) or
+            ``"allgather"`` (head-group K/V all-gathers, one kernel call per group over all keys, no
+            merges: faster per call, but every rank holds a head group of the whole K/V, which is
+            what ring attention exists to avoid); see :mod:`ditfleet.parallel.ring`.
+        ring_chunks: ``"allgather"``: head groups pipelined against the gathers (of the heads
+            the ring sees: ``H`` for ring, ``H_pad / U`` for USP).
+        compute_streams: 1, or 2 to alternate head groups' kernels over two CUDA streams
+            (``"p2p"`` Ulysses and ``"allgather"`` ring).
+        merge_impl: ``"rotate"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
@@ -90,24 +110,30 @@ def sequence_parallel_attention(
     kv_shard = kv_shard or shard
     check_backend_for_mesh(backend, mesh)
     _check_shapes(q, k, v, shard, kv_shard)
+    if ulysses_impl not in ULYSSES_IMPLS or ring_impl not in RING_IMPLS:
+        raise ValueError(f"ulysses_impl must be one of {ULYSSES_IMPLS} (got {ulysses_impl!r}) and ring_impl one of "
+                         f"{RING_IMPLS} (got {ring_impl!r})")
     u, r = mesh.ulysses_size, mesh.ring_size
     if u == 1 and r == 1:
         lens = None if kv_shard.pad == 0 else [kv_shard.global_len] * q.shape[0]
         return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=return_lse)
     if r == 1:
         return ulysses_attention(
-            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard,
-            scale=scale, return_lse=return_lse, chunks=ulysses_chunks,
+            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
+            chunks=ulysses_chunks, impl=ulysses_impl, compute_streams=compute_streams,
         )
     if u == 1:
         return ring_attention(
-            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse
+            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
+            impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
         )
-    return _usp(q, k, v, backend=backend, mesh=mesh, kv_shard=kv_shard, scale=scale,
-                return_lse=return_lse, chunks=ulysses_chunks)
+    return _usp(q, k, v, backend=backend, mesh=mesh, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
+                chunks=ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl, ring_chunks=ring_chunks,
+                compute_streams=compute_streams, merge_impl=merge_impl)
 
 
-def _usp(q, k, v, *, backend, mesh: ParallelMesh, kv_shard: SeqShard, scale, return_lse, chunks):
+def _usp(q, k, v, *, backend, mesh: ParallelMesh, kv_shard: SeqShard, scale, return_lse, chunks,
+         ulysses_impl, ring_impl, ring_chunks, compute_streams, merge_impl):
     """Ulysses inside each ring group: all-to-all to super-chunks, ring over them, all-to-all back."""
     u = mesh.ulysses_size
     num_heads = q.shape[2]
@@ -115,14 +141,18 @@ def _usp(q, k, v, *, backend, mesh: ParallelMesh, kv_shard: SeqShard, scale, ret
     ring = RingComm.from_mesh(mesh)
     valid = [kv_shard.chunk_valid(c, u) for c in range(ring.size)]
     block = block_attend(backend, scale)
+    full = full_attend(backend, scale, sum(valid))
 
     def attend(q_super, kv_super, want_lse):
-        out, lse = ring_forward(q_super, kv_super, comm=ring, attend=block, chunk_valid=valid)
+        if ring_impl == "allgather":
+            return allgather_forward(q_super, kv_super[0], kv_super[1], comm=ring, attend=full, return_lse=want_lse,
+                                     chunks=ring_chunks, compute_streams=compute_streams)
+        out, lse = ring_forward(q_super, kv_super, comm=ring, attend=block, chunk_valid=valid, merge_impl=merge_impl)
         return out, (lse if want_lse else None)
 
     out, lse = ulysses_forward(
-        pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),
-        comm=UlyssesComm(mesh.group("ulysses"), u), attend=attend, return_lse=return_lse, chunks=chunks,
+        pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad), comm=UlyssesComm.from_mesh(mesh),
+        attend=attend, return_lse=return_lse, chunks=chunks, impl=ulysses_impl, compute_streams=compute_streams,
     )
     if h_pad != num_heads:
         out = out[:, :, :num_heads].contiguous()

@@ -13,6 +13,7 @@ and equals the index of the sequence chunk it holds.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -206,13 +207,46 @@ class ParallelMesh:
         return f"cfg {self.cfg_size} x ring {self.ring_size} x ulysses {self.ulysses_size} = {self.world_size}"
 
 
-def init_parallel(*, ulysses_size: int = 1, ring_size: int = 1, cfg_size: int = 1) -> ParallelMesh:
+def nccl_sp_options(max_ctas: int | None = None, high_priority: bool = False):
+    """``ProcessGroupNCCL.Options`` for the Ulysses / ring groups, or ``None`` when nothing is set
+    or this torch build has no NCCL.
+
+    Args:
+        max_ctas: cap on the CTAs (SMs) an NCCL kernel of these groups may use, so that
+            communication overlapped with attention takes fewer SMs from the kernel.
+        high_priority: run the groups' NCCL streams at high priority.
+    """
+    if max_ctas is None and not high_priority:
+        return None
+    options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
+    if options_cls is None:
+        return None
+    opts = options_cls()
+    if high_priority and hasattr(opts, "is_high_priority_stream"):
+        opts.is_high_priority_stream = True
+    config = getattr(opts, "config", None)
+    if max_ctas is not None and config is not None and hasattr(config, "max_ctas"):
+        config.max_ctas = int(max_ctas)
+    return opts
+
+
+def init_parallel(
+    *,
+    ulysses_size: int = 1,
+    ring_size: int = 1,
+    cfg_size: int = 1,
+    nccl_max_ctas: int | None = None,
+    nccl_high_priority: bool = False,
+) -> ParallelMesh:
     """Build the cfg x ring x ulysses mesh over the default process group (created if needed).
 
     Args:
         ulysses_size: Ulysses degree (all-to-all over neighbouring ranks).
         ring_size: ring degree.
         cfg_size: 1 or 2.
+        nccl_max_ctas: NCCL only: cap on the CTAs of the Ulysses and ring groups' kernels
+            (see :func:`nccl_sp_options`); ignored on gloo or where torch cannot pass options.
+        nccl_high_priority: NCCL only: high-priority NCCL streams for those groups.
 
     Returns:
         A :class:`ParallelMesh` holding the ``DeviceMesh`` and its sub-groups.
@@ -226,7 +260,16 @@ def init_parallel(*, ulysses_size: int = 1, ring_size: int = 1, cfg_size: int = 
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if env.device.type == "cuda" else "cpu"
-    mesh = init_device_mesh(device_type, (cfg_size, ring_size, ulysses_size), mesh_dim_names=MESH_AXES)
+    kwargs = {}
+    if env.backend == "nccl" and "backend_override" in inspect.signature(init_device_mesh).parameters:
+        override = {}
+        for axis, size in (("ring", ring_size), ("ulysses", ulysses_size)):
+            opts = nccl_sp_options(nccl_max_ctas, nccl_high_priority) if size > 1 else None
+            if opts is not None:
+                override[axis] = ("nccl", opts)
+        if override:
+            kwargs["backend_override"] = override
+    mesh = init_device_mesh(device_type, (cfg_size, ring_size, ulysses_size), mesh_dim_names=MESH_AXES, **kwargs)
     try:
         sp_group = mesh["ring", "ulysses"]._flatten("sp").get_group()
     except (AttributeError, NotImplementedError, RuntimeError):  # older/newer torch without _flatten

@@ -1,106 +1,128 @@
 """Ulysses (DeepSpeed-Ulysses) sequence parallelism: all-to-all sequence <-> heads.
 
-Each of the ``U`` ranks of a Ulysses group holds a sequence chunk with all heads. One
-``all_to_all_single`` (q, k and v packed in one buffer) gives every rank the *whole* group
-sequence for ``H_pad / U`` heads; the kernel runs there; a second all-to-all returns the
-output to sequence chunks. Heads that do not divide ``U`` are padded with zero heads (12 heads
-on 8 ranks run as 16, two per rank: the same critical path an uneven split would have) and
-dropped after.
+Each of the ``U`` ranks of a Ulysses group holds a sequence chunk with all heads. An all-to-all
+gives every rank the *whole* group sequence for ``H_pad / U`` heads; the kernel runs there; a
+second all-to-all returns the output to sequence chunks. Heads that do not divide ``U`` are
+padded with zero heads (12 heads on 8 ranks run as 16, two per rank: the same critical path an
+uneven split would have) and dropped after.
 
-``chunks > 1`` splits each rank's heads into groups and pipelines them: the all-to-all of group
-``g + 1`` and the return of group ``g - 1`` run (async) while the kernel computes group ``g``.
+Two implementations (``impl``):
+
+* ``"p2p"`` (default): one grouped batch of P2P sends/receives per direction (one NCCL launch).
+  Receives land directly in the kernel's contiguous ``[B, U*S, h, D]`` buffers (for ``B == 1``
+  the rows from rank ``p`` are one contiguous slice; larger batches go through a staging copy),
+  the local head block is copied straight from the input (never sent to itself), and outputs
+  are sent as row slices of the kernel's result: no unpack pass, no output transpose.
+* ``"packed"``: the original path, one ``all_to_all_single`` on a packed q/k/v buffer plus an
+  unpack copy; kept as the baseline.
+
+``chunks > 1`` splits each rank's heads into groups and pipelines them: group ``g + 1``'s
+exchange (and group ``g - 1``'s return) run while the kernel computes group ``g``
+(:mod:`ditfleet.parallel.pipeline` holds the stream rules).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend
 from .mesh import ParallelMesh
+from .pipeline import Pipeline, exchange, finish_recv, recv_slot
 from .shard import SeqShard
+from .ulysses_packed import Attend, UlyssesComm, packed_forward, head_groups
 
-# attend(q, kv, return_lse) -> (out, lse): q ``[B, S_q, h, D]``, kv packed ``[2, B, S_k, h, D]``.
-Attend = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+ULYSSES_IMPLS = ("p2p", "packed")
 
 
-# ---------------------------------------------------------------- communication helper
+# ---------------------------------------------------------------- head padding
 def padded_heads(num_heads: int, ulysses_size: int) -> int:
     """Heads after zero-padding to a multiple of the Ulysses degree (12 on 8 ranks -> 16)."""
     return -(-num_heads // ulysses_size) * ulysses_size
 
 
-def head_groups(heads_per_rank: int, chunks: int) -> list[tuple[int, int]]:
-    """Split a rank's heads ``[0, heads_per_rank)`` into ``min(chunks, heads_per_rank)`` near-equal ranges."""
-    n = max(1, min(chunks, heads_per_rank))
-    bounds = [round(i * heads_per_rank / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+# ---------------------------------------------------------------- forward loops
+def _p2p_scatter(pipe: Pipeline, comm: UlyssesComm, src, h0: int, h1: int):
+    """On the comm stream: heads ``[h0, h1)`` of every rank's block, gathered over the group's sequence.
 
-
-class UlyssesComm:
-    """The two all-to-alls of one Ulysses group, on packed buffers.
-
-    Tensors travel as ``[U, N]`` buffers whose row ``j`` is what rank ``j`` gets, so one
-    ``all_to_all_single`` moves q, k and v of one head range together.
+    ``src`` are q, k, v viewed ``[B, S_i, U, h, D]``. Returns ``(q_g, kv_g, event)``: q_g
+    ``[B, U*S_q, hg, D]``, kv_g ``[2, B, U*S_k, hg, D]`` (both contiguous), event = data ready.
     """
-
-    def __init__(self, group, size: int):
-        self.group = group
-        self.size = size
-
-    def scatter_heads(self, tensors: Sequence[torch.Tensor], h0: int, h1: int):
-        """Start sending heads ``[h0, h1)`` of every rank's head block; returns ``(recv, work, shapes)``.
-
-        ``tensors`` are ``[B, S_i, U * h, D]`` (heads already padded); rank ``j`` receives
-        heads ``j * h + [h0, h1)`` of every rank's sequence chunk.
-        """
-        u = self.size
-        hg = h1 - h0
-        shapes = [(t.shape[0], t.shape[1], hg, t.shape[3]) for t in tensors]
-        sizes = [b * s * g * d for b, s, g, d in shapes]
-        send = tensors[0].new_empty((u, sum(sizes)))
-        off = 0
-        for t, (b, s, g, d), n in zip(tensors, shapes, sizes):
-            src = t.view(b, s, u, t.shape[2] // u, d)[:, :, :, h0:h1].permute(2, 0, 1, 3, 4)
-            send[:, off : off + n].view(u, b, s, g, d).copy_(src)
-            off += n
-        recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
-        return recv, work, (send, shapes, sizes)
-
-    def unpack(self, recv: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """After ``work.wait()``: ``(q, kv)``, q ``[B, U*S_q, h, D]``, kv packed ``[2, B, U*S_k, h, D]``."""
-        _, shapes, sizes = meta
-        u = self.size
-        (b, sq, g, d), (_, sk, _, _) = shapes[0], shapes[1]
-        q = recv[:, : sizes[0]].view(u, b, sq, g, d).permute(1, 0, 2, 3, 4).reshape(b, u * sq, g, d)
-        kv = recv.new_empty((2, b, u * sk, g, d))
-        off = sizes[0]
-        for i in range(2):
-            src = recv[:, off : off + sizes[1 + i]].view(u, b, sk, g, d).permute(1, 0, 2, 3, 4)
-            kv[i].view(b, u, sk, g, d).copy_(src)
-            off += sizes[1 + i]
-        return q, kv
-
-    def gather_heads(self, out: torch.Tensor, lse: torch.Tensor | None):
-        """Start returning ``out`` ``[B, U*S, h, D]`` (and ``lse`` ``[B, h, U*S]``) to sequence chunks."""
-        u = self.size
-        b, s, g, d = out.shape
-        send = out.view(b, u, s // u, g, d).transpose(0, 1).contiguous()
-        recv = torch.empty_like(send)
-        works = [dist.all_to_all_single(recv, send, group=self.group, async_op=True)]
-        lse_recv = None
-        if lse is not None:
-            lse_send = lse.reshape(b, g, u, s // u).permute(2, 0, 1, 3).contiguous()
-            lse_recv = torch.empty_like(lse_send)
-            works.append(dist.all_to_all_single(lse_recv, lse_send, group=self.group, async_op=True))
-        return recv, lse_recv, works, (send,)
+    u, me, peers = comm.size, comm.rank, comm.ranks
+    b, s_q, _, _, d = src[0].shape
+    s_k, hg = src[1].shape[1], h1 - h0
+    with pipe.on_comm():
+        q_g = src[0].new_empty((b, u * s_q, hg, d))
+        kv_g = src[0].new_empty((2, b, u * s_k, hg, d))
+        sends, recvs, post = [], [], []
+        for tag, (x, dst) in enumerate(zip(src, (q_g, kv_g[0], kv_g[1]))):
+            s = x.shape[1]
+            for p in range(u):
+                block, slot = x[:, :, p, h0:h1], dst[:, p * s : (p + 1) * s]
+                if p == me:
+                    slot.copy_(block)
+                else:
+                    sends.append((block.contiguous(), peers[p], tag))
+                    recvs.append((recv_slot(slot, post), peers[p], tag))
+        exchange(sends, recvs, comm.group)
+        finish_recv(post)
+        return q_g, kv_g, pipe.mark()
 
 
-# ---------------------------------------------------------------- forward loop
+def _p2p_gather(pipe: Pipeline, comm: UlyssesComm, o, l, out, lse, h0: int, h1: int, ready) -> None:
+    """On the comm stream, after ``ready``: send row slices of ``o`` ``[B, U*S, hg, D]`` (and ``l``
+    ``[B, hg, U*S]``) home; write them into ``out`` ``[B, S, U, h, D]`` / ``lse`` ``[B, U, h, S]``."""
+    u, me, peers = comm.size, comm.rank, comm.ranks
+    s = out.shape[1]
+    with pipe.on_comm():
+        pipe.comm_wait(ready)
+        pipe.used_here(o, l)
+        sends, recvs, post = [], [], []
+        for p in range(u):
+            rows, dst = o[:, p * s : (p + 1) * s], out[:, :, p, h0:h1]
+            lrows = l[:, :, p * s : (p + 1) * s] if l is not None else None
+            if p == me:
+                dst.copy_(rows)
+                if l is not None:
+                    lse[:, p, h0:h1].copy_(lrows)
+                continue
+            sends.append((rows.contiguous(), peers[p], 3))
+            recvs.append((recv_slot(dst, post), peers[p], 3))
+            if l is not None:
+                sends.append((lrows.contiguous(), peers[p], 4))
+                recvs.append((recv_slot(lse[:, p, h0:h1], post), peers[p], 4))
+        exchange(sends, recvs, comm.group)
+        finish_recv(post)
+
+
+def _p2p_forward(q, k, v, *, comm: UlyssesComm, attend: Attend, return_lse: bool, chunks: int, compute_streams: int):
+    """The ``"p2p"`` implementation of :func:`ulysses_forward` (same contract)."""
+    u = comm.size
+    b, s_q, h_pad, d = q.shape
+    h = h_pad // u
+    groups = head_groups(h, chunks)
+    out = q.new_empty((b, s_q, u, h, d))
+    lse = torch.empty((b, u, h, s_q), dtype=torch.float32, device=q.device) if return_lse else None
+    src = [t.unflatten(2, (u, h)) for t in (q, k, v)]
+    pipe = Pipeline(q, "ulysses", compute_streams)
+    pipe.keep(q, k, v, out, lse)
+    pending = _p2p_scatter(pipe, comm, src, *groups[0])
+    for gi, (h0, h1) in enumerate(groups):
+        # Comm-stream order: scatter(g + 1), then gather(g) (which waits for kernel g): the next
+        # group's inputs travel while kernel g runs, and group g's outputs during kernel g + 1.
+        nxt = _p2p_scatter(pipe, comm, src, *groups[gi + 1]) if gi + 1 < len(groups) else None
+        q_g, kv_g, ready = pending
+        with pipe.on_compute(gi, after=ready):
+            pipe.used_here(q_g, kv_g)
+            o, l = attend(q_g, kv_g, return_lse)
+            done = pipe.mark()
+        _p2p_gather(pipe, comm, o, l, out, lse, h0, h1, done)
+        pending = nxt
+        del q_g, kv_g, o, l  # freed as the pipeline goes (their streams are recorded)
+    pipe.finish()
+    return out.view(b, s_q, h_pad, d), (lse.view(b, h_pad, s_q) if lse is not None else None)
+
+
 def ulysses_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,6 +132,8 @@ def ulysses_forward(
     attend: Attend,
     return_lse: bool,
     chunks: int = 1,
+    impl: str = "p2p",
+    compute_streams: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All-to-all in, ``attend`` on the group's full sequence, all-to-all out, head group by head group.
 
@@ -120,35 +144,19 @@ def ulysses_forward(
         attend: kernel on the gathered sequence (see ``Attend``).
         return_lse: also return the LSE.
         chunks: head groups to pipeline (1 = no overlap).
+        impl: ``"p2p"`` (direct receives, no unpack) or ``"packed"`` (all_to_all_single + unpack).
+        compute_streams: ``"p2p"`` only: 2 alternates the groups' kernels over two streams.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q, H_pad, D]`` in q's dtype, ``lse`` float32
         ``[B, H_pad, S_q]`` or ``None``.
     """
-    u = comm.size
-    b, s_q, h_pad, d = q.shape
-    h = h_pad // u
-    groups = head_groups(h, chunks)
-    out = q.new_empty((b, s_q, u, h, d))
-    lse = torch.empty((b, u, h, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    inflight = [comm.scatter_heads((q, k, v), *groups[0])]
-    returning = []
-    for gi, (h0, h1) in enumerate(groups):
-        if gi + 1 < len(groups):  # next group's all-to-all overlaps this group's kernel
-            inflight.append(comm.scatter_heads((q, k, v), *groups[gi + 1]))
-        recv, work, meta = inflight[gi]
-        work.wait()
-        q_g, kv_g = comm.unpack(recv, meta)
-        inflight[gi] = None  # free the buffers
-        o, l = attend(q_g, kv_g, return_lse)
-        returning.append((h0, h1, *comm.gather_heads(o, l)))
-    for h0, h1, recv, lse_recv, works, _keep in returning:
-        for w in works:
-            w.wait()
-        out[:, :, :, h0:h1].copy_(recv.permute(1, 2, 0, 3, 4))
-        if lse is not None:
-            lse[:, :, h0:h1].copy_(lse_recv.permute(1, 0, 2, 3))
-    return out.view(b, s_q, h_pad, d), (lse.view(b, h_pad, s_q) if lse is not None else None)
+    if impl == "packed":
+        return packed_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
+    if impl != "p2p":
+        raise ValueError(f"ulysses impl must be one of {ULYSSES_IMPLS}, got {impl!r}")
+    return _p2p_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks,
+                        compute_streams=compute_streams)
 
 
 # ---------------------------------------------------------------- public function
@@ -169,6 +177,8 @@ def ulysses_attention(
     scale: float | None = None,
     return_lse: bool = False,
     chunks: int = 1,
+    impl: str = "p2p",
+    compute_streams: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ulysses attention over the mesh's ulysses axis (``mesh.ring_size`` must be 1).
 
@@ -182,6 +192,8 @@ def ulysses_attention(
         scale: softmax scale, ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE.
         chunks: head groups pipelined against the all-to-alls (1 = none).
+        impl: ``"p2p"`` or ``"packed"`` (see the module docstring).
+        compute_streams: 1, or 2 to alternate the head groups' kernels over two CUDA streams.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
@@ -193,7 +205,7 @@ def ulysses_attention(
     u = mesh.ulysses_size
     num_heads = q.shape[2]
     h_pad = padded_heads(num_heads, u)
-    comm = UlyssesComm(mesh.group("ulysses"), u)
+    comm = UlyssesComm.from_mesh(mesh)
     kv_valid = kv_shard.chunk_valid(0, u)  # the gathered sequence is the whole (padded) sequence
     lens = None if kv_valid == kv_shard.chunk * u else [kv_valid] * q.shape[0]
 
@@ -202,7 +214,7 @@ def ulysses_attention(
 
     out, lse = ulysses_forward(
         pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),
-        comm=comm, attend=attend, return_lse=return_lse, chunks=chunks,
+        comm=comm, attend=attend, return_lse=return_lse, chunks=chunks, impl=impl, compute_streams=compute_streams,
     )
     if h_pad != num_heads:
         out = out[:, :, :num_heads].contiguous()
