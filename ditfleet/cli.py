@@ -23,6 +23,7 @@ log = logging.getLogger("ditfleet")
 BENCH_SUITES = {
     "attention": ("ditfleet.bench.attention", "per-kernel dense attention: ms, TFLOP/s, error vs fp32"),
     "sp-attention": ("ditfleet.bench.sp_attention", "sequence-parallel attention (run under torchrun), vs yunchang"),
+    "radial": ("ditfleet.bench.radial", "radial attention vs cuDNN dense at Wan sizes (one GPU)"),
     "dit": ("ditfleet.bench.dit", "Wan DiT block and full forward at 14B / 720p shapes, optionally vs diffusers"),
 }
 
@@ -78,12 +79,23 @@ def cmd_check_config(args) -> int:
     for site, r in resolutions.items():
         if r is None:
             print(f"  {site}: not used by task {cfg.task}")
+    if cfg.site_types()["self_attn_1_type"] == "radial_attn":
+        from .attention.radial import radial_density, wan_video_tokens
+
+        rs = cfg.radial_attn_setting
+        density = radial_density(cfg.target_video_length, cfg.target_height, cfg.target_width, rs)
+        frames, per_frame = wan_video_tokens(cfg.target_video_length, cfg.target_height, cfg.target_width)
+        print(
+            f"radial mask: {frames} latent frames x {per_frame} tokens = {frames * per_frame} tokens, "
+            f"density {density:.3f} (decay_factor {rs.decay_factor}, block {rs.block_size}); dense for the first "
+            f"{rs.dense_timesteps} step(s) and {rs.dense_layers} layer(s)"
+        )
     return 0
 
 
 def cmd_doctor(args) -> int:
     from .attention import reference_attention
-    from .attention.registry import KERNELS, kernel_class
+    from .attention.registry import dense_kernel_keys, kernel_class
     from .bench.common import package_versions
 
     print(f"ditfleet {__version__}, python {sys.version.split()[0]}")
@@ -100,7 +112,7 @@ def cmd_doctor(args) -> int:
     q, k, v = (torch.randn(2, s, 6, 64, generator=gen) for s in (1001, 512, 512))
     ref, ref_lse = reference_attention(q, k, v, kv_lens=[512, 300])
     failed = 0
-    for key in KERNELS:
+    for key in dense_kernel_keys():
         cls = kernel_class(key)
         reasons = cls.unavailable_reasons(device, dtype)
         if reasons:

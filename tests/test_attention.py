@@ -174,7 +174,7 @@ def test_need_lse_skips_kernels_without_lse(monkeypatch):
 
 
 def test_types_not_in_this_build_are_refused_clearly():
-    for name in ("radial_attn", "sparge"):
+    for name in ("sparge",):
         assert not ATTN_TYPES[name].available
         with pytest.raises(BackendUnavailableError, match=f"{name}.*not in this build"):
             resolve(name, site="self_attn_1_type", device="cpu", dtype=torch.float32)

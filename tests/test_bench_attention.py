@@ -36,7 +36,7 @@ def test_cpu_run_measures_available_kernels_and_lists_the_rest(tmp_path):
         assert r["rel_l2"] is not None and r["rel_l2"] < 1e-5
         assert r["lse_max_abs_err"] is not None and r["lse_max_abs_err"] < 1e-4
     # Every registered kernel is either measured or listed as unavailable with its reasons.
-    assert set(res) | set(rep["unavailable"]) == set(registry.KERNELS)
+    assert set(res) | set(rep["unavailable"]) == set(registry.dense_kernel_keys())
     assert not set(res) & set(rep["unavailable"])
     for key in ("fa4", "sdpa_cudnn"):
         assert key not in res
@@ -47,7 +47,8 @@ def test_cpu_run_measures_available_kernels_and_lists_the_rest(tmp_path):
     assert env["card"] == "cpu" and env["gpu_count"] == 0 and "commit" in env and "torch" in env["packages"]
     assert (cfg["seq_lens"], cfg["heads"], cfg["head_dim"], cfg["batch"], cfg["dtype"]) == ([300], 2, 32, 1, "fp32")
     assert rep["types"]["torch_sdpa"]["kernel"] == "sdpa_cpu_flash"
-    assert "error" in rep["types"]["radial_attn"]
+    assert rep["types"]["radial_attn"]["kernel"] == "radial_flex"
+    assert "error" in rep["types"]["sparge"]
     assert rep["plot"] or rep["plot_note"]
 
 

@@ -41,7 +41,7 @@ def test_check_config_shows_fallback_and_reason():
         (["check-config", "does/not/exist.json"], "does not exist"),
         (["check-config", "configs/wan_t2v_14b.json", "--world-size", "4"], "parallel:"),
         (["check-config", "--set", "strict_backends=true", "--set", "self_attn_1_type=flash_attn3"], "strict_backends"),
-        (["check-config", "configs/wan_i2v.json"], "radial_attn"),
+        (["check-config", "configs/wan_t2v_sparge.json"], "sparge_ckpt"),
         (["check-config", "--bogus"], "unrecognized arguments"),
         (["bench", "attention", "--kernels", "nope", "--device", "cpu"], "nope"),
     ],
@@ -69,6 +69,12 @@ def test_world_size_from_torchrun_env(monkeypatch, tmp_path, capsys):
     assert "world size is 3" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["check-config", str(cfgf)]) == 0
+
+
+def test_check_config_reports_radial_density():
+    p = run("check-config", "configs/wan_i2v.json", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "radial_attn -> " in p.stdout and "32760 tokens, density 0.3" in p.stdout
 
 
 def test_doctor_self_check_passes_on_cpu():

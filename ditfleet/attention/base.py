@@ -14,9 +14,12 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from .blockmask import BlockSparseMask
 
 LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
 ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -66,12 +69,13 @@ def cuda_capability_reasons(device: torch.device, minimum: tuple[int, int] | Non
 
 @dataclass
 class AttentionBackend(ABC):
-    """A kernel behind the contract ``forward(q, k, v, *, scale, kv_lens, return_lse) -> (out, lse)``.
+    """A kernel behind the contract ``forward(q, k, v, *, scale, kv_lens, return_lse, block_mask) -> (out, lse)``.
 
     Subclasses set ``key`` (short id used in logs and reports), ``description`` (what runs),
     ``caps`` and ``install_hint``; they implement ``_forward`` for dense, unpadded inputs and,
     where needed, extend ``unavailable_reasons``. Instances are built once, at start-up, for one
-    device and dtype.
+    device and dtype. A kernel with ``caps.block_mask`` also accepts ``block_mask=`` in
+    ``_forward`` (it is passed only when not ``None``, so other kernels need no such parameter).
     """
 
     device: torch.device
@@ -111,6 +115,7 @@ class AttentionBackend(ABC):
         scale: float | None = None,
         kv_lens: Sequence[int] | None = None,
         return_lse: bool = False,
+        block_mask: BlockSparseMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of every query over the (valid) keys, no causal mask, no dropout.
 
@@ -123,17 +128,29 @@ class AttentionBackend(ABC):
                 the rest are padding and take no part. ``None``: all keys are valid.
             return_lse: also return the float32 LSE ``[B, H, S_q]`` (natural log). Raises
                 ``NotImplementedError`` if the kernel does not produce it.
+            block_mask: a :class:`~ditfleet.attention.blockmask.BlockSparseMask` of shape
+                ``(S_q, S_k)`` (the same for every batch element and head): query ``i`` attends key
+                ``j`` only where it allows. Rows it leaves without any key get ``out = 0`` and
+                ``lse = -inf``. Combined with ``kv_lens``, the mask is restricted to the valid keys.
+                Raises ``NotImplementedError`` if the kernel does not take block masks
+                (``caps.block_mask`` False); ``None`` means dense.
 
         Returns:
             ``(out, lse)``: ``out`` is ``[B, S_q, H, D]`` in q's dtype; ``lse`` is float32
             ``[B, H, S_q]`` or ``None`` when ``return_lse`` is False.
         """
         self._check(q, k, v, kv_lens, return_lse)
+        if block_mask is not None:
+            if not self.caps.block_mask:
+                raise NotImplementedError(f"{self.key} ({self.description}) does not take a block-sparse mask")
+            if tuple(block_mask.shape) != (q.shape[1], k.shape[1]):
+                raise ValueError(f"{self.key}: block_mask is {tuple(block_mask.shape)} for S_q x S_k = {q.shape[1]} x {k.shape[1]}")
         if scale is None:
             scale = q.shape[-1] ** -0.5
+        extra = {} if block_mask is None else {"block_mask": block_mask}
         lens = None if kv_lens is None else [int(n) for n in kv_lens]
         if lens is None or all(n == k.shape[1] for n in lens):
-            return self._forward(q, k, v, scale=scale, return_lse=return_lse)
+            return self._forward(q, k, v, scale=scale, return_lse=return_lse, **extra)
         # Padded keys are excluded by slicing them away: exact for every kernel, and one kernel
         # call per distinct length (in practice one: a sequence is padded at its end only).
         out = q.new_empty(q.shape)
@@ -141,8 +158,10 @@ class AttentionBackend(ABC):
         for n in sorted(set(lens)):
             idx = [b for b, m in enumerate(lens) if m == n]
             sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
+            if block_mask is not None:
+                extra = {"block_mask": block_mask.sub(0, q.shape[1], 0, n)}
             o, l = self._forward(
-                q[sel], k[sel, :n].contiguous(), v[sel, :n].contiguous(), scale=scale, return_lse=return_lse
+                q[sel], k[sel, :n].contiguous(), v[sel, :n].contiguous(), scale=scale, return_lse=return_lse, **extra
             )
             out[sel] = o
             if lse is not None:
@@ -155,7 +174,10 @@ class AttentionBackend(ABC):
     def _forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, return_lse: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dense attention on validated inputs; same contract as ``forward`` without ``kv_lens``."""
+        """Attention on validated inputs; same contract as ``forward`` without ``kv_lens``.
+
+        Kernels with ``caps.block_mask`` take an extra keyword ``block_mask`` (never ``None`` when passed).
+        """
 
     def _check(self, q, k, v, kv_lens, return_lse) -> None:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -88,7 +88,6 @@ class FlashAttn4(AttentionBackend):
     description = "FlashAttention-4 (flash_attn.cute)"
     caps = Capabilities(
         lse=True, devices=frozenset({"cuda"}), dtypes=LOW_PRECISION, max_head_dim=256, min_compute_capability=(9, 0),
-        block_mask=True,
     )
     install_hint = "pip install flash-attn-4"
     requires_modules = ("flash_attn.cute",)

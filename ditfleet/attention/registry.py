@@ -42,6 +42,8 @@ KERNELS: dict[str, str] = {
     "sageattention2": "ditfleet.attention.sage:SageAttention2",
     "sageattention1": "ditfleet.attention.sage:SageAttention1",
     "sage_triton": "ditfleet.attention.sage_triton:SageTriton",
+    "radial_fa4": "ditfleet.attention.radial:RadialFA4",
+    "radial_flex": "ditfleet.attention.radial:RadialFlex",
 }
 
 _TORCH_SDPA = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math"]
@@ -75,7 +77,7 @@ ATTN_TYPES: dict[str, AttnType] = {
         AttnType("flash_attn3", ("fa3", "fa4", "sdpa_cudnn", "sdpa_cpu_flash"), native=1),
         AttnType("flash_attn4", ("fa4",), native=1),
         AttnType("sage_attn2", ("sageattention2", "sageattention1", "sage_triton", "sdpa_cpu_flash"), native=2),
-        AttnType("radial_attn", (), native=0, available=False, note="radial kernel not in this build yet"),
+        AttnType("radial_attn", ("radial_fa4", "radial_flex"), native=2),
         AttnType("sparge", (), native=0, available=False, note="sparge kernel not in this build yet"),
     )
 }
@@ -97,6 +99,11 @@ def kernel_class(key: str) -> type[AttentionBackend]:
         raise KeyError(f"unknown kernel {key!r}; known: {', '.join(KERNELS)}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def dense_kernel_keys() -> list[str]:
+    """Kernel keys that compute dense attention (no block mask): what ``doctor`` and ``bench attention`` cover."""
+    return [k for k in KERNELS if not kernel_class(k).caps.block_mask]
 
 
 @dataclass

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch B (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="q/k/v dtype (default: %(default)s)")
     parser.add_argument("--kernels", nargs="+", default=None, metavar="KEY",
-                        help=f"kernel keys to run (default: every available one of {', '.join(registry.KERNELS)})")
+                        help="kernel keys to run (default: every available dense kernel; radial kernels: ditfleet bench radial)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per kernel (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per kernel (default: %(default)s)")
     parser.add_argument("--ref-rows", type=int, default=1024,
@@ -292,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
         env["card"] = torch.cuda.get_device_name(device)
     out_path = Path(args.out or f"benchmarks/results/attention_{card_slug(env['card'])}.json")
 
-    runnable, unavailable = kernel_availability(list(args.kernels or registry.KERNELS), device, dtype, d)
+    runnable, unavailable = kernel_availability(list(args.kernels or registry.dense_kernel_keys()), device, dtype, d)
     for key, reasons in unavailable.items():
         print(f"[bench attention] {key}: unavailable ({'; '.join(reasons)})")
     if device.type == "cpu" and max(args.seq_lens) > 8192:

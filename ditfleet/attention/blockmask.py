@@ -1,0 +1,285 @@
+"""A backend-neutral block-sparse attention mask, exact at token level under any windowing.
+
+A :class:`BlockSparseMask` is a boolean *block grid* over a global query sequence of
+``q_total`` tokens and a global key sequence of ``k_total`` tokens: grid cell ``(a, b)`` says
+whether queries ``[a*bs, (a+1)*bs)`` may attend keys ``[b*bs, (b+1)*bs)`` (``bs`` is
+``block_size``; the last row/column of blocks may be shorter than ``bs``). The mask is the same
+for every batch element and head.
+
+A mask is also a *window* onto that grid: ``q_len`` queries starting at global position
+``q_start`` and ``k_len`` keys starting at ``k_start``. The root mask's window is the whole grid;
+:meth:`BlockSparseMask.sub` cuts a window at arbitrary token offsets (ring attention's
+``(query chunk, key chunk)`` steps, ``kv_lens`` slicing). A token pair of the window is allowed
+iff both positions are real tokens inside every enclosing window and their grid cell is set;
+positions outside (e.g. the padding at the end of a sharded sequence) are masked.
+
+Design choice for unaligned windows: the grid is never re-gridded. A kernel that tiles a window
+with its own tile size ``(bq, bk)`` asks :meth:`kernel_blocks` for a classification of its
+tiles into *full* (every token pair allowed: run without a mask), *partial* (some allowed: run
+with the token-level predicate :func:`allowed_tokens`, applied only inside those tiles) and
+empty (skipped). Exactness is therefore kept at token level whatever the offsets, and aligned
+windows (offsets and tile sizes multiples of ``bs``) have no partial tiles at all.
+
+All counting uses a 2-D prefix sum over the grid (``F(x, y)`` = allowed pairs in
+``[0, x) x [0, y)`` at token level), so densities, emptiness tests and tile classifications are
+vectorised and never build an ``S x S`` tensor. Only :meth:`to_dense` does, for tests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+_CACHE_ENTRIES = 64
+
+
+@dataclass(eq=False)
+class _Grid:
+    """The shared, immutable part of a mask and every window cut from it, plus per-device caches.
+
+    Attributes:
+        blocks: bool ``[NA, NB]`` on the CPU, ``NA = ceil(q_total / bs)``, ``NB = ceil(k_total / bs)``.
+        block_size: ``bs`` in tokens.
+        q_total, k_total: real tokens of the global query / key sequence.
+    """
+
+    blocks: torch.Tensor
+    block_size: int
+    q_total: int
+    k_total: int
+    _dev: dict = field(default_factory=dict)
+    cache: OrderedDict = field(default_factory=OrderedDict)
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prefix, padded)`` on ``device``.
+
+        ``prefix``: int64 ``[NA + 2, NB + 2]``, ``prefix[a, b] = blocks[:a, :b].sum()`` (the extra last
+        row/column repeat the one before, so ``a + 1`` lookups at the edge are safe).
+        ``padded``: bool ``[NA + 1, NB + 1]``, the grid with one all-False row and column appended
+        (what out-of-range indices are clamped to).
+        """
+        key = str(device)
+        if key not in self._dev:
+            b = self.blocks.to(device)
+            na, nb = b.shape
+            prefix = torch.zeros(na + 2, nb + 2, dtype=torch.int64, device=device)
+            prefix[1 : na + 1, 1 : nb + 1] = b.to(torch.int64).cumsum(0).cumsum(1)
+            prefix[na + 1] = prefix[na]
+            prefix[:, nb + 1] = prefix[:, nb]
+            padded = torch.zeros(na + 1, nb + 1, dtype=torch.bool, device=device)
+            padded[:na, :nb] = b
+            self._dev[key] = (prefix, padded)
+        return self._dev[key]
+
+    def cached(self, key, build):
+        """Small LRU cache shared by every window of this grid (kernel-specific conversions)."""
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        value = build()
+        self.cache[key] = value
+        while len(self.cache) > _CACHE_ENTRIES:
+            self.cache.popitem(last=False)
+        return value
+
+
+class BlockSparseMask:
+    """Block-sparse mask over a global sequence, seen through a (query, key) token window.
+
+    Build one with :meth:`from_blocks`; cut windows with :meth:`sub`. Instances are immutable and
+    cheap (a window shares the grid and its caches with the mask it was cut from).
+
+    Attributes:
+        q_start, k_start: global position of the window's first query / key.
+        q_len, k_len: window size in tokens (the ``S_q`` / ``S_k`` of the attention call it serves).
+        q_lim, k_lim: global exclusive bounds of the real tokens visible in this window.
+    """
+
+    __slots__ = ("_grid", "q_start", "k_start", "q_len", "k_len", "q_lim", "k_lim")
+
+    def __init__(self, grid: _Grid, q_start: int, k_start: int, q_len: int, k_len: int, q_lim: int, k_lim: int):
+        self._grid = grid
+        self.q_start, self.k_start, self.q_len, self.k_len = q_start, k_start, q_len, k_len
+        self.q_lim, self.k_lim = q_lim, k_lim
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, block_size: int, q_len: int, k_len: int | None = None) -> BlockSparseMask:
+        """A root mask from its block grid.
+
+        Args:
+            blocks: bool ``[ceil(q_len / block_size), ceil(k_len / block_size)]`` (any device; kept on CPU).
+            block_size: tokens per block, both axes.
+            q_len: real query tokens; ``k_len`` real key tokens (``None``: same as ``q_len``).
+        """
+        k_len = q_len if k_len is None else k_len
+        if block_size < 1 or q_len < 1 or k_len < 1:
+            raise ValueError(f"block_size, q_len, k_len must be >= 1, got {block_size}, {q_len}, {k_len}")
+        want = (-(-q_len // block_size), -(-k_len // block_size))
+        if tuple(blocks.shape) != want:
+            raise ValueError(f"blocks must be {want} for {q_len}x{k_len} tokens in blocks of {block_size}, got {tuple(blocks.shape)}")
+        grid = _Grid(blocks.detach().to("cpu", torch.bool).contiguous(), int(block_size), int(q_len), int(k_len))
+        return cls(grid, 0, 0, int(q_len), int(k_len), int(q_len), int(k_len))
+
+    def sub(self, q_start: int, q_len: int, k_start: int, k_len: int) -> BlockSparseMask:
+        """The mask of queries ``[q_start, q_start + q_len)`` x keys ``[k_start, k_start + k_len)`` of this window.
+
+        Offsets are relative to this window, in tokens, need not be block-aligned, and the range may
+        run past this window's end: positions beyond it (or beyond the global sequence) are masked,
+        which is what padded chunks need. Exact at token level.
+        """
+        if min(q_start, k_start) < 0 or min(q_len, k_len) < 0:
+            raise ValueError(f"sub: offsets and lengths must be >= 0, got q {q_start}+{q_len}, k {k_start}+{k_len}")
+        qs, ks = self.q_start + q_start, self.k_start + k_start
+        q_lim = min(self.q_lim, self.q_start + self.q_len)
+        k_lim = min(self.k_lim, self.k_start + self.k_len)
+        return BlockSparseMask(self._grid, qs, ks, int(q_len), int(k_len), q_lim, k_lim)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def block_size(self) -> int:
+        return self._grid.block_size
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The global block grid, bool ``[NA, NB]`` on the CPU (shared: do not modify)."""
+        return self._grid.blocks
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(q_len, k_len)``: the ``S_q x S_k`` this mask applies to."""
+        return (self.q_len, self.k_len)
+
+    @property
+    def global_shape(self) -> tuple[int, int]:
+        return (self._grid.q_total, self._grid.k_total)
+
+    @property
+    def key(self) -> tuple:
+        """Hashable identity of this window (grid identity + offsets); used for kernel caches."""
+        return (id(self._grid), self.q_start, self.k_start, self.q_len, self.k_len, self.q_lim, self.k_lim)
+
+    def __repr__(self) -> str:
+        return (f"BlockSparseMask(window q[{self.q_start}:+{self.q_len}] x k[{self.k_start}:+{self.k_len}] of "
+                f"{self._grid.q_total}x{self._grid.k_total}, block {self.block_size}, density {self.density:.3f})")
+
+    # ------------------------------------------------------------------ counting
+    def _count(self, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``F(x, y)``: allowed global token pairs in ``[0, x) x [0, y)``; x, y int64 global coordinates
+        already clipped to ``[0, q_total]`` / ``[0, k_total]`` (broadcastable). Returns int64."""
+        prefix, padded = self._grid.tables(device)
+        bs = self.block_size
+        qa, xr = torch.div(x, bs, rounding_mode="floor"), x % bs
+        kb, yr = torch.div(y, bs, rounding_mode="floor"), y % bs
+        p = prefix[qa, kb]
+        row = prefix[qa + 1, kb] - p  # blocks[qa, :kb].sum()
+        col = prefix[qa, kb + 1] - p  # blocks[:qa, kb].sum()
+        return bs * bs * p + xr * bs * row + bs * yr * col + xr * yr * padded[qa, kb].to(torch.int64)
+
+    def _edges(self, step: int, axis: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile edges along one axis: ``(clipped global edges [N + 1], local tile sizes [N])`` for tiles of ``step``."""
+        start, length, lim = (self.q_start, self.q_len, self.q_lim) if axis == "q" else (self.k_start, self.k_len, self.k_lim)
+        n = max(1, -(-length // step))
+        local = torch.clamp(torch.arange(n + 1, device=device, dtype=torch.int64) * step, max=length)
+        glob = torch.clamp(local + start, max=lim)  # positions past lim count as masked
+        return glob, local[1:] - local[:-1]
+
+    def _rect_counts(self, bq: int, bk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Allowed pairs per ``bq x bk`` tile of the window, and each tile's size: int64 ``[NU, NV]`` each."""
+        gx, sx = self._edges(bq, "q", device)
+        gy, sy = self._edges(bk, "k", device)
+        f = self._count(gx[:, None], gy[None, :], device)
+        counts = f[1:, 1:] - f[:-1, 1:] - f[1:, :-1] + f[:-1, :-1]
+        return counts, sx[:, None] * sy[None, :]
+
+    def allowed(self) -> int:
+        """Number of allowed (query, key) token pairs in the window (cached)."""
+
+        def build():
+            counts, _ = self._rect_counts(max(self.q_len, 1), max(self.k_len, 1), torch.device("cpu"))
+            return int(counts.sum())
+
+        return self._grid.cached(("allowed", self.key), build)
+
+    @property
+    def density(self) -> float:
+        """Allowed fraction of the window's ``q_len * k_len`` token pairs (0.0 for an empty window)."""
+        area = self.q_len * self.k_len
+        return self.allowed() / area if area else 0.0
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no token pair of the window is allowed (a ring step that can be skipped)."""
+        return self.q_len == 0 or self.k_len == 0 or self.allowed() == 0
+
+    def chunk_occupancy(self, q_chunk: int, k_chunk: int) -> torch.Tensor:
+        """Which (query chunk, key chunk) pairs hold any allowed pair: bool ``[ceil(q_len/q_chunk), ceil(k_len/k_chunk)]``.
+
+        For ring schedules: a key chunk that no query chunk downstream needs need not be sent.
+        """
+        counts, _ = self._rect_counts(q_chunk, k_chunk, torch.device("cpu"))
+        return counts > 0
+
+    # ------------------------------------------------------------------ kernel views
+    def kernel_blocks(self, bq: int, bk: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Classify the window's ``bq x bk`` kernel tiles (local, starting at token 0 of the window).
+
+        Returns:
+            ``(full, partial)``: bool ``[ceil(q_len/bq), ceil(k_len/bk)]`` on ``device``. ``full``: every
+            token pair of the tile (tile clipped to ``q_len x k_len``) is allowed; ``partial``: some
+            but not all are; neither: none. Cached per window, tile size and device.
+        """
+        device = torch.device(device)
+
+        def build():
+            counts, area = self._rect_counts(bq, bk, device)
+            full = (counts == area) & (counts > 0)
+            return full, (counts > 0) & ~full
+
+        return self._grid.cached(("tiles", self.key, bq, bk, str(device)), build)
+
+    def token_params(self, device: torch.device | str) -> dict[str, torch.Tensor | int]:
+        """Arguments of :func:`allowed_tokens` for this window on ``device``.
+
+        ``padded`` is the grid (bool ``[NA+1, NB+1]``, one all-False row/column appended),
+        ``block_size`` an int, and the window's offsets and limits are int64 0-d tensors, so a compiled
+        kernel that captures them serves every window of the same grid and shape without recompiling.
+        """
+        device = torch.device(device)
+        _, padded = self._grid.tables(device)
+        t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return {"padded": padded, "block_size": self.block_size, "q_off": t(self.q_start), "k_off": t(self.k_start),
+                "q_lim": t(self.q_lim), "k_lim": t(self.k_lim)}
+
+    def to_dense(self, dtype: torch.dtype = torch.bool, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The window as an ``[q_len, k_len]`` tensor — for tests and small sizes ONLY.
+
+        ``dtype=torch.bool``: True where allowed. A float dtype: an additive mask, 0 where allowed and
+        ``-inf`` elsewhere.
+        """
+        if self.q_len * self.k_len > 1 << 28:
+            raise ValueError(f"to_dense: {self.q_len} x {self.k_len} is too large (tests and small sizes only)")
+        q = torch.arange(self.q_len, device=device)[:, None]
+        k = torch.arange(self.k_len, device=device)[None, :]
+        allowed = allowed_tokens(q, k, **self.token_params(device))
+        if dtype == torch.bool:
+            return allowed
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=device))
+
+
+def allowed_tokens(q_idx: torch.Tensor, kv_idx: torch.Tensor, *, padded: torch.Tensor, block_size: int,
+                   q_off: torch.Tensor, k_off: torch.Tensor, q_lim: torch.Tensor, k_lim: torch.Tensor) -> torch.Tensor:
+    """Token-level predicate of a window: allowed(q_idx, kv_idx) for *local* indices (broadcastable int tensors).
+
+    Written with tensor ops only (no Python branching on values), so it runs inside a flex
+    ``mask_mod``, eager or compiled. Keyword arguments come from :meth:`BlockSparseMask.token_params`.
+    """
+    na, nb = padded.shape[0] - 1, padded.shape[1] - 1
+    gq = q_idx + q_off
+    gk = kv_idx + k_off
+    a = torch.clamp(torch.div(gq, block_size, rounding_mode="floor"), 0, na)
+    b = torch.clamp(torch.div(gk, block_size, rounding_mode="floor"), 0, nb)
+    return padded[a, b] & (gq < q_lim) & (gk < k_lim)
