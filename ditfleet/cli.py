@@ -1,4 +1,4 @@
-"""The ``ditfleet`` command: generate | check-config | doctor | bench.
+"""The ``ditfleet`` command: generate | check-config | doctor | bench | sparge-tune.
 
 Every user error (bad config, missing file, bad option) prints one message and exits with
 status 2, without a traceback; an internal bug still shows its traceback.
@@ -24,6 +24,7 @@ BENCH_SUITES = {
     "attention": ("ditfleet.bench.attention", "per-kernel dense attention: ms, TFLOP/s, error vs fp32"),
     "sp-attention": ("ditfleet.bench.sp_attention", "sequence-parallel attention (run under torchrun), vs yunchang"),
     "radial": ("ditfleet.bench.radial", "radial attention vs cuDNN dense at Wan sizes (one GPU)"),
+    "sparge": ("ditfleet.bench.sparge", "sparge attention vs cuDNN dense at Wan sizes (one GPU): sparsity, ms, error"),
     "dit": ("ditfleet.bench.dit", "Wan DiT block and full forward at 14B / 720p shapes, optionally vs diffusers"),
 }
 
@@ -132,6 +133,12 @@ def cmd_doctor(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_sparge_tune(args) -> int:
+    if getattr(args, "unavailable", None):
+        raise UserError(args.unavailable)
+    return importlib.import_module("ditfleet.sparge_tune").main(args)
+
+
 def cmd_bench(args) -> int:
     if getattr(args, "unavailable", None):
         raise UserError(args.unavailable)
@@ -158,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="show the environment and self-check every attention kernel that can run here")
     d.add_argument("--device", choices=["cpu", "cuda"])
     d.set_defaults(func=cmd_doctor)
+
+    t = sub.add_parser("sparge-tune", help="tune a Sparge checkpoint (per-head thresholds) against dense attention")
+    try:
+        importlib.import_module("ditfleet.sparge_tune").add_arguments(t)
+    except ImportError as e:
+        t.set_defaults(unavailable=f"sparge-tune cannot run here: {e}")
+    t.set_defaults(func=cmd_sparge_tune)
 
     b = sub.add_parser("bench", help="benchmark suites (results as JSON under benchmarks/results/)")
     suites = b.add_subparsers(dest="suite", required=True, parser_class=_Parser)

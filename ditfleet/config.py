@@ -32,6 +32,7 @@ LAUNCHERS = ("local", "torchrun", "ray")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
 SPARGE_CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
+PLACEMENT_STRATEGIES = ("auto", "STRICT_PACK", "PACK", "SPREAD")
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -94,6 +95,31 @@ class SpargeAttnSetting:
 
 
 @dataclass
+class RayConfig:
+    """The Ray launcher (``launcher: ray``): where the cluster is, how workers are placed, how failures are handled."""
+
+    address: str | None = _f(
+        None, "Ray cluster to join (`auto`, `HOST:6379`, `ray://HOST:10001`); null: the RAY_ADDRESS environment "
+        "variable, else a local cluster started for the run and stopped after it."
+    )
+    max_retries: int = _f(1, "Times a request is retried on a rebuilt worker group after a worker died or hung; then it fails.")
+    init_timeout_s: float = _f(
+        300.0, "Seconds allowed to place the workers and to form the process group (also the collective timeout)."
+    )
+    request_timeout_s: float = _f(
+        600.0, "Seconds a request may go without progress (a denoising step, a decoded chunk) before its workers are "
+        "declared hung, torn down and the request retried."
+    )
+    dashboard: bool = _f(False, "Start the Ray dashboard with a local cluster (on 127.0.0.1 unless `dashboard_host` is set).")
+    dashboard_host: str | None = _f(None, "Interface of the dashboard when `dashboard` is true (null: 127.0.0.1 only).")
+    placement_strategy: str = _f(
+        "auto", "Placement group strategy: `auto` (STRICT_PACK when one node holds every worker, else PACK), "
+        "`STRICT_PACK`, `PACK` or `SPREAD`.", choices=PLACEMENT_STRATEGIES,
+    )
+    num_cpus_per_worker: int = _f(1, "CPUs reserved for each worker (one per rank) in its placement-group bundle.")
+
+
+@dataclass
 class RunConfig:
     """One run of ditfleet. Field names are the JSON keys."""
 
@@ -135,6 +161,7 @@ class RunConfig:
     radial_attn_setting: RadialAttnSetting = _f(RadialAttnSetting, "Radial attention options.")
     sparge_attn_setting: SpargeAttnSetting = _f(SpargeAttnSetting, "Sparge attention options.")
     parallel: ParallelConfig = _f(ParallelConfig, "Parallel layout.")
+    ray: RayConfig = _f(RayConfig, "Ray launcher options.")
     cpu_offload: bool = _f(False, "LightX2V key, accepted for compatibility; ditfleet does not offload, so only false is valid.")
 
     # --- derived -----------------------------------------------------------------------------
@@ -410,6 +437,15 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
                 f"seq_p_size={par.seq_p_size} x cfg_p_size={par.cfg_p_size} = {expected} processes, "
                 f"but the {key} is {ws}; make the product of the parallel degrees equal the number of GPUs",
             )
+    # ray launcher
+    rc = cfg.ray
+    if rc.max_retries < 0:
+        raise ConfigError("ray.max_retries", f"must be >= 0, got {rc.max_retries}")
+    positive("ray.init_timeout_s", rc.init_timeout_s)
+    positive("ray.request_timeout_s", rc.request_timeout_s)
+    positive("ray.num_cpus_per_worker", rc.num_cpus_per_worker)
+    if rc.dashboard_host is not None and not rc.dashboard:
+        raise ConfigError("ray.dashboard_host", "is only used with ray.dashboard: true; set both or neither")
     if cfg.launcher == "local" and expected > 1:
         raise ConfigError(
             "launcher", f"'local' runs one process, but the parallel degrees need {expected}; use torchrun or ray"

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from ditfleet.attention import ATTN_TYPES, reference_attention, resolve
+from ditfleet.attention import reference_attention, resolve, valid_types
 from ditfleet.attention.base import AttentionBackend, Capabilities
-from ditfleet.attention.registry import KERNELS, kernel_class
+from ditfleet.attention.registry import dense_kernel_keys, kernel_class
 from ditfleet.attention.sdpa import SdpaMath
 from ditfleet.errors import BackendUnavailableError
 
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 def cpu_kernels() -> list[str]:
-    return [k for k in KERNELS if not kernel_class(k).unavailable_reasons(CPU, torch.float32)]
+    return [k for k in dense_kernel_keys() if not kernel_class(k).unavailable_reasons(CPU, torch.float32)]
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -173,11 +173,10 @@ def test_need_lse_skips_kernels_without_lse(monkeypatch):
     assert r.kernel == "sdpa_math" and "returns no LSE" in r.why
 
 
-def test_types_not_in_this_build_are_refused_clearly():
-    for name in ("sparge",):
-        assert not ATTN_TYPES[name].available
-        with pytest.raises(BackendUnavailableError, match=f"{name}.*not in this build"):
-            resolve(name, site="self_attn_1_type", device="cpu", dtype=torch.float32)
+def test_sparge_resolves_to_builtin_on_cpu_and_is_self_attention_only():
+    r = resolve("sparge", site="self_attn_1_type", device="cpu", dtype=torch.float32)
+    assert r.kernel == "sparge_flex" and not r.fallback
+    assert "sparge" not in valid_types("cross_attn_1_type")
 
 
 @pytest.mark.parametrize("key", ["fa2", "fa3", "fa4", "sageattention2", "sageattention1", "sdpa_cudnn", "sdpa_flash"])

@@ -27,7 +27,7 @@ SITES: dict[str, str] = {
     "cross_attn_1_type": "video -> text cross-attention",
     "cross_attn_2_type": "video -> reference-image cross-attention (I2V)",
 }
-SELF_ATTENTION_ONLY = frozenset({"radial_attn"})
+SELF_ATTENTION_ONLY = frozenset({"radial_attn", "sparge"})
 
 # kernel key -> "module:Class", imported on first use.
 KERNELS: dict[str, str] = {
@@ -44,6 +44,8 @@ KERNELS: dict[str, str] = {
     "sage_triton": "ditfleet.attention.sage_triton:SageTriton",
     "radial_fa4": "ditfleet.attention.radial:RadialFA4",
     "radial_flex": "ditfleet.attention.radial:RadialFlex",
+    "sparge_spas": "ditfleet.attention.sparge:SpargeSpas",
+    "sparge_flex": "ditfleet.attention.sparge:SpargeFlex",
 }
 
 _TORCH_SDPA = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math"]
@@ -58,15 +60,11 @@ class AttnType:
         chain: kernel keys in order of preference.
         native: how many leading chain entries are the type itself (the rest are fallbacks,
             which log a warning and are refused under ``strict_backends``).
-        available: False for types whose kernels this build does not ship yet.
-        note: shown by ``check-config`` next to the type.
     """
 
     name: str
     chain: tuple[str, ...]
     native: int
-    available: bool = True
-    note: str = ""
 
 
 ATTN_TYPES: dict[str, AttnType] = {
@@ -78,7 +76,7 @@ ATTN_TYPES: dict[str, AttnType] = {
         AttnType("flash_attn4", ("fa4",), native=1),
         AttnType("sage_attn2", ("sageattention2", "sageattention1", "sage_triton", "sdpa_cpu_flash"), native=2),
         AttnType("radial_attn", ("radial_fa4", "radial_flex"), native=2),
-        AttnType("sparge", (), native=0, available=False, note="sparge kernel not in this build yet"),
+        AttnType("sparge", ("sparge_spas", "sparge_flex"), native=2),
     )
 }
 
@@ -102,8 +100,8 @@ def kernel_class(key: str) -> type[AttentionBackend]:
 
 
 def dense_kernel_keys() -> list[str]:
-    """Kernel keys that compute dense attention (no block mask): what ``doctor`` and ``bench attention`` cover."""
-    return [k for k in KERNELS if not kernel_class(k).caps.block_mask]
+    """Kernel keys that compute dense attention (no block mask, no per-layer binding): what ``doctor`` and ``bench attention`` cover."""
+    return [k for k in KERNELS if not kernel_class(k).caps.block_mask and not getattr(kernel_class(k), "per_layer", False)]
 
 
 @dataclass
@@ -175,9 +173,6 @@ def resolve(
     if attn_type not in ATTN_TYPES:
         raise BackendUnavailableError(site, f"unknown attention type {attn_type!r}; valid: {', '.join(valid_types(site))}")
     spec = ATTN_TYPES[attn_type]
-    if not spec.available:
-        raise BackendUnavailableError(site, f"{attn_type!r}: {spec.note}; valid now: " + ", ".join(
-            n for n, t in ATTN_TYPES.items() if t.available))
     skipped: list[tuple[str, list[str]]] = []
     for i, key in enumerate(spec.chain):
         cls = kernel_class(key)

@@ -1,4 +1,4 @@
-"""``ditfleet bench radial``: radial (block-sparse) attention vs dense cuDNN at Wan2.1 video sizes, one device.
+"""``ditfleet bench radial``: radial (block-sparse) attention vs dense cuDNN at Wan2.1 video sizes.
 
 Cases (latent frames x tokens per frame): ``480p81`` = 21 x 1560 (32,760 tokens), ``720p81`` =
 21 x 3600 (75,600), ``720p241`` = 61 x 3600 (219,600; run with 10 heads by default, one
@@ -9,6 +9,18 @@ first-call time (compile + mask conversion), the median forward time (LSE reques
 attention calls it, for the dense baseline too), the speedup over dense, and the accuracy on ``--ref-rows``
 sampled query rows against an fp32 reference that applies the same token-level mask to those
 rows only (no ``S x S`` tensor anywhere). Output: JSON under ``benchmarks/results/`` and a table.
+
+Sequence-parallel part (``--sp``), under torchrun, one process per GPU::
+
+    torchrun --nproc-per-node 4 -m ditfleet bench radial --sp ring usp
+
+For each case (all with ``--heads`` or 40 heads: 720p241 is the whole of Wan-14B's 40 heads over 4
+GPUs) and mode (``ring``: R = N; ``usp``: U = 2, R = N / 2; ``ulysses``: U = N), it times
+``sequence_parallel_attention`` with the dense baseline kernel and with each radial kernel (default:
+the best one that runs, ``radial_fa4`` else ``radial_flex``) given the global mask (median of the
+slowest rank; first call = compile), the speedup radial / dense in the same mode, the ring schedule
+(kernel steps and K/V transfers run / skipped) and the accuracy of the gathered output on sampled rows
+against the fp32 masked reference. Rank 0 writes ``radial_sp_<card>_<n>gpu.json`` after every mode.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ from ..attention.registry import kernel_class
 from ..errors import UserError
 from .attention import _exact_fp32, _free, card_slug, make_inputs, sample_rows, time_cpu
 from .common import environment, rel_l2, time_cuda, write_json
+
+SP_MODES = ("ring", "usp", "ulysses")
+SP_KERNEL_PREFERENCE = ("radial_fa4", "radial_flex")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = {"480p81": (21, 1560), "720p81": (21, 3600), "720p241": (61, 3600)}
@@ -53,7 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref-rows", type=int, default=256, help="query rows checked against fp32 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and sampled rows (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/radial_<card-slug>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/radial_<card-slug>.json; "
+                        "with --sp radial_sp_<card-slug>_<n>gpu.json)")
+    parser.add_argument("--sp", nargs="+", default=None, choices=SP_MODES, metavar="MODE",
+                        help="under torchrun: time radial vs dense sequence-parallel in these modes (ring: R = N, "
+                             "usp: U = 2 x R = N/2, ulysses: U = N) instead of the one-device run; every case then "
+                             "runs with --heads or 40 heads, and --kernels defaults to the best radial kernel")
+    parser.add_argument("--ring-impl", choices=("rotate", "allgather"), default="rotate",
+                        help="--sp: ring implementation (default: %(default)s)")
 
 
 def parse_case(name: str) -> tuple[int, int]:
@@ -181,6 +203,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = [k for k in args.kernels or [] if k not in KERNELS]
     if unknown:
         raise UserError(f"--kernels: unknown {', '.join(unknown)}; known: {', '.join(KERNELS)}")
+    if getattr(args, "sp", None):
+        return main_sp(args, cases)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -232,3 +256,139 @@ def main(args: argparse.Namespace) -> int:
     print(format_results(results))
     print(f"[bench radial] wrote {out_path}")
     return 0 if any(r["status"] == "ok" for c in results for r in c["kernels"].values()) else 1
+
+
+# ---------------------------------------------------------------- sequence parallel (--sp, under torchrun)
+def main_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]]) -> int:
+    """``--sp``: set up the process group (torchrun's environment), run :func:`run_sp`, tear it down."""
+    import torch.distributed as dist
+
+    from ..parallel import init_distributed
+
+    env = init_distributed(timeout_s=900)
+    try:
+        return run_sp(args, cases, env)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _sp_kernels(args, device, dtype) -> tuple[dict, dict]:
+    """The radial kernels of the SP run: ``--kernels``, else the first of :data:`SP_KERNEL_PREFERENCE` that runs."""
+    runnable, unavailable = {}, {}
+    for key in args.kernels or SP_KERNEL_PREFERENCE:
+        reasons = KERNELS[key].unavailable_reasons(device, dtype)
+        if reasons:
+            unavailable[key] = reasons
+        elif args.kernels or not runnable:
+            runnable[key] = KERNELS[key]
+    return runnable, unavailable
+
+
+def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> int:
+    """Radial vs dense under sequence parallelism on an initialised process group; returns 0 if a radial kernel ran."""
+    import torch.distributed as dist
+
+    from ..parallel import SeqShard, gather_sequence, init_parallel, sequence_parallel_attention, shard_sequence, sp_schedule
+    from .sp_attention import _all_ok, _err, _mode_sizes, _slowest, _time
+
+    device, rank, world = env.device, env.rank, env.world_size
+    dtype = DTYPES[args.dtype]
+    kernels, unavailable = _sp_kernels(args, device, dtype)
+    dense_key, dense_cls = _dense_class(device, dtype)
+    dense = dense_cls(device=device, dtype=dtype)
+    t_start = time.perf_counter()
+    report = {"suite": "radial-sp", "environment": {**environment(world), "device": str(device)},
+              "config": {"dtype": args.dtype, "batch": 1, "head_dim": args.head_dim, "decay_factor": args.decay_factor,
+                         "block_size": args.block_size, "modes": args.sp, "ring_impl": args.ring_impl,
+                         "warmup": args.warmup, "iters": args.iters, "ref_rows": args.ref_rows, "seed": args.seed,
+                         "dense_kernel": dense_key,
+                         "timed_call": "sequence_parallel_attention(q, k, v[, block_mask]) on the local shards; median "
+                                       "of the slowest rank; first_call_s includes compile and mask conversion",
+                         "schedule": "ring steps (kernel calls) and K/V transfers over the whole ring, run / skipped"},
+              "targets": TARGETS, "unavailable": unavailable, "results": []}
+    out_path = Path(args.out or f"benchmarks/results/radial_sp_{card_slug(report['environment']['card'])}_{world}gpu.json")
+
+    def save():
+        if rank == 0:
+            report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+            write_json(out_path, report)
+
+    meshes: dict = {}
+    ok_any = False
+    for name, frames, tpf in cases:
+        heads, s, d = args.heads or 40, frames * tpf, args.head_dim
+        scale = d ** -0.5
+        mask = radial_block_mask(frames, tpf, args.decay_factor, args.block_size)
+        rec = {"case": name, "frames": frames, "tokens_per_frame": tpf, "tokens": s, "heads": heads, "head_dim": d,
+               "density": mask.density, "modes": {}}
+        report["results"].append(rec)
+        q, k, v = make_inputs(1, s, heads, d, dtype, device, args.seed)
+        for t in (q, k, v):  # identical inputs everywhere, whatever the RNG of each card does
+            dist.broadcast(t, src=0)
+        rows = sample_rows(s, args.ref_rows, args.seed, device)
+        ref = masked_reference_rows(q, k, v, rows, mask, scale) if rank == 0 else None
+        for mode in args.sp:
+            sizes = _mode_sizes(mode, world)
+            if isinstance(sizes, str):
+                rec["modes"][mode] = {"skipped": sizes}
+                continue
+            u, r = sizes
+            if sizes not in meshes:
+                meshes[sizes] = init_parallel(ulysses_size=u, ring_size=r)
+            mesh = meshes[sizes]
+            local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
+            shard = SeqShard.for_length(s, mesh)
+            m = rec["modes"][mode] = {"ulysses": u, "ring": r}
+            if r > 1:
+                m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, r).stats()
+
+            def call(backend, block_mask):
+                return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale,
+                                                   ring_impl=args.ring_impl, block_mask=block_mask)
+
+            with torch.no_grad():
+                try:
+                    m["dense"] = {"kernel": dense_key, "ms": round(_slowest(_time(lambda: call(dense, None), args, device),
+                                                                            device), 3)}
+                except Exception as e:  # noqa: BLE001 - recorded; the radial kernels still run
+                    m["dense"] = {"kernel": dense_key, "error": _err(e)}
+                _all_ok(True, device)
+                for key, cls in kernels.items():
+                    kr = m.setdefault("kernels", {})[key] = {"description": cls.description}
+                    ok = True
+                    try:
+                        backend = cls(device=device, dtype=dtype)
+                        dist.barrier()
+                        t1 = time.perf_counter()
+                        out = call(backend, mask)[0]
+                        _sync(device)
+                        kr["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
+                        full = gather_sequence(out, mesh, shard)
+                        if ref is not None:
+                            kr["rel_l2"] = rel_l2(full[:, rows], ref[0])
+                            kr["finite"] = bool(torch.isfinite(full).all())
+                        del out, full
+                        kr["ms"] = round(_slowest(_time(lambda: call(backend, mask), args, device), device), 3)
+                        if "ms" in m["dense"]:
+                            kr["speedup"] = round(m["dense"]["ms"] / kr["ms"], 3)
+                    except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
+                        kr["error"], ok = _err(e), False
+                    if not _all_ok(ok, device) and ok:
+                        kr["error"] = "failed on another rank"
+                    ok_any |= "ms" in kr
+                    if rank == 0:
+                        print(f"[bench radial --sp] {name} {mode} (U{u} x R{r}): {dense_key} "
+                              f"{m['dense'].get('ms', float('nan')):.2f} ms, {key} {kr.get('ms', float('nan')):.2f} ms "
+                              f"({kr.get('speedup', 0):.2f}x), first call {kr.get('first_call_s', float('nan')):.1f} s, "
+                              f"rel L2 {kr.get('rel_l2', float('nan')):.1e}, schedule {m.get('schedule')}"
+                              + (f", error {kr['error']}" if "error" in kr else ""), flush=True)
+                    _free(device)
+            local.clear()
+            save()
+        del q, k, v
+        _free(device)
+    save()
+    if rank == 0:
+        print(f"[bench radial --sp] wrote {out_path} ({report['elapsed_s']} s)")
+    return 0 if ok_any else 1

@@ -9,12 +9,18 @@ Public API::
     from ditfleet.engine import ModelRunner, make_sampler  # the per-rank pieces
     latents = pipe.runner.denoise(pipe.encode(request))    # EncodedRequest: plain, broadcastable tensors
 
-Modules: :mod:`.sampler` (flow UniPC / Euler, pure tensors), :mod:`.encoders` (UMT5, CLIP),
+    from ditfleet.engine import Engine                     # workers started once (local | torchrun | ray)
+    with Engine.start(cfg, launcher="ray") as engine:
+        result = engine.generate(prompt="a cat", output="cat.mp4")
+
+Modules: :mod:`.engine` (Engine), :mod:`.executor` (Local / worker-method list), :mod:`.worker`,
+:mod:`.ray_executor`, :mod:`.torchrun`, :mod:`.sparge_weights`, :mod:`.sampler` (flow UniPC / Euler, pure tensors), :mod:`.encoders` (UMT5, CLIP),
 :mod:`.vae` (conditioning, streamed decode), :mod:`.runner` (DiT + CFG + sampler per rank),
 :mod:`.pipeline`, :mod:`.video` (atomic streaming writers), :mod:`.jobs`, :mod:`.tiny` (the
 embedded random model), :mod:`.generate_cli` (``ditfleet generate``).
 """
 
+from .engine import Engine
 from .errors import ImageError, JobsFileError, ModelFolderError, OutputError, RequestError
 from .jobs import Job, JobsSummary, parse_jobs, run_jobs
 from .pipeline import DEFAULT_PROMPT, GenerateResult, Pipeline, check_model_folder, load_image, request_from_config
@@ -22,6 +28,9 @@ from .request import EncodedRequest, GenerateRequest
 from .runner import ModelRunner, initial_noise
 from .sampler import EulerSampler, FlowSchedule, UniPCSampler, make_sampler, make_schedule
 from .encoders import DEFAULT_NEGATIVE_PROMPT
+from .executor import WORKER_METHODS, EngineError, Executor, LocalExecutor, make_executor
+from .sparge_weights import SpargeCheckpointError, load_sparge_weights, validate_sparge_weights
+from .worker import Worker
 from .tiny import TINY_SPEC, build_components, tiny_model_path
 from .video import VideoWriter, output_kind, read_video, report_path
 
@@ -30,6 +39,13 @@ __all__ = [
     "DEFAULT_PROMPT",
     "TINY_SPEC",
     "EncodedRequest",
+    "Engine",
+    "EngineError",
+    "Executor",
+    "LocalExecutor",
+    "SpargeCheckpointError",
+    "WORKER_METHODS",
+    "Worker",
     "EulerSampler",
     "FlowSchedule",
     "GenerateRequest",
@@ -49,6 +65,8 @@ __all__ = [
     "check_model_folder",
     "initial_noise",
     "load_image",
+    "load_sparge_weights",
+    "make_executor",
     "make_sampler",
     "make_schedule",
     "output_kind",
@@ -58,4 +76,5 @@ __all__ = [
     "request_from_config",
     "run_jobs",
     "tiny_model_path",
+    "validate_sparge_weights",
 ]

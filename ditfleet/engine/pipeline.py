@@ -161,6 +161,23 @@ def _load(component: str, root: Path, fn):
         raise ModelFolderError(f"{root / component}: cannot be loaded ({type(e).__name__}: {msg})") from e
 
 
+def model_root(cfg) -> Path:
+    """The model folder a config names: ``model_path``, or the embedded tiny model (built into the cache on first use)."""
+    return tiny_model_path(cfg.task) if cfg.model_path is None else Path(cfg.model_path).expanduser()
+
+
+def load_runner(cfg, *, device: torch.device, mesh=None) -> ModelRunner:
+    """Only the DiT (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks as :meth:`Pipeline.from_config`."""
+    root = model_root(cfg)
+    check_model_folder(root, cfg.task)
+    from ..models.wan import find_checkpoint
+
+    _check_task(root, cfg.task, find_checkpoint(root).config)
+    attention = cfg.resolve_attention(device)
+    return ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
+                            radial=cfg.radial_attn_setting)
+
+
 # ---- images --------------------------------------------------------------------------------------
 def load_image(path: str | Path):
     """Open an image file as RGB (EXIF orientation applied). Raises :class:`ImageError`."""
@@ -244,17 +261,22 @@ class Pipeline:
         self.attention, self.load_timings = attention, load_timings
 
     @classmethod
-    def from_config(cls, cfg, *, mesh=None) -> Pipeline:
+    def from_config(cls, cfg, *, mesh=None, device: torch.device | None = None) -> Pipeline:
         """Check the model folder, resolve the attention kernels, load every component once.
+
+        Args:
+            cfg: the run config.
+            mesh: the parallel mesh of this rank (``None``: a world of one).
+            device: where to load (default: the config's device).
 
         Raises:
             ModelFolderError / CheckpointError: the folder is missing, incomplete or inconsistent.
             ConfigError: a kernel the config asks for cannot run here (``strict_backends``).
         """
         t0 = time.perf_counter()
-        device = cfg.torch_device()
+        device = device or cfg.torch_device()
         tiny = cfg.model_path is None
-        root = tiny_model_path(cfg.task) if tiny else Path(cfg.model_path).expanduser()
+        root = model_root(cfg)
         t_build = time.perf_counter() - t0
         check_model_folder(root, cfg.task)
         from ..models.wan import find_checkpoint
@@ -271,7 +293,8 @@ class Pipeline:
             image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()
-        runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh)
+        runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
+                                  radial=cfg.radial_attn_setting)
         t3 = time.perf_counter()
         _check_compatible(root, cfg, runner.dit.config, text, image, vae)
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
@@ -286,18 +309,23 @@ class Pipeline:
                    runner=runner, attention=attention, load_timings=timings)
 
     # ---- one request ------------------------------------------------------------------------------
-    def check(self, req: GenerateRequest) -> None:
-        """Validate a request (fields, output path, image) before any work."""
+    def check(self, req: GenerateRequest, *, files: bool = True) -> None:
+        """Validate a request (fields; with ``files``, also the output path and the image) before any work."""
         patch = self.runner.dit.config.patch_size
         req.validate(self.cfg.task, spatial_multiple=self.vae.scale_s * max(patch[1], patch[2]))
         if (req.frames - 1) % self.vae.scale_t:
             raise UserError(f"frames: must be {self.vae.scale_t}n+1 for this VAE, got {req.frames}")
-        check_output(req.output)
-        if self.cfg.task == "i2v":
-            load_image(req.image)
+        if files:
+            check_output(req.output)
+            if self.cfg.task == "i2v":
+                load_image(req.image)
 
-    def encode(self, req: GenerateRequest, timings: dict | None = None) -> EncodedRequest:
-        """Text (and image) encoding, once per request: the tensors every rank receives."""
+    def encode(self, req: GenerateRequest, timings: dict | None = None, *, image=None) -> EncodedRequest:
+        """Text (and image) encoding, once per request: the tensors every rank receives.
+
+        ``image``: the I2V reference as a PIL image already read (e.g. by a driver on another
+        machine); ``None`` reads ``req.image``.
+        """
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
         context = self.text_encoder.encode(req.prompt)
@@ -309,7 +337,7 @@ class Pipeline:
             t1 = time.perf_counter()
             from diffusers.video_processor import VideoProcessor
 
-            img = load_image(req.image)
+            img = image if image is not None else load_image(req.image)
             clip_fea = self.image_encoder.encode(img)
             pixels = VideoProcessor(vae_scale_factor=self.vae.scale_s).preprocess(img, height=req.height, width=req.width)
             y = self.vae.encode_condition(pixels.to(self.vae.device, torch.float32), req.frames)

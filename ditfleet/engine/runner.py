@@ -16,7 +16,7 @@ same loop with the same numbers, so every rank ends with the same latents:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -58,12 +58,17 @@ class ModelRunner:
         dtype: torch.dtype,
         attention: Mapping[str, object],
         mesh: ParallelMesh | None = None,
+        radial=None,
         **kwargs,
     ) -> ModelRunner:
-        """Load the DiT from ``model_path`` (official or Diffusers layout) and wrap it."""
+        """Load the DiT from ``model_path`` (official or Diffusers layout) and wrap it.
+
+        ``radial``: the run's ``RadialAttnSetting`` (used when the self-attention kernel is radial).
+        """
         from ..models.wan import load_dit
 
         dit = load_dit(model_path, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None})
+        dit.set_radial(radial)
         if mesh is not None and mesh.sp_size > 1:
             dit.set_parallel(mesh)
         return cls(dit, mesh=mesh, **kwargs)
@@ -97,6 +102,29 @@ class ModelRunner:
         return cfg_combine(cond_v, uncond_v, enc.guide_scale)
 
     @torch.inference_mode()
+    def denoise_iter(
+        self, enc: EncodedRequest, *, noise: torch.Tensor | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Run the sampling steps one at a time (what engines stream progress from).
+
+        Args:
+            enc: the encoded request (tensors on any device: moved here).
+            noise: the initial latents; default :func:`initial_noise` of ``enc.seed``.
+
+        Yields:
+            ``(step index, steps, latents after the step)``; the last latents are the result.
+        """
+        device = self.device
+        enc = enc.to(device)
+        x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
+        sampler = self.sampler(enc)
+        for i, t in enumerate(sampler.timesteps):
+            self.dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
+            v = self.predict(x, t.reshape(1).to(device), enc)
+            x = sampler.step(v.float(), x)
+            yield i, len(sampler), x
+
+    @torch.inference_mode()
     def denoise(
         self,
         enc: EncodedRequest,
@@ -114,13 +142,8 @@ class ModelRunner:
         Returns:
             float32 ``[1, 16, F', h, w]`` final latents (normalised, as the VAE's input after denormalising).
         """
-        device = self.device
-        enc = enc.to(device)
-        x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
-        sampler = self.sampler(enc)
-        for i, t in enumerate(sampler.timesteps):
-            v = self.predict(x, t.reshape(1).to(device), enc)
-            x = sampler.step(v.float(), x)
+        x = None
+        for i, n, x in self.denoise_iter(enc, noise=noise):
             if progress is not None:
-                progress(i, len(sampler))
+                progress(i, n)
         return x

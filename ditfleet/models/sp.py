@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.base import AttentionBackend
+from ..attention.blockmask import BlockSparseMask
 from ..parallel import ParallelMesh, SeqShard, check_backend_for_mesh, gather_sequence, sequence_parallel_attention, shard_sequence
 
 
@@ -79,7 +80,14 @@ class SeqParallel:
         return {name: gather_sequence(t, self.mesh, shard, dim=self.plan.gather[name]) for name, t in tensors.items()}
 
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: AttentionBackend, shard: SeqShard | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        backend: AttentionBackend,
+        shard: SeqShard | None,
+        block_mask: BlockSparseMask | None = None,
     ) -> torch.Tensor:
         """Self-attention of the (local) sequence: the kernel itself, or sequence-parallel over the mesh.
 
@@ -87,13 +95,15 @@ class SeqParallel:
             q, k, v: ``[B, S_local, H, D]`` in the backend's dtype.
             backend: the site's kernel.
             shard: what :meth:`split` returned.
+            block_mask: a block-sparse mask over the whole (global, unpadded) sequence, the same on
+                every rank (the parallel layer cuts it per rank and step); ``None``: dense.
 
         Returns:
             ``[B, S_local, H, D]``.
         """
         if not self.active:
-            return backend(q, k, v)[0]
-        return sequence_parallel_attention(q, k, v, backend=backend, mesh=self.mesh, shard=shard)[0]
+            return backend(q, k, v, block_mask=block_mask)[0]
+        return sequence_parallel_attention(q, k, v, backend=backend, mesh=self.mesh, shard=shard, block_mask=block_mask)[0]
 
     @staticmethod
     def _check_names(tensors: Mapping[str, torch.Tensor], declared: Mapping[str, int], what: str) -> None:

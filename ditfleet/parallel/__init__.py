@@ -8,6 +8,8 @@ Public API::
     q_l, shard = shard_sequence(q, mesh)                       # [B, S, H, D] -> local chunk + SeqShard
     out_l, _ = sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard)
     out = gather_sequence(out_l, mesh, shard)
+    # block-sparse (radial) attention: one mask over the global unpadded sequence, on every rank
+    out_l, _ = sequence_parallel_attention(q_l, k_l, v_l, backend=radial, mesh=mesh, shard=shard, block_mask=mask)
 
 This package imports no model code; it calls kernels only through ``ditfleet.attention``'s contract.
 """
@@ -17,6 +19,7 @@ from .cfg import cfg_branch, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .merge import merge_attention, merge_attention_
 from .mesh import MESH_AXES, DistEnv, ParallelMesh, init_distributed, init_parallel
 from .ring import RingComm, ring_attention
+from .ring_schedule import RingSchedule, sp_schedule
 from .shard import SeqShard, gather_sequence, shard_sequence
 from .ulysses import UlyssesComm, padded_heads, ulysses_attention
 
@@ -26,6 +29,7 @@ __all__ = [
     "DistEnv",
     "ParallelMesh",
     "RingComm",
+    "RingSchedule",
     "SeqShard",
     "UlyssesComm",
     "cfg_branch",
@@ -44,5 +48,6 @@ __all__ = [
     "ring_attention",
     "sequence_parallel_attention",
     "shard_sequence",
+    "sp_schedule",
     "ulysses_attention",
 ]

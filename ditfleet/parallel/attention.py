@@ -10,6 +10,13 @@ only at the global end, so the valid keys of super-chunk ``c`` are ``clamp(S - c
 Implementation choices (``ulysses_impl``, ``ring_impl``, head-group pipelining, merge kernel)
 are keywords of :func:`sequence_parallel_attention`; every choice gives the same result, and
 ``ditfleet bench sp-attention`` times them all.
+
+Block-sparse masks (radial attention): ``block_mask`` is one mask over the *global unpadded*
+sequences, the same on every rank. Ulysses runs the kernel on the whole (padded) group sequence
+with the whole mask (positions past the end are masked by the window); the ring runs each
+``(query chunk, key chunk)`` step with its sub-mask, skips steps whose sub-mask is empty and K/V
+transfers nobody further along needs (:mod:`ditfleet.parallel.ring_schedule`); USP does both,
+with super-chunks as the ring's chunks.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import torch
 
 from ..attention.base import AttentionBackend
+from ..attention.blockmask import BlockSparseMask
 from ..errors import ConfigError
 from .mesh import ParallelMesh
-from .ring import RING_IMPLS, RingComm, allgather_forward, block_attend, full_attend, ring_attention, ring_forward
+from .ring import RING_IMPLS, RingComm, ring_attention, ring_run
 from .shard import SeqShard
 from .ulysses import ULYSSES_IMPLS, UlyssesComm, pad_heads, padded_heads, ulysses_attention, ulysses_forward
 
@@ -68,6 +76,7 @@ def sequence_parallel_attention(
     ring_chunks: int = 5,
     compute_streams: int = 1,
     merge_impl: str = "auto",
+    block_mask: BlockSparseMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a sharded query sequence over a sharded key sequence, across the SP group.
 
@@ -98,57 +107,74 @@ def sequence_parallel_attention(
         compute_streams: 1, or 2 to alternate head groups' kernels over two CUDA streams
             (``"p2p"`` Ulysses and ``"allgather"`` ring).
         merge_impl: ``"rotate"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
+        block_mask: a :class:`~ditfleet.attention.blockmask.BlockSparseMask` of shape
+            ``(shard.global_len, kv_shard.global_len)`` over the *global unpadded* sequences, identical
+            on every rank (radial attention); needs a backend with ``caps.block_mask``. ``None``: dense.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
         ``[B, H, S_q_local]`` when ``return_lse``, else ``None``. Rows of padded queries are
-        unspecified (``gather_sequence`` drops them).
+        unspecified (``gather_sequence`` drops them); under a mask, rows it leaves without any
+        key get ``out = 0`` and ``lse = -inf``, as on one device.
 
     Raises:
         ConfigError: ring degree > 1 with a backend that returns no LSE.
+        NotImplementedError: ``block_mask`` with a backend that takes none (on every rank, before
+            any communication).
+        ValueError: ``block_mask`` of the wrong shape.
     """
     kv_shard = kv_shard or shard
     check_backend_for_mesh(backend, mesh)
     _check_shapes(q, k, v, shard, kv_shard)
+    if block_mask is not None:
+        _check_mask(backend, block_mask, shard, kv_shard)
     if ulysses_impl not in ULYSSES_IMPLS or ring_impl not in RING_IMPLS:
         raise ValueError(f"ulysses_impl must be one of {ULYSSES_IMPLS} (got {ulysses_impl!r}) and ring_impl one of "
                          f"{RING_IMPLS} (got {ring_impl!r})")
     u, r = mesh.ulysses_size, mesh.ring_size
     if u == 1 and r == 1:
         lens = None if kv_shard.pad == 0 else [kv_shard.global_len] * q.shape[0]
-        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=return_lse)
+        mask = None if block_mask is None else block_mask.sub(0, q.shape[1], 0, k.shape[1])
+        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=return_lse, block_mask=mask)
     if r == 1:
         return ulysses_attention(
             q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
-            chunks=ulysses_chunks, impl=ulysses_impl, compute_streams=compute_streams,
+            chunks=ulysses_chunks, impl=ulysses_impl, compute_streams=compute_streams, block_mask=block_mask,
         )
     if u == 1:
         return ring_attention(
             q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
             impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
+            block_mask=block_mask,
         )
-    return _usp(q, k, v, backend=backend, mesh=mesh, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
-                chunks=ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl, ring_chunks=ring_chunks,
-                compute_streams=compute_streams, merge_impl=merge_impl)
+    return _usp(q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale,
+                return_lse=return_lse, chunks=ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl,
+                ring_chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl, block_mask=block_mask)
 
 
-def _usp(q, k, v, *, backend, mesh: ParallelMesh, kv_shard: SeqShard, scale, return_lse, chunks,
-         ulysses_impl, ring_impl, ring_chunks, compute_streams, merge_impl):
+def _check_mask(backend: AttentionBackend, mask: BlockSparseMask, shard: SeqShard, kv_shard: SeqShard) -> None:
+    if not backend.caps.block_mask:
+        raise NotImplementedError(f"{backend.key} ({backend.description}) does not take a block-sparse mask")
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"block_mask must be a BlockSparseMask, got {type(mask).__name__}")
+    if tuple(mask.shape) != (shard.global_len, kv_shard.global_len):
+        raise ValueError(f"block_mask is {tuple(mask.shape)}, the global sequences are "
+                         f"{shard.global_len} x {kv_shard.global_len} (the mask is over the unpadded global sequences)")
+
+
+def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: SeqShard, scale, return_lse, chunks,
+         ulysses_impl, ring_impl, ring_chunks, compute_streams, merge_impl, block_mask):
     """Ulysses inside each ring group: all-to-all to super-chunks, ring over them, all-to-all back."""
     u = mesh.ulysses_size
     num_heads = q.shape[2]
     h_pad = padded_heads(num_heads, u)
     ring = RingComm.from_mesh(mesh)
-    valid = [kv_shard.chunk_valid(c, u) for c in range(ring.size)]
-    block = block_attend(backend, scale)
-    full = full_attend(backend, scale, sum(valid))
 
     def attend(q_super, kv_super, want_lse):
-        if ring_impl == "allgather":
-            return allgather_forward(q_super, kv_super[0], kv_super[1], comm=ring, attend=full, return_lse=want_lse,
-                                     chunks=ring_chunks, compute_streams=compute_streams)
-        out, lse = ring_forward(q_super, kv_super, comm=ring, attend=block, chunk_valid=valid, merge_impl=merge_impl)
-        return out, (lse if want_lse else None)
+        return ring_run(q_super, kv_super[0], kv_super[1], kv_super, comm=ring, backend=backend, scale=scale,
+                        q_chunk=u * shard.chunk, kv_shard=kv_shard, per_chunk=u, block_mask=block_mask,
+                        impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
+                        return_lse=want_lse)
 
     out, lse = ulysses_forward(
         pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad), comm=UlyssesComm.from_mesh(mesh),

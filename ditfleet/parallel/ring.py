@@ -2,23 +2,23 @@
 
 Two implementations (``impl``):
 
-* ``"rotate"`` (default): the classic ring, described below.
-* ``"allgather"``: K/V are gathered head group by head group (one grouped P2P batch
-  per group, received straight into the kernel's contiguous ``[B, R*S, hg, D]`` buffers) and
-  the kernel runs once per head group over the *whole* key sequence: no LSE merges, no LSE
-  needed from the kernel, calls as long as single-GPU ones (short-key calls cost ~12% more on
-  H100), and less memory than rotating two full K/V chunks. With ``chunks > 1`` the gather of
-  group ``g + 1`` overlaps the kernel of group ``g`` (:mod:`ditfleet.parallel.pipeline`).
-  Communication volume equals the rotating ring's: ``(R - 1) / R`` of K and V per rank.
-* ``"rotate"``: at step ``s`` rank ``r`` holds key chunk ``(r - s) mod R``;
-  before computing on it, it starts sending it to ``r + 1`` and receiving the next one from
-  ``r - 1`` (K and V packed, one ``batch_isend_irecv``), so the transfer overlaps the kernel.
-  Partial results merge by LSE (:func:`ditfleet.parallel.merge.merge_step`: the first block
-  is kept as is, later ones folded in by one fused pass, the last merge writes the output dtype).
+* ``"rotate"`` (default): at step ``s`` rank ``r`` holds key chunk ``(r - s) mod R``; before
+  computing on it, it starts sending it to ``r + 1`` and receiving the next one from ``r - 1``
+  (K and V packed, one ``batch_isend_irecv``), so the transfer overlaps the kernel. Partial
+  results merge by LSE (:func:`ditfleet.parallel.merge.merge_step`: the first block is kept as
+  is, later ones folded in by one fused pass, the last merge writes the output dtype).
+* ``"allgather"`` (:mod:`ditfleet.parallel.ring_allgather`): K/V gathered head group by head
+  group, one kernel call per group over the *whole* key sequence: no LSE merges, calls as long
+  as single-GPU ones, less memory than rotating two full K/V chunks; the gather of group
+  ``g + 1`` overlaps the kernel of group ``g``. Same communication volume as the rotating ring.
 
-Padding lives at the global end, so a chunk is valid, partly padded (``kv_lens`` tells the
-kernel how many leading keys count) or all padding: in the rotating ring such a chunk is
-neither computed nor sent (sender and receiver both know it is empty).
+Which steps run and which chunks travel is a :class:`~ditfleet.parallel.ring_schedule.RingSchedule`:
+padding lives at the global end, so a chunk is valid, partly padded (``kv_lens`` tells the kernel
+how many leading keys count) or all padding, and an all-padding chunk is neither computed nor
+sent. Under a block-sparse mask (``block_mask``, over the global unpadded sequences) each
+``(query chunk, key chunk)`` step runs with its sub-mask (:meth:`BlockSparseMask.sub`), a step
+whose sub-mask is empty runs no kernel, and a chunk no rank further along the ring needs is not
+sent (both ends know; a chunk is still forwarded through ranks that do not need it themselves).
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ import torch
 import torch.distributed as dist
 
 from ..attention.base import AttentionBackend
+from ..attention.blockmask import BlockSparseMask
 from .merge import merge_step
 from .mesh import ParallelMesh
-from .pipeline import Pipeline, exchange, finish_recv, recv_slot
+from .ring_allgather import FullAttend, allgather_forward, full_attend
+from .ring_schedule import RingSchedule
 from .shard import SeqShard
-from .ulysses import head_groups
+
+__all__ = ["RING_IMPLS", "BlockAttend", "FullAttend", "RingComm", "RingSchedule", "allgather_forward", "block_attend",
+           "full_attend", "ring_attention", "ring_forward", "ring_run"]
 
 RING_IMPLS = ("allgather", "rotate")
 
@@ -74,12 +78,24 @@ class RingComm:
         for req in reqs:
             req.wait()
 
+    def ready(self, like: torch.Tensor) -> None:
+        """Once per group, on NCCL: one all-reduce with every rank, before any P2P batch.
+
+        NCCL wants all ranks of a group in its first ``batch_isend_irecv``; a ring that skips
+        transfers (padding, block masks) may leave a rank out of one, so the group is brought up
+        by a collective first (every rank of the ring reaches here in the same call).
+        """
+        if self.size > 1 and like.is_cuda and self.group not in _READY:
+            dist.all_reduce(torch.zeros(1, device=like.device), group=self.group)
+            _READY.append(self.group)
+
+
+_READY: list = []  # ring groups already brought up (see RingComm.ready)
+
 
 # ---------------------------------------------------------------- forward loop
-# attend(q, k, v, n_valid) -> (out, lse) with lse float32 [B, H, S_q]
-BlockAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-# attend(q, k_full, v_full, want_lse) -> (out, lse | None)
-FullAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+# attend(q, k, v, n_valid, chunk_index) -> (out, lse) with lse float32 [B, H, S_q]
+BlockAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def ring_forward(
@@ -90,36 +106,41 @@ def ring_forward(
     attend: BlockAttend,
     chunk_valid: Sequence[int],
     merge_impl: str = "auto",
+    schedule: RingSchedule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotating ring: rotate ``kv`` around the ring, attend ``q`` to every chunk, merge by LSE.
+    """The rotating ring: rotate ``kv`` around the ring, attend ``q`` to every needed chunk, merge by LSE.
 
     Args:
         q: ``[B, S_q, H, D]`` local queries.
         kv: ``[2, B, S_k, H, D]`` packed local keys/values, contiguous; this buffer is reused
             for receiving, so the caller must not need it afterwards.
         comm: the ring's :class:`RingComm`.
-        attend: block kernel, called with the number of valid leading keys of the chunk.
+        attend: block kernel, called with the number of valid leading keys of the chunk and its index.
         chunk_valid: valid keys of each ring chunk, by chunk index (``0`` = all padding).
         merge_impl: :func:`~ditfleet.parallel.merge.merge_step`'s ``impl``.
+        schedule: which steps compute and which chunks travel (identical on every rank);
+            ``None``: :meth:`RingSchedule.dense` of ``chunk_valid``.
 
     Returns:
-        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` in q's dtype, ``lse`` float32 ``[B, H, S_q]``.
+        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` in q's dtype, ``lse`` float32 ``[B, H, S_q]``. Rows
+        that attend no key at all (every step skipped) get ``out = 0`` and ``lse = -inf``.
     """
     size, rank = comm.size, comm.rank
+    sched = schedule or RingSchedule.dense(chunk_valid)
+    if sched.size != size:
+        raise ValueError(f"ring schedule is for {sched.size} ranks, the ring has {size}")
+    comm.ready(q)
     cur, nxt = kv, (torch.empty_like(kv) if size > 1 else None)
-    computed = [step for step in range(size) if chunk_valid[(rank - step) % size]]
-    if not computed:  # no valid key anywhere: impossible for a global length >= 1
-        raise RuntimeError("ring attention saw no valid key chunk")
+    computed = [step for step in range(size) if sched.computes(rank, step)]
     out = lse = None
     for step in range(size):
         held = (rank - step) % size
         reqs = []
         if step + 1 < size:
             incoming = (held - 1) % size
-            reqs = comm.start(cur if chunk_valid[held] else None, nxt if chunk_valid[incoming] else None)
-        n = chunk_valid[held]
-        if n:
-            block_out, block_lse = attend(q, cur[0], cur[1], n)
+            reqs = comm.start(cur if sched.sends(held, step) else None, nxt if sched.sends(incoming, step) else None)
+        if computed and step in computed:
+            block_out, block_lse = attend(q, cur[0], cur[1], chunk_valid[held], held)
             if out is None:  # the first block's result is the running state as is
                 out, lse = block_out, block_lse.float()
             else:
@@ -128,100 +149,24 @@ def ring_forward(
         comm.wait(reqs)
         if step + 1 < size:
             cur, nxt = nxt, cur
+    if out is None:  # these queries attend no key anywhere (e.g. padding rows under a mask)
+        b, s_q, h, _ = q.shape
+        return q.new_zeros(q.shape), torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
     return out.to(q.dtype), lse
 
 
-def _gather_heads(pipe: Pipeline, comm: RingComm, k, v, h0: int, h1: int):
-    """On the comm stream: heads ``[h0, h1)`` of every ring rank's K/V chunk, as ``[B, R*S_k, hg, D]``."""
-    r, me, peers = comm.size, comm.rank, comm.ranks
-    b, s, _, d = k.shape
-    with pipe.on_comm():
-        fulls = [k.new_empty((b, r * s, h1 - h0, d)) for _ in range(2)]
-        sends, recvs, post = [], [], []
-        for tag, (x, full) in enumerate(zip((k, v), fulls)):
-            own = full[:, me * s : (me + 1) * s]
-            own.copy_(x[:, :, h0:h1])
-            src = own if own.is_contiguous() else x[:, :, h0:h1].contiguous()
-            for p in range(r):
-                if p != me:
-                    sends.append((src, peers[p], tag))
-                    recvs.append((recv_slot(full[:, p * s : (p + 1) * s], post), peers[p], tag))
-        exchange(sends, recvs, comm.group)
-        finish_recv(post)
-        return fulls[0], fulls[1], pipe.mark()
+def block_attend(backend: AttentionBackend, scale: float | None, block_mask: BlockSparseMask | None = None, *,
+                 q_start: int = 0, k_chunk: int = 0) -> BlockAttend:
+    """The ring's block kernel: ``backend`` with ``kv_lens`` for a partly padded chunk, LSE on.
 
-
-def allgather_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    comm: RingComm,
-    attend: FullAttend,
-    return_lse: bool,
-    chunks: int = 1,
-    compute_streams: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ring attention by head-group all-gathers: gather group ``g + 1``'s K/V while group ``g`` computes.
-
-    Args:
-        q: ``[B, S_q, H, D]`` local queries.
-        k, v: ``[B, S_k, H, D]`` local key/value chunks (any strides; only read).
-        comm: the ring's :class:`RingComm` (chunk ``p`` of the gathered keys comes from ring rank ``p``).
-        attend: ``attend(q_g, k_full, v_full, want_lse)``: the kernel on the gathered keys
-            ``[B, R*S_k, hg, D]`` (padding, if any, at the end; the callback masks it).
-        return_lse: also return the LSE.
-        chunks: head groups (1 = gather everything, then one kernel call).
-        compute_streams: 1, or 2 to alternate the groups' kernels over two CUDA streams.
-
-    Returns:
-        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` in q's dtype, ``lse`` float32 ``[B, H, S_q]`` or ``None``.
+    With ``block_mask`` (over the global sequences) the step on key chunk ``c`` gets the sub-mask of
+    queries ``[q_start, q_start + S_q)`` x keys ``[c * k_chunk, c * k_chunk + S_k)``.
     """
-    b, s_q, h, d = q.shape
-    groups = head_groups(h, chunks)
-    out = lse = None
-    if len(groups) > 1:  # one group: the kernel's own result is returned
-        out = q.new_empty(q.shape)
-        lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    pipe = Pipeline(q, "ring", compute_streams)
-    pipe.keep(q, k, v, out, lse)
-    pending = _gather_heads(pipe, comm, k, v, *groups[0])
-    for gi, (h0, h1) in enumerate(groups):
-        nxt = _gather_heads(pipe, comm, k, v, *groups[gi + 1]) if gi + 1 < len(groups) else None
-        k_g, v_g, ready = pending
-        with pipe.on_compute(gi, after=ready):
-            pipe.used_here(k_g, v_g)
-            q_g = q if len(groups) == 1 else q[:, :, h0:h1].contiguous()
-            o, l = attend(q_g, k_g, v_g, return_lse)
-            if len(groups) == 1:
-                out, lse = o, l
-            else:
-                out[:, :, h0:h1].copy_(o)
-                if lse is not None:
-                    lse[:, h0:h1].copy_(l)
-        pending = nxt
-        del k_g, v_g  # freed as the pipeline goes (their use on the compute stream is recorded)
-    pipe.finish()
-    return out, lse
 
-
-def block_attend(backend: AttentionBackend, scale: float | None) -> BlockAttend:
-    """The ring's block kernel: ``backend`` with ``kv_lens`` for a partly padded chunk, LSE on."""
-
-    def attend(q, k, v, n):
+    def attend(q, k, v, n, c):
         lens = None if n == k.shape[1] else [n] * q.shape[0]
-        out, lse = backend(q, k, v, scale=scale, kv_lens=lens, return_lse=True)
-        return out, lse
-
-    return attend
-
-
-def full_attend(backend: AttentionBackend, scale: float | None, n_valid: int) -> FullAttend:
-    """The all-gather ring's kernel: ``backend`` over the gathered keys, of which ``n_valid`` lead."""
-
-    def attend(q, k, v, want_lse):
-        lens = None if n_valid == k.shape[1] else [n_valid] * q.shape[0]
-        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=want_lse)
+        sub = None if block_mask is None else block_mask.sub(q_start, q.shape[1], c * k_chunk, k.shape[1])
+        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=True, block_mask=sub)
 
     return attend
 
@@ -242,6 +187,7 @@ def ring_attention(
     chunks: int = 5,
     compute_streams: int = 1,
     merge_impl: str = "auto",
+    block_mask: BlockSparseMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ring attention over the mesh's ring axis (``mesh.ulysses_size`` must be 1).
 
@@ -258,6 +204,7 @@ def ring_attention(
         chunks: ``"allgather"``: head groups pipelined against the gathers.
         compute_streams: ``"allgather"``: 2 alternates the groups' kernels over two CUDA streams.
         merge_impl: ``"rotate"``: merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
+        block_mask: mask over the global unpadded ``S_q x S_k`` (a kernel with ``caps.block_mask``), or ``None``.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
@@ -266,13 +213,28 @@ def ring_attention(
     if mesh.ulysses_size != 1:
         raise ValueError("ring_attention needs ulysses_size 1; use sequence_parallel_attention for USP")
     kv_shard = kv_shard or shard
-    comm = RingComm.from_mesh(mesh)
-    valid = [kv_shard.chunk_valid(c) for c in range(comm.size)]
-    if impl == "allgather":
-        return allgather_forward(q, k, v, comm=comm, attend=full_attend(backend, scale, sum(valid)),
-                                 return_lse=return_lse, chunks=chunks, compute_streams=compute_streams)
-    if impl != "rotate":
+    return ring_run(q, k, v, None, comm=RingComm.from_mesh(mesh), backend=backend, scale=scale, q_chunk=shard.chunk,
+                    kv_shard=kv_shard, per_chunk=1, block_mask=block_mask, impl=impl, chunks=chunks,
+                    compute_streams=compute_streams, merge_impl=merge_impl, return_lse=return_lse)
+
+
+def ring_run(q, k, v, kv, *, comm: RingComm, backend: AttentionBackend, scale, q_chunk: int, kv_shard: SeqShard,
+             per_chunk: int, block_mask: BlockSparseMask | None, impl: str, chunks: int, compute_streams: int,
+             merge_impl: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ring over ``comm`` for ring attention (``per_chunk`` 1) and USP (ring chunks are super-chunks of
+    ``per_chunk`` = U SP chunks). ``q_chunk``: query tokens per ring chunk; ``kv``: ``k`` and ``v`` packed
+    ``[2, B, S_k, H, D]`` if the caller has them so (``"rotate"`` reuses it), else ``None``."""
+    if impl not in RING_IMPLS:
         raise ValueError(f"ring impl must be one of {RING_IMPLS}, got {impl!r}")
-    out, lse = ring_forward(q, torch.stack((k, v)), comm=comm, attend=block_attend(backend, scale),
-                            chunk_valid=valid, merge_impl=merge_impl)
+    size, k_chunk = comm.size, kv_shard.chunk * per_chunk
+    valid = [kv_shard.chunk_valid(c, per_chunk) for c in range(size)]
+    sched = None if block_mask is None else RingSchedule.from_mask(block_mask, q_chunk, k_chunk, size)
+    if impl == "allgather":
+        window = None if block_mask is None else block_mask.sub(comm.rank * q_chunk, q_chunk, 0, size * k_chunk)
+        return allgather_forward(q, k, v, comm=comm, attend=full_attend(backend, scale, sum(valid), window),
+                                 return_lse=return_lse, chunks=chunks, compute_streams=compute_streams,
+                                 needs=None if sched is None else sched.needs)
+    attend = block_attend(backend, scale, block_mask, q_start=comm.rank * q_chunk, k_chunk=k_chunk)
+    out, lse = ring_forward(q, torch.stack((k, v)) if kv is None else kv, comm=comm, attend=attend, chunk_valid=valid,
+                            merge_impl=merge_impl, schedule=sched)
     return out, (lse if return_lse else None)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend
+from ..attention.blockmask import BlockSparseMask
 from .mesh import ParallelMesh
 from .pipeline import Pipeline, exchange, finish_recv, recv_slot
 from .shard import SeqShard
@@ -179,6 +180,7 @@ def ulysses_attention(
     chunks: int = 1,
     impl: str = "p2p",
     compute_streams: int = 1,
+    block_mask: BlockSparseMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ulysses attention over the mesh's ulysses axis (``mesh.ring_size`` must be 1).
 
@@ -194,6 +196,9 @@ def ulysses_attention(
         chunks: head groups pipelined against the all-to-alls (1 = none).
         impl: ``"p2p"`` or ``"packed"`` (see the module docstring).
         compute_streams: 1, or 2 to alternate the head groups' kernels over two CUDA streams.
+        block_mask: mask over the global unpadded ``S_q x S_k`` (a kernel with ``caps.block_mask``):
+            every rank holds the whole sequence for its heads, so the kernel gets the whole mask
+            (its window over the padded sequence: positions past the end are masked). ``None``: dense.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
@@ -208,9 +213,10 @@ def ulysses_attention(
     comm = UlyssesComm.from_mesh(mesh)
     kv_valid = kv_shard.chunk_valid(0, u)  # the gathered sequence is the whole (padded) sequence
     lens = None if kv_valid == kv_shard.chunk * u else [kv_valid] * q.shape[0]
+    window = None if block_mask is None else block_mask.sub(0, shard.chunk * u, 0, kv_shard.chunk * u)
 
     def attend(q_full, kv, want_lse):
-        return backend(q_full, kv[0], kv[1], scale=scale, kv_lens=lens, return_lse=want_lse)
+        return backend(q_full, kv[0], kv[1], scale=scale, kv_lens=lens, return_lse=want_lse, block_mask=window)
 
     out, lse = ulysses_forward(
         pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),

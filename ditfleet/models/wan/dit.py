@@ -13,6 +13,19 @@ Attention runs through backends chosen once, at start-up, per site (``self_attn_
 ``cross_attn_1_type``, ``cross_attn_2_type``); self-attention goes through the model's
 :class:`~ditfleet.models.sp.SeqParallel`, which is the plain kernel unless a mesh with an SP
 degree > 1 was set (:meth:`WanDiT.set_parallel`).
+
+Radial attention: when the self-attention kernel takes block masks (``caps.block_mask``: the
+``radial_attn`` kernels), every forward builds (cached per video geometry) the radial mask of its
+token grid (``F'`` latent frames x ``H'*W'`` tokens per frame, after patching) from the
+:class:`~ditfleet.config.RadialAttnSetting` given to :meth:`WanDiT.set_radial`, and
+:func:`~ditfleet.attention.radial.radial_plan` decides per (block, denoising step) whether that
+block runs radial or dense (``dense_layers`` / ``dense_timesteps``). Dense blocks/steps run the
+``dense_fallback`` kernel of :meth:`WanDiT.set_radial`, or else the radial kernel called without a
+mask, which runs its own dense kernel (``radial_flex``: the first torch SDPA kernel that runs
+here, i.e. cuDNN on H100; ``radial_fa4``: FlashAttention-4). Nothing else ever runs dense: a radial
+kernel without a setting, or ``dense_timesteps > 0`` without a step index, is an error. The step
+index comes from ``forward(..., step=i)`` or :meth:`WanDiT.set_step`. Under sequence parallelism
+the same global mask goes to :func:`~ditfleet.parallel.sequence_parallel_attention`.
 """
 
 from __future__ import annotations
@@ -26,6 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...attention.base import AttentionBackend
+from ...attention.blockmask import BlockSparseMask
+from ...attention.radial import radial_plan
+from ...errors import ConfigError
 from ..sp import SeqParallel, SeqParallelPlan
 from . import ops
 from .config import WanDiTConfig
@@ -253,6 +269,9 @@ class WanDiT(nn.Module):
             self.img_emb = WanImageEmbedding(cfg)
         self.sp = SeqParallel(self.sp_plan)
         self.backends: dict[str, AttentionBackend] = {}
+        self.radial = None  # RadialAttnSetting (set_radial); used when the self-attention kernel is radial
+        self.dense_fallback: AttentionBackend | None = None
+        self._step: int | None = None
         self._rope_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if attention is not None:
             self.set_attention(attention)
@@ -275,6 +294,12 @@ class WanDiT(nn.Module):
         missing = [s for s in self.required_sites() if s not in backends]
         if missing:
             raise ValueError(f"no attention kernel for site(s) {', '.join(missing)} of this {self.config.model_type} model")
+        unbound = [s for s, b in backends.items() if getattr(b, "per_layer", False)]
+        if unbound:  # sparge kernels are bound per block (thresholds per layer); the DiT does not bind them yet
+            raise ConfigError(
+                unbound[0], "sparge is not wired into the Wan DiT in this build (per-block threshold binding is "
+                "pending); valid here: torch_sdpa, flash_attn2, flash_attn3, flash_attn4, sage_attn2, radial_attn"
+            )
         self.backends = backends
         self.sp.check_backend(backends[SELF_SITE])
         return self
@@ -282,9 +307,67 @@ class WanDiT(nn.Module):
     def set_parallel(self, mesh) -> WanDiT:
         """Run self-attention sequence-parallel over ``mesh`` (a ``ParallelMesh``; ``None``: single process)."""
         self.sp = SeqParallel(self.sp_plan, mesh)
-        if SELF_SITE in self.backends:
-            self.sp.check_backend(self.backends[SELF_SITE])
+        for backend in (self.backends.get(SELF_SITE), self.dense_fallback):
+            if backend is not None:
+                self.sp.check_backend(backend)
         return self
+
+    def set_radial(self, setting, *, dense_fallback: AttentionBackend | None = None) -> WanDiT:
+        """Radial attention's setting (start-up): needed when the self-attention kernel is radial.
+
+        Args:
+            setting: a :class:`~ditfleet.config.RadialAttnSetting` (or anything with its fields:
+                ``decay_factor``, ``block_size``, ``dense_timesteps``, ``dense_layers``); ``None`` clears it.
+                Ignored while the self-attention kernel takes no block mask, so an engine may pass
+                ``cfg.radial_attn_setting`` whatever the kernel.
+            dense_fallback: the kernel of the dense blocks / steps (``dense_layers``,
+                ``dense_timesteps``); ``None``: the radial kernel without a mask (its own dense kernel).
+
+        Raises:
+            ConfigError: under a ring mesh, ``dense_fallback`` returns no LSE.
+        """
+        if setting is not None:
+            for name in ("decay_factor", "block_size", "dense_timesteps", "dense_layers"):
+                if not hasattr(setting, name):
+                    raise TypeError(f"set_radial: setting has no {name!r} (pass a RadialAttnSetting)")
+        if dense_fallback is not None:
+            self.sp.check_backend(dense_fallback)
+        self.radial, self.dense_fallback = setting, dense_fallback
+        return self
+
+    def set_step(self, step: int | None) -> WanDiT:
+        """The denoising step index (0-based) of the following forwards (radial ``dense_timesteps``);
+        ``forward(..., step=i)`` overrides it for one call. ``None``: unknown."""
+        self._step = None if step is None else int(step)
+        return self
+
+    @property
+    def radial_active(self) -> bool:
+        """True when self-attention runs a block-mask (radial) kernel."""
+        backend = self.backends.get(SELF_SITE)
+        return backend is not None and backend.caps.block_mask
+
+    def self_attention_masks(self, grid: tuple[int, int, int], step: int | None) -> tuple[BlockSparseMask | None, ...]:
+        """Per block, the radial mask of a ``(f, h, w)`` token grid at denoising step ``step``, ``None`` = dense.
+
+        All ``None`` when the self-attention kernel is not radial.
+
+        Raises:
+            RuntimeError: a radial kernel without :meth:`set_radial`.
+            ValueError: ``dense_timesteps > 0`` and no step index.
+        """
+        n = len(self.blocks)
+        if not self.radial_active:
+            return (None,) * n
+        rs = self.radial
+        if rs is None:
+            raise RuntimeError(f"self-attention kernel {self.backends[SELF_SITE].key} is radial but the model has no "
+                               "radial setting: call set_radial(cfg.radial_attn_setting) at start-up")
+        if step is None and int(rs.dense_timesteps) > 0:
+            raise ValueError(f"radial_attn_setting.dense_timesteps={rs.dense_timesteps} needs the denoising step "
+                             "index: call set_step(i) before each step's forward, or forward(..., step=i)")
+        f, h, w = grid
+        return tuple(radial_plan(f, h * w, rs, layer=i, step=0 if step is None else step) for i in range(n))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -398,6 +481,9 @@ class WanDiT(nn.Module):
             b = self.backends[site]
             if b.dtype != self.dtype:
                 raise TypeError(f"{site}: kernel {b.key} was built for {b.dtype}, the model computes in {self.dtype}")
+        fb = self.dense_fallback
+        if fb is not None and self.radial_active and fb.dtype != self.dtype:
+            raise TypeError(f"dense_fallback: kernel {fb.key} was built for {fb.dtype}, the model computes in {self.dtype}")
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(
@@ -407,6 +493,8 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        *,
+        step: int | None = None,
     ) -> torch.Tensor:
         """Predict the flow (velocity) of the noisy latent ``x`` at time ``t``.
 
@@ -418,15 +506,17 @@ class WanDiT(nn.Module):
             clip_fea: I2V: ``[B, 257, 1280]`` CLIP image features; ``None`` for T2V.
             y: I2V: ``[B, 20, F, H, W]`` conditioning (mask + encoded image), concatenated to ``x``
                 along channels inside the model (``in_dim`` 36); ``None`` for T2V.
+            step: denoising step index (0-based) for radial ``dense_timesteps``; ``None``: the one
+                :meth:`set_step` set (if any).
 
         Returns:
             float32 ``[B, out_dim, F, H, W]``; identical on every rank under sequence parallelism.
         """
-        step = self.prepare(x, t, context, clip_fea, y)
-        h, carry = step.tokens, None
-        for block in self.blocks:
-            h, carry = block(h, carry, *step.block_args)
-        return self.finish(h, step, carry)
+        state = self.prepare(x, t, context, clip_fea, y, step=step)
+        h, carry = state.tokens, None
+        for i, block in enumerate(self.blocks):
+            h, carry = block(h, carry, *state.args_for(i))
+        return self.finish(h, state, carry)
 
     def prepare(
         self,
@@ -435,8 +525,11 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        *,
+        step: int | None = None,
     ) -> DiTStep:
-        """Everything before the blocks: embeddings, RoPE, the sequence split (arguments as :meth:`forward`)."""
+        """Everything before the blocks: embeddings, RoPE, the sequence split, each block's self-attention
+        (radial mask or dense) (arguments as :meth:`forward`)."""
         cfg = self.config
         self._check_backends()
         if cfg.has_image_branch and (clip_fea is None or y is None):
@@ -458,14 +551,20 @@ class WanDiT(nn.Module):
         ctx = self.embed_text(context.to(device))
         ctx_img = self.img_emb(clip_fea.to(device), dtype) if cfg.has_image_branch else None
 
+        masks = self.self_attention_masks(grid, self._step if step is None else step)
         local, shard = self.sp.split(tokens=tokens, rope_cos=cos, rope_sin=sin)
         backend, sp = self.backends[SELF_SITE], self.sp
-        attend = _Attend(
-            self_attention=lambda q, k, v: sp.attention(q, k, v, backend=backend, shard=shard),
-            text=self.backends[TEXT_SITE],
-            image=self.backends.get(IMAGE_SITE),
-        )
-        return DiTStep(local["tokens"], e, e0, ctx, ctx_img, (local["rope_cos"], local["rope_sin"]), attend, grid, shard)
+        dense = self.dense_fallback if self.radial_active and self.dense_fallback is not None else backend
+        text, image = self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
+
+        def attend_with(mask: BlockSparseMask | None) -> _Attend:
+            kernel = backend if mask is not None else dense
+            return _Attend(lambda q, k, v: sp.attention(q, k, v, backend=kernel, shard=shard, block_mask=mask), text, image)
+
+        by_mask = {id(m): attend_with(m) for m in masks}  # one per distinct mask (two at most)
+        layers = tuple(by_mask[id(m)] for m in masks)
+        return DiTStep(local["tokens"], e, e0, ctx, ctx_img, (local["rope_cos"], local["rope_sin"]),
+                       layers[0] if layers else attend_with(None), grid, shard, layers, masks)
 
     def finish(self, h: torch.Tensor, step: DiTStep, carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Head, gather, unpatchify: ``h`` float32 ``[B, S_local, C]`` (+ the last block's ``carry``) -> float32 ``[B, out_dim, F, H, W]``."""
@@ -485,9 +584,11 @@ class DiTStep:
         ctx: ``[B, text_len, C]`` embedded text, model dtype.
         ctx_img: ``[B, 257, C]`` embedded CLIP tokens or ``None``.
         rope: float32 cos / sin ``[S_local, D/2]`` at the tokens' global positions.
-        attend: the attention callables.
+        attend: the attention callables of block 0.
         grid: ``(f, h, w)`` token grid of the whole video.
         shard: the ``SeqShard`` under sequence parallelism, else ``None``.
+        layer_attend: the attention callables of each block.
+        self_masks: each block's self-attention mask (global), ``None`` where it runs dense.
     """
 
     tokens: torch.Tensor
@@ -499,11 +600,18 @@ class DiTStep:
     attend: _Attend
     grid: tuple[int, int, int]
     shard: object | None
+    layer_attend: tuple[_Attend, ...] = ()
+    self_masks: tuple[BlockSparseMask | None, ...] = ()
 
     @property
     def block_args(self) -> tuple:
-        """Arguments after ``x, carry`` of ``WanBlock.forward``."""
+        """Arguments after ``x, carry`` of block 0's ``WanBlock.forward`` (see :meth:`args_for`)."""
         return (self.e0, self.ctx, self.ctx_img, self.rope, self.attend)
+
+    def args_for(self, layer: int) -> tuple:
+        """Arguments after ``x, carry`` of block ``layer``'s ``WanBlock.forward`` (its self-attention mask)."""
+        attend = self.layer_attend[layer] if self.layer_attend else self.attend
+        return (self.e0, self.ctx, self.ctx_img, self.rope, attend)
 
 
 def default_attention(config: WanDiTConfig, device: torch.device | str, dtype: torch.dtype, attn_type: str = "torch_sdpa"):

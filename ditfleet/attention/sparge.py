@@ -1,0 +1,755 @@
+"""Sparge attention: a per-(batch, head) block mask predicted from q and k, and its two kernels.
+
+The predictor (SpargeAttn, thu-ml; ``spas_sage_attn/utils.py::get_block_map_meansim`` with
+``smooth_k`` as its CUDA entry points call it), rebuilt here from additive block statistics so
+that it also runs on statistics gathered across ranks (ring / USP):
+
+- queries are cut into blocks of ``block_q = 128`` tokens, keys into blocks of ``block_k = 64``;
+  keys are first *smoothed*: the mean key over the (valid) sequence is subtracted
+  (``smooth_k``; it shifts every score of a query block by the same amount, so it changes only
+  the key blocks' self-similarity below, never the softmax);
+- per block: the mean-pooled vector, and its *self-similarity*: the mean pairwise cosine of its
+  rows, ``||sum_i x_i/|x_i| ||^2 / n^2`` (diagonal included, as SpargeAttn's Gram-matrix mean);
+  a block is *similar* when that exceeds ``simthreshd1`` (per head);
+- block scores: pooled q . pooled k * scale, non-similar key blocks excluded (``-inf``), softmax
+  over key blocks;
+- selection per query block: threshold mode keeps the largest-probability key blocks while their
+  cumulative probability stays ``<= cdfthreshd`` (SpargeAttn's ``searchsorted(cdf, thr,
+  right=True)``), at least one; ``cdfthreshd >= 1`` keeps every block (exactly dense, whatever the
+  rounding of the cumulative sum). Top-k mode (``sparge_attn_setting.topk``, no checkpoint) keeps
+  ``ceil(topk * n_key_blocks)`` blocks;
+- always computed: every key block of a non-similar query block (its pooled vector does not
+  represent it), every non-similar key block for every query, and the first key block (attention
+  sink, SpargeAttn's ``attention_sink=True`` at inference); heads with ``is_sparse = 0`` are dense.
+
+Deviations from SpargeAttn (documented, tested against an independent float64 oracle):
+statistics, scores, softmax and cumulative sums are computed in float32 (float64 for float64
+inputs; SpargeAttn: the input dtype, bf16 / fp16); the last, short block of a sequence uses its
+real rows (SpargeAttn's Triton kernel loads the missing rows unmasked, which in practice makes that
+block non-similar); a zero row has no direction and adds nothing to its block's similarity (it
+adds a NaN in SpargeAttn); rows of the ``kv_lens`` padding take no part; top-k rounds up
+(SpargeAttn truncates, then keeps at least one); and ``pvthreshd`` (SpargeAttn's in-kernel skip of
+the P.V product for key blocks whose scores sit ``pvthreshd`` (log2 units) below the running
+maximum) is used by the ``spas_sage_attn`` kernel only: the built-in kernel computes every selected
+block exactly.
+
+Kernels:
+
+- :class:`SpargeFlex` (built in): the predictor plus ``flex_attention`` with a per-(batch, head)
+  ``BlockMask`` (``from_kv_blocks``, 128 x 64 tiles; full tiles without ``mask_mod``, partial ones
+  — only in ring windows — with the exact token predicate); compiled on CUDA, eager on CPU.
+  Returns the LSE, so it runs under Ulysses, ring and USP (the ring computes the mask from
+  gathered statistics: :func:`block_stats`, :func:`predict_from_stats`).
+- :class:`SpargeSpas`: ``spas_sage_attn.spas_sage2_attn_meansim_cuda`` (INT8 QK, FP8 PV) with the
+  per-head tensors; no LSE, so Ulysses only.
+
+A site's backend (what the registry builds) is not yet bound to a layer: the model binds one per
+DiT block with :meth:`SpargeFlex.for_layer` (``None``: a dense layer), and Ulysses binds the heads
+a rank holds with :meth:`SpargeFlex.for_heads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .base import LOW_PRECISION, AttentionBackend, Capabilities
+from .blockmask import BlockSparseMask, allowed_tokens
+
+BLOCK_Q = 128  # SpargeAttn's query block
+BLOCK_K = 64  # SpargeAttn's key block
+TOPK_SIMTHRESHD1 = -0.1  # SpargeAttn's top-k entry points' default: nearly every block counts as similar
+DEFAULT_PVTHRESHD = 20.0  # SpargeAttn's value when the PV threshold is not tuned
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------ parameters
+def _per_head(value: Any, num_heads: int, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scalar or ``[num_heads]`` value as a CPU tensor ``[num_heads]``."""
+    t = torch.as_tensor(value).detach().to("cpu")
+    if t.dim() == 0:
+        t = t.expand(num_heads)
+    if t.shape != (num_heads,):
+        raise ValueError(f"{name}: expected a scalar or [{num_heads}] values, got shape {list(t.shape)}")
+    return t.to(dtype).contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class SpargeParams:
+    """One layer's per-head Sparge settings (CPU tensors ``[H]``).
+
+    Attributes:
+        is_sparse: bool ``[H]``: False heads run dense.
+        simthreshd1: float32 ``[H]``: self-similarity threshold of q / k blocks.
+        cdfthreshd: float32 ``[H]`` in [0, 1] (threshold mode), or ``None`` (top-k mode).
+        topk: float32 ``[H]`` in (0, 1] (top-k mode), or ``None``.
+        pvthreshd: float32 ``[H]`` >= 0: SpargeAttn's PV-skip threshold (``spas_sage_attn`` only).
+        simthreshd2: float32 ``[H]``: kept for the checkpoint format (unused by SpargeAttn's kernels too).
+        block_q, block_k: predictor blocks in tokens (SpargeAttn: 128, 64).
+        sink: always compute the first key block.
+        smooth_k: subtract the mean key before the key blocks' statistics.
+    """
+
+    is_sparse: torch.Tensor
+    simthreshd1: torch.Tensor
+    cdfthreshd: torch.Tensor | None
+    topk: torch.Tensor | None
+    pvthreshd: torch.Tensor
+    simthreshd2: torch.Tensor
+    block_q: int = BLOCK_Q
+    block_k: int = BLOCK_K
+    sink: bool = True
+    smooth_k: bool = True
+    _dev: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.cdfthreshd is None) == (self.topk is None):
+            raise ValueError("SpargeParams: set exactly one of cdfthreshd (threshold mode) and topk (top-k mode)")
+        h = int(self.is_sparse.numel())
+        for name in ("is_sparse", "simthreshd1", "cdfthreshd", "topk", "pvthreshd", "simthreshd2"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (h,):
+                raise ValueError(f"SpargeParams.{name}: shape {list(t.shape)}, expected [{h}]")
+        if self.block_q < 1 or self.block_k < 1:
+            raise ValueError(f"SpargeParams: block sizes must be >= 1, got {self.block_q}, {self.block_k}")
+
+    # ---- construction
+    @classmethod
+    def thresholds(cls, num_heads: int, *, cdfthreshd: Any, simthreshd1: Any, is_sparse: Any = True,
+                   pvthreshd: Any = DEFAULT_PVTHRESHD, simthreshd2: Any = 0.0, **kw: Any) -> SpargeParams:
+        """Threshold mode; every value a scalar (all heads) or ``[num_heads]``."""
+        return cls(is_sparse=_per_head(is_sparse, num_heads, "is_sparse", torch.bool),
+                   simthreshd1=_per_head(simthreshd1, num_heads, "simthreshd1"),
+                   cdfthreshd=_per_head(cdfthreshd, num_heads, "cdfthreshd"), topk=None,
+                   pvthreshd=_per_head(pvthreshd, num_heads, "pvthreshd"),
+                   simthreshd2=_per_head(simthreshd2, num_heads, "simthreshd2"), **kw)
+
+    @classmethod
+    def topk_mode(cls, num_heads: int, topk: Any, *, simthreshd1: Any = TOPK_SIMTHRESHD1, **kw: Any) -> SpargeParams:
+        """Top-k mode (``sparge_attn_setting.topk``): keep ``ceil(topk * n_key_blocks)`` key blocks per query block."""
+        t = _per_head(topk, num_heads, "topk")
+        if not bool(((t > 0) & (t <= 1)).all()):
+            raise ValueError(f"topk must lie in (0, 1], got {t.tolist()}")
+        return cls(is_sparse=torch.ones(num_heads, dtype=torch.bool),
+                   simthreshd1=_per_head(simthreshd1, num_heads, "simthreshd1"), cdfthreshd=None, topk=t,
+                   pvthreshd=torch.full((num_heads,), DEFAULT_PVTHRESHD), simthreshd2=torch.zeros(num_heads), **kw)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.is_sparse.numel())
+
+    @property
+    def mode(self) -> str:
+        return "topk" if self.topk is not None else "threshold"
+
+    def select_heads(self, start: int, stop: int) -> SpargeParams:
+        """The settings of heads ``[start, stop)``; heads at or past ``num_heads`` (Ulysses' zero padding) are dense."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"select_heads: need 0 <= start <= stop, got {start}, {stop}")
+        h = self.num_heads
+        idx = torch.arange(start, stop)
+        real = idx < h
+        src = idx.clamp(max=max(h - 1, 0))
+
+        def pick(t: torch.Tensor | None, pad: Any) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.where(real, t[src], torch.as_tensor(pad, dtype=t.dtype))
+
+        return dataclasses.replace(
+            self, is_sparse=pick(self.is_sparse, False), simthreshd1=pick(self.simthreshd1, 1.0),
+            cdfthreshd=pick(self.cdfthreshd, 1.0), topk=pick(self.topk, 1.0), pvthreshd=pick(self.pvthreshd, DEFAULT_PVTHRESHD),
+            simthreshd2=pick(self.simthreshd2, 0.0), _dev={})
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The per-head tensors on ``device`` (cached): ``is_sparse`` bool, the rest float32."""
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = {
+                "is_sparse": self.is_sparse.to(device, torch.bool),
+                **{n: (None if getattr(self, n) is None else getattr(self, n).to(device, torch.float32))
+                   for n in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd", "simthreshd2")},
+            }
+        return self._dev[key]
+
+    def describe(self) -> str:
+        sparse = int(self.is_sparse.sum())
+        if self.topk is not None:
+            return f"top-k {self.topk.tolist()} ({sparse}/{self.num_heads} heads sparse)"
+        return (f"cdfthreshd {[round(x, 3) for x in self.cdfthreshd.tolist()]}, simthreshd1 "
+                f"{[round(x, 3) for x in self.simthreshd1.tolist()]} ({sparse}/{self.num_heads} heads sparse)")
+
+
+# ------------------------------------------------------------------------------ block statistics
+@dataclass
+class BlockStats:
+    """Additive statistics of one sequence's blocks over its global block grid.
+
+    Partial statistics (one rank's tokens) of the same grid add up (``a + b``, or an all-reduce
+    SUM of ``total`` and ``unit``) to the statistics of the union of their tokens.
+
+    Attributes:
+        total: ``[B, H, N, D]`` sum of the (smoothed) rows of each block, float32 (float64 for float64 inputs).
+        unit: ``[B, H, N, D]`` sum of the rows normalised to unit length.
+        count: int64 ``[N]`` rows counted per block (same device).
+        block: block size in tokens.
+        length: real tokens of the global sequence (``N = ceil(length / block)``).
+    """
+
+    total: torch.Tensor
+    unit: torch.Tensor
+    count: torch.Tensor
+    block: int
+    length: int
+
+    def __add__(self, other: BlockStats) -> BlockStats:
+        if (self.block, self.length, self.total.shape) != (other.block, other.length, other.total.shape):
+            raise ValueError(f"BlockStats: cannot add grids {self.block}/{self.length}/{tuple(self.total.shape)} and "
+                             f"{other.block}/{other.length}/{tuple(other.total.shape)}")
+        return BlockStats(self.total + other.total, self.unit + other.unit, self.count + other.count, self.block, self.length)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.total.shape[2])
+
+    def pooled(self) -> torch.Tensor:
+        """Mean (smoothed) row per block ``[B, H, N, D]``."""
+        return self.total / self.count.clamp(min=1).to(self.total.dtype)[:, None]
+
+    def similarity(self) -> torch.Tensor:
+        """Mean pairwise cosine of each block's rows ``[B, H, N]`` (diagonal included)."""
+        n = self.count.clamp(min=1).to(self.unit.dtype)
+        return self.unit.pow(2).sum(-1) / (n * n)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def key_sum(k: torch.Tensor, *, offset: int = 0, length: int | None = None) -> torch.Tensor:
+    """Sum of the valid key rows of a (local) chunk ``[B, S, H, D]`` at global ``offset``: ``[B, H, D]`` float32/64.
+
+    Under ring attention, the all-reduced sum divided by ``length`` is the mean key ``smooth_k`` subtracts.
+    """
+    length = offset + k.shape[1] if length is None else length
+    n = max(0, min(k.shape[1], length - offset))
+    return k[:, :n].to(_acc_dtype(k.dtype)).sum(1)
+
+
+def block_stats(x: torch.Tensor, block: int, *, offset: int = 0, length: int | None = None,
+                mean: torch.Tensor | None = None) -> BlockStats:
+    """Statistics of the blocks of ``x`` over the global block grid of ``length`` tokens.
+
+    Args:
+        x: ``[B, S, H, D]`` tokens at global positions ``[offset, offset + S)`` (a rank's chunk, or the
+            whole sequence); rows at or past ``length`` (padding) are left out.
+        block: block size in tokens.
+        offset: global position of ``x``'s first row (need not be block-aligned).
+        length: real tokens of the global sequence; ``None``: ``offset + S``.
+        mean: ``[B, H, D]`` subtracted from every row first (``smooth_k``), or ``None``.
+
+    Returns:
+        :class:`BlockStats` over all ``ceil(length / block)`` blocks (zero where ``x`` has no row).
+    """
+    b, s, h, d = x.shape
+    length = offset + s if length is None else int(length)
+    if offset < 0 or length < 1 or block < 1:
+        raise ValueError(f"block_stats: need offset >= 0, length >= 1, block >= 1; got {offset}, {length}, {block}")
+    acc = _acc_dtype(x.dtype)
+    nblocks = -(-length // block)
+    n = max(0, min(s, length - offset))  # valid local rows
+    total = x.new_zeros((b, h, nblocks, d), dtype=acc)
+    unit = torch.zeros_like(total)
+    count = torch.zeros(nblocks, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return BlockStats(total, unit, count, block, length)
+    first, lead = offset // block, offset % block
+    nloc = -(-(lead + n) // block)
+    pad = (0, 0, 0, 0, lead, nloc * block - lead - n)
+    hc = max(1, min(h, (1 << 26) // max(1, b * n * d)))  # heads per step: float32 temporaries stay ~256 MiB
+    for h0 in range(0, h, hc):
+        rows = x[:, :n, h0 : h0 + hc].to(acc)
+        if mean is not None:
+            rows = rows - mean[:, h0 : h0 + hc].to(acc)[:, None]
+        norm = rows.norm(dim=-1, keepdim=True)
+        units = torch.where(norm > 0, rows / norm.clamp(min=torch.finfo(acc).tiny), torch.zeros((), dtype=acc, device=x.device))
+        for src, dst in ((rows, total), (units, unit)):  # [B, n, hc, D] -> [B, hc, nloc, D]
+            folded = torch.nn.functional.pad(src, pad).view(b, nloc, block, src.shape[2], d).sum(2).permute(0, 2, 1, 3)
+            dst[:, h0 : h0 + hc, first : first + nloc] = folded
+        del rows, norm, units
+    pos = torch.arange(first, first + nloc, device=x.device)
+    lo = torch.clamp(pos * block, min=offset)
+    hi = torch.clamp((pos + 1) * block, max=offset + n)
+    count[first : first + nloc] = (hi - lo).clamp(min=0)
+    return BlockStats(total, unit, count, block, length)
+
+
+def predict_from_stats(q_stats: BlockStats, k_stats: BlockStats, params: SpargeParams, *, scale: float) -> torch.Tensor:
+    """The block map from (global) block statistics: bool ``[B, H, NQ, NK]``, True = computed.
+
+    Args:
+        q_stats: query statistics (blocks of ``params.block_q``, no smoothing).
+        k_stats: key statistics (blocks of ``params.block_k``, smoothed when ``params.smooth_k``).
+        params: the layer's settings for exactly these ``H`` heads.
+        scale: softmax scale of the block scores (the attention's).
+    """
+    b, h, nq, _ = q_stats.total.shape
+    nk = k_stats.num_blocks
+    if params.num_heads != h or k_stats.total.shape[1] != h:
+        raise ValueError(f"sparge: settings for {params.num_heads} heads, statistics for {h} / {k_stats.total.shape[1]}")
+    dev = q_stats.total.device
+    p = params.on(dev)
+    sim_thr = p["simthreshd1"].to(q_stats.total.dtype)[None, :, None]
+    sim_q = q_stats.similarity() > sim_thr  # [B, H, NQ]
+    sim_k = k_stats.similarity() > sim_thr.to(k_stats.total.dtype)  # [B, H, NK]
+    score = torch.matmul(q_stats.pooled(), k_stats.pooled().transpose(-1, -2)) * scale  # [B, H, NQ, NK]
+    score = score.masked_fill(~sim_k[:, :, None, :], _NEG_INF)
+    prob = torch.softmax(score, dim=-1).nan_to_num_(0.0)  # a row of only non-similar keys: all computed anyway
+    sorted_p, order = torch.sort(prob, dim=-1, descending=True, stable=True)
+    if params.topk is not None:
+        # (a float32 0.3 is 0.30000001: without the slack, 0.3 x 10 blocks would round up to 4)
+        n_sel = torch.ceil(p["topk"].double() * nk - 1e-3).to(torch.int64).clamp(1, nk)[None, :, None].expand(b, h, nq)
+    else:
+        thr = p["cdfthreshd"].to(sorted_p.dtype)[None, :, None]
+        cdf = torch.cumsum(sorted_p, dim=-1)
+        n_sel = (cdf <= thr[..., None]).sum(-1)
+        n_sel = torch.where(thr >= 1, torch.full_like(n_sel, nk), n_sel).clamp(min=1)
+    keep_sorted = torch.arange(nk, device=dev)[None, None, None, :] < n_sel[..., None]
+    sel = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    sel |= ~sim_k[:, :, None, :]
+    sel |= ~sim_q[:, :, :, None]
+    if params.sink:
+        sel[..., 0] = True
+    sel |= ~p["is_sparse"][None, :, None, None]
+    return sel
+
+
+def predict_block_mask(q: torch.Tensor, k: torch.Tensor, params: SpargeParams, *, scale: float | None = None,
+                       kv_lens: Sequence[int] | None = None, q_len: int | None = None) -> BlockSparseMask:
+    """Sparge's mask for whole sequences ``q`` ``[B, S_q, H, D]``, ``k`` ``[B, S_k, H, D]`` (one device / Ulysses).
+
+    Args:
+        params: the layer's settings for these ``H`` heads.
+        scale: softmax scale; ``None``: ``D ** -0.5``.
+        kv_lens: valid leading keys, the same for every batch element (self-attention: ``None`` or the
+            unpadded length); they also bound the queries when ``S_q == S_k`` (self-attention).
+        q_len: valid leading queries (default: as described above).
+
+    Returns:
+        A root :class:`BlockSparseMask` over the valid ``q_len x k_len`` tokens, per (batch, head), blocks
+        ``(block_q, block_k)``, on ``q``'s device. Use ``.sub(0, S_q, 0, S_k)`` to lay it over padded tensors.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_len = _uniform_len(kv_lens, k.shape[1])
+    if q_len is None:
+        q_len = k_len if q.shape[1] == k.shape[1] else q.shape[1]
+    mean = key_sum(k, length=k_len) / k_len if params.smooth_k else None
+    qs = block_stats(q, params.block_q, length=q_len)
+    ks = block_stats(k, params.block_k, length=k_len, mean=mean)
+    blocks = predict_from_stats(qs, ks, params, scale=scale)
+    return BlockSparseMask.from_blocks(blocks, (params.block_q, params.block_k), q_len, k_len, device=q.device)
+
+
+def block_counts(length: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows per block of a ``length``-token sequence in blocks of ``block``: int64 ``[ceil(length / block)]``."""
+    n = -(-length // block)
+    start = torch.arange(n, device=device) * block
+    return torch.clamp(length - start, max=block).to(torch.int64)
+
+
+def sequence_parallel_mask(backend: _SpargeBase, q: torch.Tensor, k: torch.Tensor, *, q_offset: int, k_offset: int,
+                           q_length: int, k_length: int, scale: float,
+                           all_reduce: Callable[[torch.Tensor], object]) -> BlockSparseMask:
+    """The global Sparge mask of a sequence split over ranks (ring attention; USP: over the ring group, on super-chunks).
+
+    Every rank of the group calls this with its own chunks; ``all_reduce(t)`` must sum ``t`` in place
+    over the group (``lambda t: torch.distributed.all_reduce(t, group=ring_group)``). Two collectives:
+    the key sum (the mean ``smooth_k`` subtracts; ``[B, H, D]``), then one flat buffer with the
+    query and key block statistics (``2 * B * H * D * (ceil(S / 128) + ceil(S / 64))`` floats). Every
+    rank returns the same root mask over the real ``q_length x k_length`` tokens; ring steps run
+    ``mask.sub(...)`` windows of it (``sequence_parallel_attention(..., block_mask=mask)``).
+
+    Args:
+        backend: the layer's bound Sparge backend (for USP: bound to this rank's heads, :meth:`for_heads`).
+        q, k: this rank's chunks ``[B, S_local, H, D]`` (padding past the global end allowed).
+        q_offset, k_offset: global position of their first token.
+        q_length, k_length: real tokens of the global sequences.
+        scale: softmax scale.
+    """
+    p = backend.params
+    if p is None:
+        raise ValueError(f"{backend.key}: a dense layer has no Sparge mask")
+    mean = None
+    if p.smooth_k:
+        ksum = key_sum(k, offset=k_offset, length=k_length)
+        all_reduce(ksum)
+        mean = ksum / k_length
+    qs, ks = backend.local_stats(q, k, q_offset=q_offset, k_offset=k_offset, q_length=q_length, k_length=k_length,
+                                 k_mean=mean)
+    parts = (qs.total, qs.unit, ks.total, ks.unit)
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    all_reduce(flat)
+    views, i = [], 0
+    for t in parts:
+        views.append(flat[i : i + t.numel()].view(t.shape))
+        i += t.numel()
+    qs = BlockStats(views[0], views[1], block_counts(q_length, p.block_q, q.device), p.block_q, q_length)
+    ks = BlockStats(views[2], views[3], block_counts(k_length, p.block_k, k.device), p.block_k, k_length)
+    return backend.mask_from_stats(qs, ks, scale=scale)
+
+
+def _uniform_len(kv_lens: Sequence[int] | None, s_k: int) -> int:
+    if kv_lens is None:
+        return s_k
+    lens = {int(n) for n in kv_lens}
+    if len(lens) != 1:
+        raise NotImplementedError(f"sparge: kv_lens must be the same for every batch element (self-attention), got {sorted(lens)}")
+    n = lens.pop()
+    if not 1 <= n <= s_k:
+        raise ValueError(f"sparge: kv_lens must lie in [1, {s_k}], got {n}")
+    return n
+
+
+def head_sparsity(mask: BlockSparseMask) -> torch.Tensor:
+    """Skipped fraction of token pairs per head, float64 ``[H]`` (mean over the batch), of a per-(batch, head) mask."""
+    counts = mask.allowed_counts().double()
+    area = mask.q_len * mask.k_len
+    if counts.dim() == 0:
+        return (1 - counts / area).reshape(1)
+    return 1 - counts.mean(0) / area
+
+
+# ------------------------------------------------------------------------------ kernels
+def _lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected tiles per row as flex lists: counts int32 ``[B, H, NU]``, ascending indices int32 ``[B, H, NU, NV]``."""
+    if sel.dim() == 2:
+        sel = sel[None, None]
+    cnt = sel.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return cnt.contiguous(), idx.contiguous()
+
+
+def flex_block_mask(mask: BlockSparseMask, device: torch.device, tile: tuple[int, int] | None = None):
+    """The flex ``BlockMask`` of a (per-(batch, head) or shared) mask window, cached with its grid.
+
+    Tiles default to the mask's blocks (128 x 64 for Sparge). Full tiles carry no ``mask_mod``;
+    partial tiles (unaligned ring windows) apply the exact token predicate.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from .radial import _flex_api
+
+    device = torch.device(device)
+    tile = mask.block_shape if tile is None else tile
+
+    def build():
+        full, partial = mask.kernel_blocks(tile[0], tile[1], device)
+        kv_cnt, kv_idx = _lists(partial)
+        full_cnt, full_idx = _lists(full)
+        prm = mask.token_params(device)
+        padded, bs, q_off, k_off, q_lim, k_lim = (prm[n] for n in ("padded", "block_size", "q_off", "k_off", "q_lim", "k_lim"))
+        if mask.lead_shape:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return allowed_tokens(q_idx, kv_idx, padded=padded, block_size=bs, q_off=q_off, k_off=k_off,
+                                      q_lim=q_lim, k_lim=k_lim, b=b, h=h)
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return allowed_tokens(q_idx, kv_idx, padded=padded, block_size=bs, q_off=q_off, k_off=k_off,
+                                      q_lim=q_lim, k_lim=k_lim)
+
+        kwargs = {"compute_q_blocks": False} if _flex_api()[2] else {}
+        return BlockMask.from_kv_blocks(kv_cnt, kv_idx, full_cnt, full_idx, BLOCK_SIZE=tuple(tile), mask_mod=mask_mod,
+                                        seq_lengths=(mask.q_len, mask.k_len), **kwargs)
+
+    return mask._grid.cached(("flex", mask.key, tuple(tile), str(device)), build)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, *, scale: float,
+                     return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention through flex (compiled on CUDA, eager on CPU): ``[B, S, H, D]`` in,
+    ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` out; rows without any key get 0 / ``-inf``."""
+    from .radial import _compiled_flex, _flex_api
+
+    if mask.lead_shape:
+        mb, mh = mask.lead_shape
+        if mb not in (1, q.shape[0]) or mh not in (1, q.shape[2]):
+            raise ValueError(f"sparge: mask is per {mb} x {mh} (batch, head), q has {q.shape[0]} x {q.shape[2]}")
+    flex, has_aux, _ = _flex_api()
+    fn = _compiled_flex() if q.device.type == "cuda" else flex
+    bm = flex_block_mask(mask, q.device)
+    kwargs: dict[str, Any] = {}
+    if return_lse:
+        if has_aux:
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            kwargs["return_aux"] = AuxRequest(lse=True)
+        else:
+            kwargs["return_lse"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile" on CPU
+        res = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, scale=scale, **kwargs)
+    if not return_lse:
+        return res.transpose(1, 2), None
+    out, aux = res
+    lse = aux.lse if has_aux else aux
+    return out.transpose(1, 2), lse.float()
+
+
+def block_sparse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, block: tuple[int, int], *,
+                      scale: float, chunk: int = 1024) -> torch.Tensor:
+    """Plain-PyTorch block-sparse attention of a root map ``blocks`` bool ``[B, H, NQ, NK]`` (tuning on CPU, tests).
+
+    Returns float32 (float64 for float64 inputs) ``[B, S_q, H, D]``; rows without keys are 0.
+    """
+    acc = _acc_dtype(q.dtype)
+    bq, bk = block
+    s_q, s_k = q.shape[1], k.shape[1]
+    kt = k.transpose(1, 2).to(acc)
+    vv = v.transpose(1, 2).to(acc)
+    key_block = torch.arange(s_k, device=q.device) // bk
+    out = torch.empty(q.shape[0], q.shape[2], s_q, q.shape[3], dtype=acc, device=q.device)
+    for i in range(0, s_q, chunk):
+        qq = q[:, i : i + chunk].transpose(1, 2).to(acc)
+        rows = torch.arange(i, i + qq.shape[2], device=q.device) // bq
+        allowed = blocks[:, :, rows][..., key_block]  # [B, H, c, S_k]
+        s = torch.matmul(qq, kt.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, _NEG_INF)
+        m = torch.logsumexp(s, -1, keepdim=True)
+        out[:, :, i : i + chunk] = torch.matmul(torch.exp(s - m).nan_to_num_(0.0), vv)
+    return out.transpose(1, 2)
+
+
+def _dense_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """The first torch SDPA kernel that runs here (dense layers and heads-agnostic dense calls)."""
+    from .registry import kernel_class
+
+    for key in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math"):
+        cls = kernel_class(key)
+        if not cls.unavailable_reasons(device, dtype):
+            return cls(device=device, dtype=dtype)
+    raise RuntimeError(f"no dense torch SDPA kernel for {device}/{dtype}")
+
+
+@dataclass
+class _SpargeBase(AttentionBackend):
+    """What both Sparge kernels share: per-layer binding, head slicing, the predictor path of ``forward``.
+
+    ``params`` is the bound layer's settings (``None`` with ``bound``: a dense layer); an unbound
+    instance (what the registry builds per site) refuses to run.
+    """
+
+    params: SpargeParams | None = None
+    bound: bool = False
+
+    per_layer: ClassVar[bool] = True  # the model binds one instance per DiT block (for_layer)
+
+    def for_layer(self, params: SpargeParams | None) -> _SpargeBase:
+        """This kernel bound to one layer's settings; ``None``: the layer runs dense (absent from the checkpoint)."""
+        if params is not None and not isinstance(params, SpargeParams):
+            raise TypeError(f"{self.key}: for_layer takes SpargeParams or None, got {type(params).__name__}")
+        return dataclasses.replace(self, params=params, bound=True)
+
+    def for_heads(self, start: int, stop: int) -> _SpargeBase:
+        """The same layer restricted to heads ``[start, stop)`` of its ``H`` (Ulysses ranks / head groups;
+        indices ``>= H`` are Ulysses' zero-padded heads and run dense)."""
+        self._require_bound()
+        if self.params is None:
+            return self
+        return dataclasses.replace(self, params=self.params.select_heads(start, stop))
+
+    @functools.cached_property
+    def dense(self) -> AttentionBackend:
+        return _dense_backend(self.device, self.dtype)
+
+    def _require_bound(self) -> None:
+        if not self.bound:
+            raise RuntimeError(f"{self.key}: this Sparge kernel is not bound to a DiT layer; the model must call "
+                               "for_layer(params) once per block (ditfleet.attention.sparge_ckpt.layer_params)")
+
+    def _check_heads(self, q: torch.Tensor) -> None:
+        if self.params is not None and self.params.num_heads != q.shape[2]:
+            raise ValueError(f"{self.key}: bound to {self.params.num_heads} heads but q has {q.shape[2]}; under Ulysses "
+                             "bind the rank's heads with for_heads(start, stop)")
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                kv_lens: Sequence[int] | None = None) -> BlockSparseMask:
+        """This layer's mask for whole sequences (see :func:`predict_block_mask`)."""
+        self._require_bound()
+        if self.params is None:
+            raise ValueError(f"{self.key}: a dense layer has no Sparge mask")
+        self._check_heads(q)
+        return predict_block_mask(q, k, self.params, scale=scale, kv_lens=kv_lens)
+
+    def mask_from_stats(self, q_stats: BlockStats, k_stats: BlockStats, *, scale: float) -> BlockSparseMask:
+        """The global mask from gathered statistics (ring / USP): a root mask over the real global sequences."""
+        self._require_bound()
+        if self.params is None:
+            raise ValueError(f"{self.key}: a dense layer has no Sparge mask")
+        blocks = predict_from_stats(q_stats, k_stats, self.params, scale=scale)
+        return BlockSparseMask.from_blocks(blocks, (self.params.block_q, self.params.block_k), q_stats.length,
+                                           k_stats.length, device=blocks.device)
+
+    def local_stats(self, q: torch.Tensor, k: torch.Tensor, *, q_offset: int, k_offset: int, q_length: int, k_length: int,
+                    k_mean: torch.Tensor | None) -> tuple[BlockStats, BlockStats]:
+        """This rank's partial statistics of its chunks (to all-reduce, then :meth:`mask_from_stats`)."""
+        self._require_bound()
+        p = self.params
+        if p is None:
+            raise ValueError(f"{self.key}: a dense layer has no Sparge mask")
+        mean = k_mean if p.smooth_k else None
+        return (block_stats(q, p.block_q, offset=q_offset, length=q_length),
+                block_stats(k, p.block_k, offset=k_offset, length=k_length, mean=mean))
+
+
+@dataclass
+class SpargeFlex(_SpargeBase):
+    """Sparge attention, built in: the mask predictor plus ``flex_attention`` with per-(batch, head) block masks.
+
+    Called without ``block_mask``, a bound sparse layer predicts its mask from the q / k it is given,
+    which must then be whole sequences (one device, or Ulysses after its all-to-all); ``kv_lens``
+    mark the padding of both keys and queries (self-attention). Called with ``block_mask`` (a ring
+    step's window of the global mask from :meth:`mask_from_stats`), it runs that mask.
+    """
+
+    key: ClassVar[str] = "sparge_flex"
+    description: ClassVar[str] = "Sparge attention, built-in mask predictor + flex_attention block-sparse kernel"
+    caps: ClassVar[Capabilities] = Capabilities(lse=True, devices=frozenset({"cpu", "cuda"}), dtypes=FLOATS,
+                                                max_head_dim=256, block_mask=True)
+    install_hint: ClassVar[str] = "needs torch >= 2.5 (torch.nn.attention.flex_attention)"
+    requires_modules: ClassVar[tuple[str, ...]] = ("torch.nn.attention.flex_attention",)
+    needs_global_mask: ClassVar[bool] = True  # under ring, the caller predicts on gathered statistics
+
+    @classmethod
+    def unavailable_reasons(cls, device, dtype):
+        reasons = super().unavailable_reasons(device, dtype)
+        if device.type == "cuda" and dtype == torch.float64:
+            reasons.append("dtype float64 runs on the CPU only")
+        return reasons
+
+    def forward(self, q, k, v, *, scale=None, kv_lens=None, return_lse=False, block_mask=None):
+        self._require_bound()
+        if block_mask is not None or self.params is None:
+            if block_mask is not None and block_mask.lead_shape and kv_lens is not None and len({int(n) for n in kv_lens}) > 1:
+                raise NotImplementedError(f"{self.key}: a per-batch mask with different kv_lens per batch element")
+            return super().forward(q, k, v, scale=scale, kv_lens=kv_lens, return_lse=return_lse, block_mask=block_mask)
+        self._check(q, k, v, kv_lens, return_lse)
+        self._check_heads(q)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        mask = predict_block_mask(q, k, self.params, scale=scale, kv_lens=kv_lens)
+        window = mask if mask.shape == (q.shape[1], k.shape[1]) else mask.sub(0, q.shape[1], 0, k.shape[1])
+        return super().forward(q, k, v, scale=scale, kv_lens=kv_lens, return_lse=return_lse, block_mask=window)
+
+    __call__ = forward
+
+    def _forward(self, q, k, v, *, scale, return_lse, block_mask: BlockSparseMask | None = None):
+        if block_mask is None:
+            return self.dense._forward(q, k, v, scale=scale, return_lse=return_lse)
+        if not isinstance(block_mask, BlockSparseMask):
+            raise TypeError(f"{self.key}: block_mask must be a BlockSparseMask, got {type(block_mask).__name__}")
+        return sparse_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse)
+
+
+@functools.lru_cache(maxsize=None)
+def _spas_entry(topk: bool) -> tuple[Any, frozenset[str]] | None:
+    """SpargeAttn's entry point for this GPU (SpargeAttn's own choice: SageAttention-2 kernels on sm >= 8.9)."""
+    import spas_sage_attn
+
+    major, minor = torch.cuda.get_device_capability()
+    stem = "meansim_topk_cuda" if topk else "meansim_cuda"
+    names = [f"spas_sage_attn_{stem}"]
+    if 10 * major + minor >= 89:
+        names.insert(0, f"spas_sage2_attn_{stem}")
+    for name in names:
+        fn = getattr(spas_sage_attn, name, None)
+        if fn is not None:
+            try:
+                params = frozenset(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                params = frozenset()
+            return fn, params
+    return None
+
+
+@dataclass
+class SpargeSpas(_SpargeBase):
+    """SpargeAttn's own CUDA kernels (``spas_sage_attn``: INT8 QK, FP8 PV, PV-skip by ``pvthreshd``) with per-head tensors.
+
+    No LSE: Ulysses only. Heads with ``is_sparse = 0`` get ``cdfthreshd = 1, simthreshd1 = 1``
+    (SpargeAttn's own encoding of a dense head). Calls SpargeAttn cannot take (fewer than 128
+    queries, head dim not 64 / 128, top-k on a release without a top-k entry point) run the
+    built-in predictor and kernel instead.
+    """
+
+    key: ClassVar[str] = "sparge_spas"
+    description: ClassVar[str] = "SpargeAttn (spas_sage_attn: INT8 QK / FP8 PV, per-head tuned thresholds)"
+    caps: ClassVar[Capabilities] = Capabilities(lse=False, devices=frozenset({"cuda"}), dtypes=LOW_PRECISION,
+                                                max_head_dim=128, min_compute_capability=(8, 0))
+    install_hint: ClassVar[str] = "build SpargeAttn from source: github thu-ml/SpargeAttn, pip install -e ."
+    requires_modules: ClassVar[tuple[str, ...]] = ("spas_sage_attn",)
+    needs_global_mask: ClassVar[bool] = False
+
+    @functools.cached_property
+    def builtin(self) -> SpargeFlex:
+        return SpargeFlex(device=self.device, dtype=self.dtype, params=self.params, bound=True)
+
+    def forward(self, q, k, v, *, scale=None, kv_lens=None, return_lse=False, block_mask=None):
+        self._require_bound()
+        if self.params is None:  # a dense layer
+            return super().forward(q, k, v, scale=scale, kv_lens=kv_lens, return_lse=return_lse, block_mask=block_mask)
+        self._check(q, k, v, kv_lens, return_lse)
+        self._check_heads(q)
+        n = _uniform_len(kv_lens, k.shape[1])
+        if n == k.shape[1] or q.shape[1] != k.shape[1]:
+            return super().forward(q, k, v, scale=scale, kv_lens=kv_lens, return_lse=return_lse, block_mask=block_mask)
+        # self-attention with padding at the end: the padded queries take no part either
+        out = torch.zeros_like(q)
+        o, _ = super().forward(q[:, :n], k, v, scale=scale, kv_lens=kv_lens, return_lse=False, block_mask=block_mask)
+        out[:, :n] = o
+        return out, None
+
+    __call__ = forward
+
+    def _forward(self, q, k, v, *, scale, return_lse):
+        if self.params is None:
+            return self.dense._forward(q, k, v, scale=scale, return_lse=return_lse)
+        p = self.params
+        entry = _spas_entry(p.topk is not None)
+        if q.shape[1] < 128 or q.shape[-1] not in (64, 128) or entry is None:
+            out, _ = self.builtin.forward(q, k, v, scale=scale)
+            return out, None
+        fn, accepted = entry
+        t = p.on(q.device)
+        dense = ~t["is_sparse"]
+        kwargs: dict[str, Any] = {"tensor_layout": "NHD", "scale": scale, "is_causal": False, "smooth_k": p.smooth_k,
+                                  "simthreshd1": torch.where(dense, 1.0, t["simthreshd1"]), "pvthreshd": t["pvthreshd"],
+                                  "attention_sink": p.sink}
+        if p.topk is not None:
+            kwargs.update(topk=torch.where(dense, 1.0, t["topk"]), cdfthreshd=None)
+        else:
+            kwargs["cdfthreshd"] = torch.where(dense, 1.0, t["cdfthreshd"])
+        if accepted:
+            kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ in accepted}
+        out = fn(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.to(q.dtype), None
+
+
+def bind_layers(backend: AttentionBackend, params: Sequence[SpargeParams | None]) -> list[AttentionBackend]:
+    """One bound backend per DiT block: ``params[i]`` for block ``i`` (``None``: dense)."""
+    if not hasattr(backend, "for_layer"):
+        raise TypeError(f"{backend.key} is not a Sparge kernel (it has no per-layer binding)")
+    return [backend.for_layer(p) for p in params]
+
+
+def describe_density(mask: BlockSparseMask) -> str:
+    return f"sparsity {1 - mask.density:.3f} ({math.prod(mask.lead_shape) or 1} masks)"

@@ -1,0 +1,305 @@
+"""``ditfleet bench sparge``: Sparge attention vs dense cuDNN at Wan2.1 video sizes, one device.
+
+Cases (latent frames x token rows x token columns per frame): ``480p81`` = 21 x 30 x 52 (32,760
+tokens), ``720p81`` = 21 x 45 x 80 (75,600), or any ``FxHxW``; 40 heads of 128 (Wan-14B), bf16.
+
+Inputs (``--inputs``):
+
+- ``random``: ``N(0, 1)`` q, k, v. Their attention is nearly uniform, so a predictor finds little
+  to skip at a tight threshold (top-k skips anyway, at a large error): the worst case.
+- ``structured``: q and k share a smooth, low-rank function of the token's 3D position (random
+  Fourier features of a Gaussian kernel, length scales of 4, 8 or 16 tokens by head, plus
+  noise), so attention is local in space and time, as in a video DiT, and neighbouring tokens
+  are alike; v is random. This gives the predictor blocks worth skipping and worth keeping.
+
+Settings (``--settings``): ``topk`` (``sparge_attn_setting.topk``, default 0.5) and ``thr`` (one
+synthetic threshold setting for every head, default ``cdfthreshd 0.9, simthreshd1 0.1``).
+
+Per case, input kind and setting it records: the token-level sparsity of the predicted mask (mean
+over heads), the predictor's time, the block-sparse kernel's time with the mask given (what a ring
+step costs) and end to end (predict + kernel, what one device / Ulysses runs), the first call
+(flex compile), the speedup over ``sdpa_cudnn`` dense (LSE requested, as ring attention calls it),
+and the relative L1 error and cosine similarity of the output against that dense output.
+``spas_sage_attn`` (when installed) is timed and compared the same way (its sparsity is its own).
+Output: JSON under ``benchmarks/results/`` and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..attention.registry import kernel_class
+from ..attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, head_sparsity, predict_block_mask
+from ..errors import UserError
+from .attention import _free, card_slug, time_cpu
+from .common import environment, time_cuda, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CASES = {"480p81": (21, 30, 52), "720p81": (21, 45, 80)}
+INPUTS = ("random", "structured")
+SETTINGS = ("topk", "thr")
+DENSE_CHAIN = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the suite's options on ``parser`` (the ``ditfleet bench sparge`` subparser)."""
+    parser.add_argument("--cases", nargs="+", default=list(CASES), metavar="CASE",
+                        help=f"{', '.join(CASES)} or FxHxW (latent frames x token rows x columns) (default: both)")
+    parser.add_argument("--heads", type=int, default=40, help="attention heads (default: %(default)s, Wan-14B)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim D (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="q/k/v dtype (default: %(default)s)")
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS), help="input kinds (default: both)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="settings (default: both)")
+    parser.add_argument("--topk", type=float, default=0.5, help="top-k fraction of the topk setting (default: %(default)s)")
+    parser.add_argument("--cdfthreshd", type=float, default=0.9, help="cdfthreshd of the thr setting (default: %(default)s)")
+    parser.add_argument("--simthreshd1", type=float, default=0.1, help="simthreshd1 of the thr setting (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per kernel after the first (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per kernel (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sparge_<card-slug>.json)")
+
+
+def parse_case(name: str) -> tuple[int, int, int]:
+    """``(latent frames, token rows, token columns)`` of a case name or ``FxHxW``."""
+    if name in CASES:
+        return CASES[name]
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", name)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise UserError(f"--cases: {name!r} is neither one of {', '.join(CASES)} nor FxHxW (e.g. 21x45x80)")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def structured_qkv(grid: tuple[int, int, int], heads: int, dim: int, *, dtype: torch.dtype, device: torch.device,
+                   seed: int, peak: float = 12.0, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[1, F*H*W, heads, dim]`` with local, smooth attention (see the module docstring).
+
+    ``q = k = a * phi(pos) @ W_h + noise``: ``phi`` holds ``dim / 2`` random Fourier features (cos, sin)
+    of the position, so ``q_i . k_j ~ a^2 exp(-|pos_i - pos_j|^2 / 2 l^2)``; ``a`` puts the largest
+    logit (``a^2 / sqrt(dim)``) at ``peak``; ``W_h`` is a random orthogonal map per head; ``l`` cycles
+    over 4, 8 and 16 tokens by head (the time axis: half of that, in frames).
+    """
+    f, h, w = grid
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    pos = pos.reshape(-1, 3).to(device, torch.float32)  # [S, 3] frame-major raster order, as Wan's tokens
+    r = dim // 2
+    amp = math.sqrt(peak * math.sqrt(dim))
+    scales = (4.0, 8.0, 16.0)
+    qs, ks = [], []
+    for head in range(heads):
+        ell = scales[head % len(scales)]
+        omega = torch.randn(r, 3, generator=g) / torch.tensor([ell / 2, ell, ell])
+        w_h = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+        omega, w_h = omega.to(device), w_h.to(device)
+        ang = pos @ omega.T  # [S, r]
+        phi = torch.cat([torch.cos(ang), torch.sin(ang)], -1) / math.sqrt(r)
+        base = amp * (phi @ w_h)
+        gq = torch.Generator(device=device).manual_seed(seed * 1000 + 2 * head + 1)
+        gk = torch.Generator(device=device).manual_seed(seed * 1000 + 2 * head + 2)
+        qs.append((base + noise * torch.randn(base.shape, generator=gq, device=device)).to(dtype))
+        ks.append((base + noise * torch.randn(base.shape, generator=gk, device=device)).to(dtype))
+        del ang, phi, base
+    q = torch.stack(qs, 1)[None]
+    k = torch.stack(ks, 1)[None]
+    gv = torch.Generator(device=device).manual_seed(seed + 7)
+    v = torch.randn(q.shape, generator=gv, device=device, dtype=dtype)
+    return q, k, v
+
+
+def random_qkv(s: int, heads: int, dim: int, *, dtype: torch.dtype, device: torch.device, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(1, s, heads, dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+
+
+@torch.no_grad()
+def compare(out: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> dict:
+    """Relative L1 error ``sum |o - r| / sum |r|`` and cosine similarity of two ``[B, S, H, D]`` outputs (float64 sums)."""
+    diff = ref_abs = dot = n_o = n_r = 0.0
+    for i in range(0, out.shape[1], chunk):
+        o, r = out[:, i : i + chunk].float(), ref[:, i : i + chunk].float()
+        diff += float((o - r).abs().sum(dtype=torch.float64))
+        ref_abs += float(r.abs().sum(dtype=torch.float64))
+        dot += float((o * r).sum(dtype=torch.float64))
+        n_o += float((o * o).sum(dtype=torch.float64))
+        n_r += float((r * r).sum(dtype=torch.float64))
+    return {"rel_l1": diff / max(ref_abs, 1e-30), "cosine": dot / max(math.sqrt(n_o * n_r), 1e-30)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dense_class(device, dtype):
+    for key in DENSE_CHAIN:
+        cls = kernel_class(key)
+        if not cls.unavailable_reasons(device, dtype):
+            return key, cls
+    raise UserError(f"no dense torch SDPA kernel runs on {device}/{dtype}")
+
+
+def _params(setting: str, heads: int, args) -> SpargeParams:
+    if setting == "topk":
+        return SpargeParams.topk_mode(heads, args.topk)
+    return SpargeParams.thresholds(heads, cdfthreshd=args.cdfthreshd, simthreshd1=args.simthreshd1)
+
+
+def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
+    """One case and input kind: dense baseline, then each setting on the built-in kernel (and spas_sage_attn)."""
+    s = math.prod(grid)
+    h, d = args.heads, args.head_dim
+    t0 = time.perf_counter()
+    if kind == "structured":
+        q, k, v = structured_qkv(grid, h, d, dtype=dtype, device=device, seed=args.seed)
+    else:
+        q, k, v = random_qkv(s, h, d, dtype=dtype, device=device, seed=args.seed)
+    _sync(device)
+    rec: dict = {"inputs": kind, "build_s": time.perf_counter() - t0}
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    dense_key, dense_cls = _dense_class(device, dtype)
+    dense = dense_cls(device=device, dtype=dtype)
+    ref = dense(q, k, v, return_lse=True)[0]
+    rec["dense"] = {"kernel": dense_key, **timer(lambda: dense(q, k, v, return_lse=True), warmup=args.warmup, iters=args.iters)}
+    print(f"[bench sparge] {name} {kind}: S={s:,} H={h}; {dense_key} dense {rec['dense']['median_ms']:.2f} ms", flush=True)
+    rec["settings"] = {}
+    for setting in args.settings:
+        params = _params(setting, h, args)
+        r: dict = {"params": {"topk": args.topk, "simthreshd1": float(params.simthreshd1[0])} if setting == "topk" else
+                   {"cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1}}
+        try:
+            be = SpargeFlex(device=device, dtype=dtype).for_layer(params)
+            t1 = time.perf_counter()
+            out, _ = be(q, k, v, return_lse=True)
+            _sync(device)
+            r["first_call_s"] = time.perf_counter() - t1
+            mask = predict_block_mask(q, k, params)
+            hs = head_sparsity(mask)
+            r["sparsity"] = float(hs.mean())
+            r["sparsity_per_head_min_max"] = [float(hs.min()), float(hs.max())]
+            r.update(compare(out, ref))
+            del out
+            r["predict"] = timer(lambda: predict_block_mask(q, k, params), warmup=args.warmup, iters=args.iters)
+            r["kernel"] = timer(lambda: be(q, k, v, return_lse=True, block_mask=mask), warmup=args.warmup, iters=args.iters)
+            r["end_to_end"] = timer(lambda: be(q, k, v, return_lse=True), warmup=args.warmup, iters=args.iters)
+            r["speedup_kernel"] = rec["dense"]["median_ms"] / r["kernel"]["median_ms"]
+            r["speedup_end_to_end"] = rec["dense"]["median_ms"] / r["end_to_end"]["median_ms"]
+            r["status"] = "ok"
+            print(f"[bench sparge] {name} {kind} {setting}: sparsity {r['sparsity']:.3f}, predict "
+                  f"{r['predict']['median_ms']:.2f} ms, kernel {r['kernel']['median_ms']:.2f} ms "
+                  f"({r['speedup_kernel']:.2f}x), end to end {r['end_to_end']['median_ms']:.2f} ms "
+                  f"({r['speedup_end_to_end']:.2f}x), rel L1 {r['rel_l1']:.4f}, cos {r['cosine']:.5f}, "
+                  f"first call {r['first_call_s']:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
+            r.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            print(f"[bench sparge] {name} {kind} {setting}: failed: {r['error'].splitlines()[0][:200]}", flush=True)
+        _free(device)
+        if spas_ok:
+            r["spas_sage_attn"] = _bench_spas(q, k, v, ref, params, rec, args, device, dtype, timer)
+        rec["settings"][setting] = r
+    return rec
+
+
+def _bench_spas(q, k, v, ref, params, rec, args, device, dtype, timer) -> dict:
+    r: dict = {}
+    try:
+        be = SpargeSpas(device=device, dtype=dtype).for_layer(params)
+        out, _ = be(q, k, v)
+        r.update(compare(out, ref))
+        del out
+        r.update(timer(lambda: be(q, k, v), warmup=args.warmup, iters=args.iters))
+        r["speedup"] = rec["dense"]["median_ms"] / r["median_ms"]
+        r["status"] = "ok"
+        print(f"[bench sparge]   spas_sage_attn: {r['median_ms']:.2f} ms ({r['speedup']:.2f}x), rel L1 {r['rel_l1']:.4f}",
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        r.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+        print(f"[bench sparge]   spas_sage_attn failed: {r['error'].splitlines()[0][:200]}", flush=True)
+    _free(device)
+    return r
+
+
+def format_results(results: list[dict]) -> str:
+    lines = [f"{'case':8s} {'inputs':10s} {'setting':7s} {'sparsity':>8s} {'dense ms':>9s} {'kernel ms':>9s} "
+             f"{'speedup':>7s} {'e2e ms':>8s} {'rel L1':>7s} {'cosine':>7s}"]
+    for c in results:
+        for kind in c["inputs"]:
+            for setting, r in kind["settings"].items():
+                head = f"{c['case']:8s} {kind['inputs']:10s} {setting:7s}"
+                if r["status"] != "ok":
+                    lines.append(f"{head} failed: {r['error'].splitlines()[0][:60]}")
+                    continue
+                lines.append(f"{head} {r['sparsity']:8.3f} {kind['dense']['median_ms']:9.2f} {r['kernel']['median_ms']:9.2f} "
+                             f"{r['speedup_kernel']:6.2f}x {r['end_to_end']['median_ms']:8.2f} {r['rel_l1']:7.4f} "
+                             f"{r['cosine']:7.5f}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite; write the JSON and print the table. Returns 0 if every built-in run succeeded, else 1."""
+    for name in ("heads", "head_dim", "iters"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or not 0 < args.topk <= 1 or not 0 <= args.cdfthreshd <= 1 or not -1 <= args.simthreshd1 <= 1:
+        raise UserError("--warmup >= 0, --topk in (0, 1], --cdfthreshd in [0, 1], --simthreshd1 in [-1, 1]")
+    cases = [(c, parse_case(c)) for c in args.cases]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype]
+    reasons = SpargeFlex.unavailable_reasons(device, dtype)
+    if reasons:
+        raise UserError(f"bench sparge: the built-in Sparge kernel cannot run on {device}/{args.dtype}: {'; '.join(reasons)}")
+    spas_reasons = SpargeSpas.unavailable_reasons(device, dtype)
+    env = environment()
+    env["device"] = str(device)
+    out_path = Path(args.out or f"benchmarks/results/sparge_{card_slug(env['card'])}.json")
+    if spas_reasons:
+        print(f"[bench sparge] spas_sage_attn: unavailable ({'; '.join(spas_reasons)})")
+    results = []
+    t_start = time.perf_counter()
+    for name, grid in cases:
+        if device.type == "cpu" and math.prod(grid) > 8192:
+            print(f"[bench sparge] warning: {math.prod(grid)} tokens on CPU will be very slow")
+        case = {"case": name, "grid": list(grid), "tokens": math.prod(grid), "heads": args.heads,
+                "head_dim": args.head_dim, "inputs": []}
+        for kind in args.inputs:
+            case["inputs"].append(run_inputs(name, grid, kind, args, device, dtype, not spas_reasons))
+            _free(device)
+        results.append(case)
+    payload = {
+        "suite": "sparge",
+        "environment": env,
+        "config": {
+            "device": str(device), "dtype": args.dtype, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
+            "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "topk": args.topk,
+            "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1, "warmup": args.warmup, "iters": args.iters,
+            "seed": args.seed, "blocks": "query 128 x key 64 (SpargeAttn's)",
+            "timed_calls": "dense: forward(q, k, v, return_lse=True); kernel: the built-in block-sparse kernel with the "
+                           "predicted mask given (a ring step); end_to_end: predict + kernel (one device / Ulysses); "
+                           "first_call_s includes the flex compile",
+            "sparsity": "skipped token pairs / S^2, mean over heads (1 - density)",
+            "accuracy": "rel_l1 = sum|o - o_dense| / sum|o_dense| and cosine similarity, whole output, vs the dense kernel",
+            "inputs_doc": "random: N(0,1) q, k, v (near-uniform attention); structured: q, k share random Fourier "
+                          "features of the 3D token position (local attention, length scales 4/8/16 tokens by head), v random",
+        },
+        "spas_sage_attn": "available" if not spas_reasons else spas_reasons,
+        "wall_s": None,
+        "results": results,
+    }
+    payload["wall_s"] = time.perf_counter() - t_start
+    write_json(out_path, payload)
+    print(format_results(results))
+    print(f"[bench sparge] wrote {out_path} ({payload['wall_s']:.0f} s)")
+    ok = all(r["status"] == "ok" for c in results for kind in c["inputs"] for r in kind["settings"].values())
+    return 0 if ok else 1

@@ -1,0 +1,103 @@
+"""The torchrun launcher: ``torchrun --nproc-per-node N -m ditfleet generate -c CONFIG``.
+
+Every torchrun process runs the same engine code (SPMD) with its own :class:`~.worker.Worker`;
+the device is ``cuda:LOCAL_RANK`` (or the CPU with gloo). Rank 0 is the driver: it alone reads
+the sparge checkpoint and the I2V image, encodes, decodes and writes the output; what the other
+ranks need from it (sparge thresholds, the encoded request, a user error) comes by
+``torch.distributed`` broadcast. A rank that dies takes the others down through torchrun's agent
+(and the process group's timeout bounds any wait).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ConfigError
+from .executor import Executor, drain, timed
+
+#: Collective timeout under torchrun: ranks > 0 wait in a broadcast while rank 0 decodes and writes
+#: the previous video, so it must exceed the longest decode.
+PROCESS_GROUP_TIMEOUT_S = 1800.0
+
+
+def torchrun_env() -> dict[str, int] | None:
+    """``{"rank", "world_size", "local_rank"}`` when this process was started by torchrun, else ``None``."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    try:
+        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
+                "local_rank": int(os.environ["LOCAL_RANK"])}
+    except (KeyError, ValueError):
+        return None
+
+
+class TorchrunExecutor(Executor):
+    """This process's worker, in a world that torchrun started (SPMD: one engine per process)."""
+
+    launcher = "torchrun"
+    spmd = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        env = torchrun_env()
+        if env is None:
+            raise ConfigError("launcher", "'torchrun' needs the processes torchrun starts: run "
+                                          f"torchrun --nproc-per-node {self.world_size} -m ditfleet generate ...")
+        if env["world_size"] != self.world_size:
+            raise ConfigError("parallel", f"the parallel degrees need {self.world_size} processes, but torchrun "
+                                          f"started {env['world_size']} (WORLD_SIZE); make them equal")
+        self.rank, self.local_rank = env["rank"], env["local_rank"]
+        from .worker import Worker
+
+        self.worker = Worker(cfg)
+
+    def start(self, sparge_state: dict | None) -> dict[str, float]:
+        stages: dict[str, float] = {}
+        with timed(stages, "device"):
+            self.collective_rpc("init_device", rank=self.rank, world_size=self.world_size, local_rank=self.local_rank)
+        with timed(stages, "process_group"):
+            self.collective_rpc("init_process_group", timeout_s=PROCESS_GROUP_TIMEOUT_S)
+        with timed(stages, "sparge"):
+            sparge_state = self.share(sparge_state if self.is_driver else None)
+        with timed(stages, "load"):
+            self.collective_rpc("load_model", sparge_state)
+        self.infos = self._gather(self.worker.report())
+        self.alive = True
+        return stages
+
+    def _gather(self, value) -> list:
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (``torch.distributed.broadcast_object_list``; tensors move via pickling on the CPU)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.rank == 0 else None]
+        device = self.worker.device if self.worker.backend == "nccl" else None
+        dist.broadcast_object_list(box, src=0, device=device)
+        return box[0]
+
+    def shutdown(self, graceful: bool = True) -> None:
+        self.worker.shutdown()
+        self.alive = False
+
+    def _rpc(self, method, args, kwargs, ranks, rank_kwargs, timeout) -> list:
+        out = [None] * self.world_size
+        if self.rank in ranks:
+            kw = {**kwargs, **(rank_kwargs[self.rank] if rank_kwargs else {})}
+            out[self.rank] = getattr(self.worker, method)(*args, **kw)
+        return out
+
+    def _stream(self, method, args, kwargs, ranks, on_event, idle_timeout) -> list:
+        out = [None] * self.world_size
+        if self.rank in ranks:
+            out[self.rank] = drain(getattr(self.worker, method)(*args, **kwargs), self.rank, on_event)
+        return out

@@ -1,0 +1,86 @@
+"""Which steps of a ring run a kernel and which K/V transfers happen, under a block-sparse mask.
+
+The rotating ring of ``R`` ranks: at step ``s`` rank ``r`` holds key chunk ``(r - s) mod R``; chunk
+``c`` starts at rank ``c`` and the transfer of step ``s`` moves it from rank ``c + s`` to rank
+``c + s + 1`` (mod ``R``), which holds it at step ``s + 1``.
+
+Everything is decided from ``needs[a][c]``: "query chunk ``a`` attends at least one key of key chunk
+``c``". It is a function of the global mask and the shard layout alone, hence identical on every
+rank, so every decision below is taken identically by the two ends of each transfer:
+
+* rank ``r`` runs the kernel at step ``s`` iff ``needs[r][(r - s) mod R]`` (an empty sub-mask never
+  reaches a kernel);
+* chunk ``c`` travels at step ``s`` iff a rank *further along* needs it:
+  ``any(needs[(c + t) mod R][c] for t in s + 1 .. R - 1)``. The sender (which holds ``c``) and the
+  receiver (which expects ``c``) evaluate the same predicate, so a skipped transfer is skipped on
+  both sides and the rotation cannot deadlock; a rank that does not need a chunk still forwards it
+  when one beyond it does. The predicate only turns off as ``s`` grows, so a rank that must send
+  a chunk has always received it, and a rank that computes on a chunk has always received it.
+
+Without a mask ``needs[a][c]`` is "chunk ``c`` holds a valid (non-padding) key", which is the
+ring's earlier rule for padding-only chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..attention.blockmask import BlockSparseMask
+
+
+@dataclass(frozen=True)
+class RingSchedule:
+    """The kernel calls and transfers of one rotating ring (see the module docstring).
+
+    Attributes:
+        needs: ``needs[a][c]``, ``R x R`` booleans: query chunk ``a`` attends some key of chunk ``c``.
+    """
+
+    needs: tuple[tuple[bool, ...], ...]
+
+    @classmethod
+    def dense(cls, chunk_valid: Sequence[int]) -> RingSchedule:
+        """No mask: every query chunk needs every key chunk that holds a valid key."""
+        row = tuple(bool(n) for n in chunk_valid)
+        return cls(tuple(row for _ in row))
+
+    @classmethod
+    def from_mask(cls, mask: BlockSparseMask, q_chunk: int, k_chunk: int, size: int) -> RingSchedule:
+        """From ``mask`` (over the global unpadded sequences) cut into ``size`` query chunks of ``q_chunk``
+        tokens and ``size`` key chunks of ``k_chunk`` tokens (chunks past the end are padding: needed by none)."""
+
+        def build():
+            occ = mask.chunk_occupancy(q_chunk, k_chunk).cpu().tolist()  # rows / columns past the end: padding
+            return tuple(tuple(a < len(occ) and c < len(occ[a]) and bool(occ[a][c]) for c in range(size))
+                         for a in range(size))
+
+        # cached with the mask's grid (a ring asks for it at every layer of every step)
+        return cls(mask._grid.cached(("ring_needs", mask.key, q_chunk, k_chunk, size), build))
+
+    @property
+    def size(self) -> int:
+        return len(self.needs)
+
+    def computes(self, rank: int, step: int) -> bool:
+        """Rank ``rank`` runs the kernel at step ``step`` (on key chunk ``(rank - step) mod R``)."""
+        return self.needs[rank][(rank - step) % self.size]
+
+    def sends(self, chunk: int, step: int) -> bool:
+        """Chunk ``chunk`` moves at step ``step`` (from rank ``chunk + step`` to the next); ``step < R - 1``."""
+        r = self.size
+        return any(self.needs[(chunk + t) % r][chunk] for t in range(step + 1, r))
+
+    def stats(self) -> dict[str, int]:
+        """Totals over the whole ring: kernel steps run / skipped, K/V transfers made / skipped."""
+        r = self.size
+        steps = sum(self.computes(a, s) for a in range(r) for s in range(r))
+        sends = sum(self.sends(c, s) for c in range(r) for s in range(r - 1))
+        return {"ring_size": r, "steps": steps, "steps_skipped": r * r - steps,
+                "sends": sends, "sends_skipped": r * (r - 1) - sends}
+
+
+def sp_schedule(mask: BlockSparseMask, chunk_q: int, chunk_k: int, ulysses_size: int, ring_size: int) -> RingSchedule:
+    """The ring schedule of ring / USP attention under ``mask``: chunks are the Ulysses groups' super-chunks
+    (``ulysses_size`` SP chunks of ``chunk_q`` / ``chunk_k`` tokens)."""
+    return RingSchedule.from_mask(mask, chunk_q * ulysses_size, chunk_k * ulysses_size, ring_size)

@@ -1,0 +1,116 @@
+"""Sparge kernels on the GPU (skipped without CUDA): the compiled flex kernel with per-(batch, head) masks in
+bf16 against an fp32 reference with the same token mask, ring windows, kv_lens, no recompilation across
+masks, the predictor on CUDA vs CPU, and spas_sage_attn (when installed) against the built-in kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditfleet.attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, predict_block_mask
+from ditfleet.bench.common import rel_l2
+from ditfleet.bench.sparge import compare, structured_qkv
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPE = torch.bfloat16
+REL = 1e-2
+LSE_TOL = 2e-2
+
+
+def cuda():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def reference(q, k, v, allowed, scale=None):
+    """fp32 attention with a per-head token mask ``allowed`` ``[B, H, S_q, S_k]``; keyless rows -> 0 / -inf."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]).nan_to_num(0.0), v.float())
+    finally:
+        torch.set_float32_matmul_precision(old)
+    return out, lse
+
+
+def check(out, lse, ref, ref_lse):
+    fin = torch.isfinite(ref_lse)
+    rows = fin.all(0).all(0)
+    assert bool(torch.isfinite(out[:, rows]).all())
+    assert rel_l2(out[:, rows], ref[:, rows]) <= REL
+    assert float((lse[fin] - ref_lse[fin]).abs().max()) <= LSE_TOL
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    q, k, v = structured_qkv((3, 30, 30), 4, 128, dtype=DTYPE, device=cuda(), seed=0)  # 2,700 tokens: short last blocks
+    return q, k, v
+
+
+PARAMS = dict(cdfthreshd=[0.5, 0.9, 0.95, 1.0], simthreshd1=[0.0, 0.1, -1.0, 0.2], is_sparse=[True, True, True, False])
+
+
+def test_flex_per_head_mask(qkv):
+    q, k, v = qkv
+    be = SpargeFlex(device=cuda(), dtype=DTYPE).for_layer(SpargeParams.thresholds(4, **PARAMS))
+    out, lse = be(q, k, v, return_lse=True)
+    m = be.predict(q, k)
+    assert 0.05 < 1 - m.density < 0.95
+    ref, ref_lse = reference(q, k, v, m.to_dense(device="cuda"))
+    check(out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("qs,ql,ks,kl", [(0, 900, 900, 900), (900, 900, 1800, 900), (1000, 700, 333, 900), (2400, 675, 2400, 675)])
+def test_ring_windows(qkv, qs, ql, ks, kl):
+    """Unaligned (query chunk, key chunk) windows of the global mask, the last running past the end (padding)."""
+    q, k, v = qkv
+    be = SpargeFlex(device=cuda(), dtype=DTYPE).for_layer(SpargeParams.thresholds(4, **PARAMS))
+    mask = be.predict(q, k)
+    sub = mask.sub(qs, ql, ks, kl)
+    pad = lambda x, s, n: torch.nn.functional.pad(x[:, s : s + n], (0, 0, 0, 0, 0, max(0, s + n - x.shape[1])))  # noqa: E731
+    qq, kk, vv = pad(q, qs, ql), pad(k, ks, kl), pad(v, ks, kl)
+    n = max(1, min(kl, q.shape[1] - ks))
+    out, lse = be(qq, kk, vv, kv_lens=[n], block_mask=sub, return_lse=True)
+    allowed = sub.to_dense(device="cuda") & (torch.arange(kl, device="cuda") < n)
+    ref, ref_lse = reference(qq, kk, vv, allowed)
+    check(out, lse, ref, ref_lse)
+
+
+def test_kv_lens_and_no_recompile_across_masks(qkv):
+    q, k, v = qkv
+    be = SpargeFlex(device=cuda(), dtype=DTYPE).for_layer(SpargeParams.thresholds(4, **PARAMS))
+    n = 2500
+    out, lse = be(q, k, v, kv_lens=[n], return_lse=True)
+    ref, ref_lse = be(q[:, :n].contiguous(), k[:, :n].contiguous(), v[:, :n].contiguous(), return_lse=True)
+    assert rel_l2(out[:, :n], ref) <= REL
+    be(q, k, v, return_lse=True)  # compile for the full length
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):  # new inputs -> new masks (same shapes): the compiled kernel is reused
+            q2, k2, v2 = structured_qkv((3, 30, 30), 4, 128, dtype=DTYPE, device=cuda(), seed=seed + 1)
+            be(q2, k2, v2, return_lse=True)
+
+
+def test_predictor_cuda_matches_cpu(qkv):
+    q, k, _ = qkv
+    p = SpargeParams.thresholds(4, **PARAMS)
+    gpu = predict_block_mask(q.float(), k.float(), p).blocks.cpu()
+    cpu = predict_block_mask(q.float().cpu(), k.float().cpu(), p).blocks
+    assert float((gpu != cpu).float().mean()) < 0.005
+
+
+@pytest.mark.skipif(bool(SpargeSpas.unavailable_reasons(torch.device("cuda"), DTYPE)) if torch.cuda.is_available() else True,
+                    reason="spas_sage_attn not usable here")
+def test_spas_sage_attn_agrees_with_builtin(qkv):
+    q, k, v = qkv
+    p = SpargeParams.thresholds(4, **PARAMS)
+    spas = SpargeSpas(device=cuda(), dtype=DTYPE).for_layer(p)
+    flex = SpargeFlex(device=cuda(), dtype=DTYPE).for_layer(p)
+    o_spas, _ = spas(q, k, v)
+    o_flex, _ = flex(q, k, v)
+    cmp = compare(o_spas, o_flex)
+    assert cmp["cosine"] > 0.99 and cmp["rel_l1"] < 0.1  # INT8 / FP8 quantisation and the PV skip, same mask rule
