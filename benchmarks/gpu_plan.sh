@@ -20,6 +20,11 @@ for s in $steps; do case $s in
   sp2) [ "$ngpu" -ge 2 ] && step sp2 torchrun --nproc-per-node 2 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_2gpu.json";;
   sp4) [ "$ngpu" -ge 4 ] && step sp4 torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_4gpu.json";;
   wangpu) step wangpu python3 -m pytest -q -x tests/gpu/test_wan_gpu.py -p no:cacheprovider;;
+  radialtests) step radialtests python3 -m pytest -q -x tests/gpu/test_radial_gpu.py tests/gpu/test_wan_gpu.py -p no:cacheprovider;;
+  radial) step radial python3 -m ditfleet bench radial --out "$out/radial_h100.json";;
+  radial4) [ "$ngpu" -ge 4 ] && step radial4 torchrun --nproc-per-node 4 -m ditfleet bench radial --sp ring usp --out "$out/radial_sp_h100_4gpu.json";;
+  engine) step engine env DITFLEET_GPU_WORLDS=2,4 DITFLEET_MODEL_13B=/tmp/wan13b DITFLEET_RESULTS_DIR="$out" python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -p no:cacheprovider;;
+  sparge) step sparge python3 -m ditfleet bench sparge --out "$out/sparge_h100.json";;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
   *) echo "unknown step $s";;
 esac; done
