@@ -46,13 +46,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, world_size: int | None = None):
-    from .config import load_config
-    from .defaults import TINY_DEFAULT
+    from .config import load_config_or_default
 
-    path = args.config_opt or args.config
-    if path is None:
-        return load_config(None, args.overrides, data=TINY_DEFAULT, world_size=world_size), "embedded tiny default"
-    return load_config(path, args.overrides, world_size=world_size), path
+    return load_config_or_default(args.config_opt or args.config, args.overrides, world_size=world_size)
 
 
 def cmd_check_config(args) -> int:

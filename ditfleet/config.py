@@ -345,6 +345,21 @@ def load_config(
     return cfg
 
 
+def load_config_or_default(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, world_size: int | None = None
+) -> tuple[RunConfig, str]:
+    """What the CLI loads: ``path`` (or the embedded tiny default when ``None``) with ``overrides``.
+
+    Returns:
+        ``(config, source)``; ``source`` names the file or ``"embedded tiny default"``.
+    """
+    if path is None:
+        from .defaults import TINY_DEFAULT
+
+        return load_config(None, overrides, data=TINY_DEFAULT, world_size=world_size), "embedded tiny default"
+    return load_config(path, overrides, world_size=world_size), str(path)
+
+
 def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool = True) -> None:
     """Raise ConfigError for the first invalid setting, naming its key and what would be valid."""
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .bench.common import select_device
 from .attention.base import AttentionBackend, Capabilities
 from .attention.sparge import (
     BlockStats,
@@ -331,9 +332,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
 def main(args: argparse.Namespace) -> int:
     """Run the tuning; returns 0."""
     _check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible")
+    device = select_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(args, device, dtype)
     cfg = model.config

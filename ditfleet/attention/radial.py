@@ -240,9 +240,18 @@ def flex_masked_attention(q, k, v, mask: BlockSparseMask, *, scale: float, retur
 
     Rows with no allowed key get ``out = 0`` and ``lse = -inf``.
     """
+    return run_flex(q, k, v, flex_block_mask(mask, q.device, tile, partial_only=partial_only), scale=scale,
+                    return_lse=return_lse)
+
+
+def run_flex(q, k, v, block_mask, *, scale: float, return_lse: bool):
+    """``flex_attention`` with a prepared ``BlockMask`` (compiled on CUDA, eager on CPU) on ``[B, S, H, D]`` tensors.
+
+    Returns ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` (natural log); shared by radial and sparge.
+    """
     flex, has_aux, _ = _flex_api()
     fn = _compiled_flex() if q.device.type == "cuda" else flex
-    bm = flex_block_mask(mask, q.device, tile, partial_only=partial_only)
+    bm = block_mask
     kwargs: dict[str, Any] = {}
     if return_lse:
         if has_aux:

@@ -54,7 +54,6 @@ import dataclasses
 import functools
 import inspect
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -477,31 +476,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
                      return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through flex (compiled on CUDA, eager on CPU): ``[B, S, H, D]`` in,
     ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` out; rows without any key get 0 / ``-inf``."""
-    from .radial import _compiled_flex, _flex_api
+    from .radial import run_flex
 
     if mask.lead_shape:
         mb, mh = mask.lead_shape
         if mb not in (1, q.shape[0]) or mh not in (1, q.shape[2]):
             raise ValueError(f"sparge: mask is per {mb} x {mh} (batch, head), q has {q.shape[0]} x {q.shape[2]}")
-    flex, has_aux, _ = _flex_api()
-    fn = _compiled_flex() if q.device.type == "cuda" else flex
-    bm = flex_block_mask(mask, q.device)
-    kwargs: dict[str, Any] = {}
-    if return_lse:
-        if has_aux:
-            from torch.nn.attention.flex_attention import AuxRequest
-
-            kwargs["return_aux"] = AuxRequest(lse=True)
-        else:
-            kwargs["return_lse"] = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile" on CPU
-        res = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, scale=scale, **kwargs)
-    if not return_lse:
-        return res.transpose(1, 2), None
-    out, aux = res
-    lse = aux.lse if has_aux else aux
-    return out.transpose(1, 2), lse.float()
+    return run_flex(q, k, v, flex_block_mask(mask, q.device), scale=scale, return_lse=return_lse)
 
 
 def block_sparse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, block: tuple[int, int], *,

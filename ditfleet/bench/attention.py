@@ -30,7 +30,7 @@ import torch
 from ..attention import attention_flops, reference_attention
 from ..attention import registry
 from ..errors import UserError
-from .common import environment, rel_l2, time_cuda, write_json
+from .common import environment, rel_l2, select_device, time_cuda, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQ_LENS = (32760, 75600)  # Wan2.1 14B 480p / 720p, 81 frames
@@ -267,19 +267,7 @@ def _check_args(args) -> tuple[torch.device, torch.dtype]:
     unknown = [k for k in args.kernels or [] if k not in registry.KERNELS]
     if unknown:
         raise UserError(f"--kernels: unknown kernel {', '.join(unknown)}; known: {', '.join(registry.KERNELS)}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UserError(f"--device: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
-    return device, DTYPES[args.dtype]
+    return select_device(args.device), DTYPES[args.dtype]
 
 
 def main(args: argparse.Namespace) -> int:

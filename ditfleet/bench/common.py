@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 KERNEL_PACKAGES = (
     "torch",
     "triton",
@@ -118,3 +120,35 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def select_device(spec: str | None) -> torch.device:
+    """The device a command runs on: ``spec`` (``cuda``, ``cuda:N``, ``cpu``) or CUDA when available.
+
+    A CUDA device is made current (``cuda`` alone means the current one). Raises UserError for a
+    malformed spec or a CUDA request on a machine without a visible GPU.
+    """
+    try:
+        device = torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"--device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--device must be cuda, cuda:N or cpu, got {spec!r}")
+    return device
+
+
+def dense_sdpa_kernel(device: torch.device, dtype: torch.dtype):
+    """``(key, class)`` of the kernel ``torch_sdpa`` resolves to here: the dense baseline of the sparse benches."""
+    from ..attention.registry import ATTN_TYPES, kernel_class
+
+    for key in ATTN_TYPES["torch_sdpa"].chain:
+        cls = kernel_class(key)
+        if not cls.unavailable_reasons(device, dtype):
+            return key, cls
+    raise UserError(f"no dense torch SDPA kernel runs on {device}/{dtype}")

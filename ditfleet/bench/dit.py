@@ -31,7 +31,7 @@ import torch
 from ..attention import registry
 from ..errors import UserError
 from .attention import card_slug, kernel_availability, time_cpu
-from .common import environment, rel_l2, time_cuda, write_json
+from .common import environment, rel_l2, select_device, time_cuda, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +97,9 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int]:
 
 
 def _device(args) -> torch.device:
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UserError(f"--device: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    elif device.type == "cpu":
-        if not args.tiny:
-            raise UserError("bench dit at real model sizes needs a CUDA GPU; pass --tiny for a CPU smoke run")
-    else:
-        raise UserError(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    device = select_device(args.device)
+    if device.type == "cpu" and not args.tiny:
+        raise UserError("bench dit at real model sizes needs a CUDA GPU; pass --tiny for a CPU smoke run")
     return device
 
 

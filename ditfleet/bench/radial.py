@@ -34,10 +34,9 @@ import torch
 
 from ..attention.blockmask import BlockSparseMask, allowed_tokens
 from ..attention.radial import RadialFA4, RadialFlex, radial_block_mask
-from ..attention.registry import kernel_class
 from ..errors import UserError
 from .attention import _exact_fp32, _free, card_slug, make_inputs, sample_rows, time_cpu
-from .common import environment, rel_l2, time_cuda, write_json
+from .common import dense_sdpa_kernel, environment, rel_l2, select_device, time_cuda, write_json
 
 SP_MODES = ("ring", "usp", "ulysses")
 SP_KERNEL_PREFERENCE = ("radial_fa4", "radial_flex")
@@ -46,7 +45,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = {"480p81": (21, 1560), "720p81": (21, 3600), "720p241": (61, 3600)}
 LONG_CASE_HEADS = {"720p241": 10}  # one Ulysses-4 rank of Wan-14B's 40 heads
 KERNELS = {"radial_flex": RadialFlex, "radial_fa4": RadialFA4}
-DENSE_CHAIN = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math")
 TARGETS = {"720p81": "radial >= 3x faster than cuDNN dense (decay 0.2)", "720p241": ">= 5.5x"}
 REF_SCORE_BUDGET = 1 << 28  # fp32 scores per reference chunk (1 GiB)
 
@@ -119,14 +117,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _dense_class(device, dtype):
-    for key in DENSE_CHAIN:
-        cls = kernel_class(key)
-        if not cls.unavailable_reasons(device, dtype):
-            return key, cls
-    raise UserError(f"no dense torch SDPA kernel runs on {device}/{dtype}")
-
-
 def run_case(name, frames, tpf, heads, args, device, dtype, kernels) -> dict:
     """Measure one case; returns its JSON record."""
     t0 = time.perf_counter()
@@ -141,7 +131,7 @@ def run_case(name, frames, tpf, heads, args, device, dtype, kernels) -> dict:
     ref_out, ref_lse = masked_reference_rows(q, k, v, rows, mask, scale)
     timer = _timer(device)
 
-    dense_key, dense_cls = _dense_class(device, dtype)
+    dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
     dense = dense_cls(device=device, dtype=dtype)
     with torch.no_grad():
         rec["dense"] = {"kernel": dense_key,
@@ -205,13 +195,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--kernels: unknown {', '.join(unknown)}; known: {', '.join(KERNELS)}")
     if getattr(args, "sp", None):
         return main_sp(args, cases)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = select_device(args.device)
     dtype = DTYPES[args.dtype]
     env = environment()
     env["device"] = str(device)
@@ -295,7 +279,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
     device, rank, world = env.device, env.rank, env.world_size
     dtype = DTYPES[args.dtype]
     kernels, unavailable = _sp_kernels(args, device, dtype)
-    dense_key, dense_cls = _dense_class(device, dtype)
+    dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
     dense = dense_cls(device=device, dtype=dtype)
     t_start = time.perf_counter()
     report = {"suite": "radial-sp", "environment": {**environment(world), "device": str(device)},

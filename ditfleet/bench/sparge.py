@@ -34,17 +34,15 @@ from pathlib import Path
 
 import torch
 
-from ..attention.registry import kernel_class
 from ..attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, head_sparsity, predict_block_mask
 from ..errors import UserError
 from .attention import _free, card_slug, time_cpu
-from .common import environment, time_cuda, write_json
+from .common import dense_sdpa_kernel, environment, select_device, time_cuda, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = {"480p81": (21, 30, 52), "720p81": (21, 45, 80)}
 INPUTS = ("random", "structured")
 SETTINGS = ("topk", "thr")
-DENSE_CHAIN = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,14 +135,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _dense_class(device, dtype):
-    for key in DENSE_CHAIN:
-        cls = kernel_class(key)
-        if not cls.unavailable_reasons(device, dtype):
-            return key, cls
-    raise UserError(f"no dense torch SDPA kernel runs on {device}/{dtype}")
-
-
 def _params(setting: str, heads: int, args) -> SpargeParams:
     if setting == "topk":
         return SpargeParams.topk_mode(heads, args.topk)
@@ -163,7 +153,7 @@ def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
     _sync(device)
     rec: dict = {"inputs": kind, "build_s": time.perf_counter() - t0}
     timer = time_cuda if device.type == "cuda" else time_cpu
-    dense_key, dense_cls = _dense_class(device, dtype)
+    dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
     dense = dense_cls(device=device, dtype=dtype)
     ref = dense(q, k, v, return_lse=True)[0]
     rec["dense"] = {"kernel": dense_key, **timer(lambda: dense(q, k, v, return_lse=True), warmup=args.warmup, iters=args.iters)}
@@ -249,13 +239,7 @@ def main(args: argparse.Namespace) -> int:
     if args.warmup < 0 or not 0 < args.topk <= 1 or not 0 <= args.cdfthreshd <= 1 or not -1 <= args.simthreshd1 <= 1:
         raise UserError("--warmup >= 0, --topk in (0, 1], --cdfthreshd in [0, 1], --simthreshd1 in [-1, 1]")
     cases = [(c, parse_case(c)) for c in args.cases]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = select_device(args.device)
     dtype = DTYPES[args.dtype]
     reasons = SpargeFlex.unavailable_reasons(device, dtype)
     if reasons:

@@ -1,13 +1,7 @@
 """``ditfleet generate``: text/image -> video from a config, one request or a jobs file.
 
-Wiring (``ditfleet/cli.py``)::
-
-    from .engine import generate_cli
-    g = sub.add_parser("generate", help="generate videos (T2V / I2V) from a config")
-    generate_cli.add_arguments(g)       # adds the config arguments too unless --set is already there
-    g.set_defaults(func=generate_cli.main)
-
-Also runnable alone: ``python -m ditfleet.engine.generate_cli [args]``.
+``ditfleet.cli`` adds the config arguments and this module's :func:`add_arguments`, and calls
+:func:`main`; :func:`run` is the same command from Python (``generate_cli.run([...])``).
 
 Launchers (``--launcher`` or the config's ``launcher``): ``local`` (this process), ``torchrun``
 (``torchrun --nproc-per-node N -m ditfleet generate ...``; chosen by itself when started by
@@ -24,27 +18,12 @@ import os
 import signal
 import sys
 
-from ..errors import UserError
 
 log = logging.getLogger("ditfleet")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse reporting bad command lines as a UserError (exit 2, one line), as ``ditfleet``'s own parser."""
-
-    def error(self, message):  # noqa: D401
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add ``generate``'s options (and the config arguments, unless ``--set`` is already defined)."""
-    if "--set" not in p._option_string_actions:
-        p.add_argument("config", nargs="?", help="run config JSON (default: the embedded tiny config)")
-        p.add_argument("-c", "--config", dest="config_opt", help="run config JSON (same as the positional argument)")
-        p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config key (dotted for nested keys, value as JSON), e.g. --set infer_steps=30",
-        )
+    """Add ``generate``'s own options (the config arguments come from ``ditfleet.cli``)."""
     p.add_argument("--prompt", help="text prompt (default: the config's prompt, else the official Wan example)")
     p.add_argument("--negative-prompt", dest="negative_prompt",
                    help="negative prompt for classifier-free guidance (default: the official Wan2.1 one)")
@@ -66,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args):
-    from ..config import load_config
-    from ..defaults import TINY_DEFAULT
+    from ..config import load_config_or_default
     from .torchrun import torchrun_env
 
     path = getattr(args, "config_opt", None) or getattr(args, "config", None)
@@ -79,9 +57,7 @@ def _load_config(args):
     if launcher is not None:
         overrides.append(f"launcher={launcher}")
     world = trun["world_size"] if trun is not None and launcher == "torchrun" else None
-    if path is None:
-        return load_config(None, overrides, data=TINY_DEFAULT, world_size=world), "embedded tiny default"
-    return load_config(path, overrides, world_size=world), path
+    return load_config_or_default(path, overrides, world_size=world)
 
 
 class _Terminated(BaseException):
@@ -161,21 +137,10 @@ def _main(args) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m ditfleet.engine.generate_cli``), with the CLI's error handling."""
-    parser = _Parser(prog="ditfleet generate", description="Generate videos (T2V / I2V) from a run config.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
-        return main(args)
-    except UserError as e:
-        print(f"ditfleet: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ditfleet: interrupted", file=sys.stderr)
-        return 130
+    """``ditfleet generate ARGS`` (also ``python -m ditfleet.engine.generate_cli ARGS``): the CLI's parser and error handling."""
+    from ..cli import main as cli_main
+
+    return cli_main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
