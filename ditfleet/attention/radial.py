@@ -271,14 +271,10 @@ def run_flex(q, k, v, block_mask, *, scale: float, return_lse: bool):
 
 
 def _dense_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """The first torch SDPA kernel that runs here (what radial backends use for dense steps and layers)."""
-    from .registry import kernel_class
+    """The kernel ``torch_sdpa`` runs here (what radial backends use for dense steps and layers)."""
+    from .registry import torch_sdpa_kernel
 
-    for key in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "sdpa_math"):
-        cls = kernel_class(key)
-        if not cls.unavailable_reasons(device, dtype):
-            return cls(device=device, dtype=dtype)
-    raise RuntimeError(f"no dense torch SDPA kernel for {device}/{dtype}")
+    return torch_sdpa_kernel(device, dtype)[1](device=device, dtype=dtype)
 
 
 def _check_mask(key: str, mask: BlockSparseMask) -> None:

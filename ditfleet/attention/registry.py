@@ -99,6 +99,16 @@ def kernel_class(key: str) -> type[AttentionBackend]:
     return getattr(importlib.import_module(module), cls)
 
 
+def torch_sdpa_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str, type[AttentionBackend]]:
+    """``(key, class)`` of the kernel ``torch_sdpa`` runs here: the dense kernel of radial/sparge dense
+    layers and the baseline of the sparse benchmarks. Raises RuntimeError when none runs."""
+    for key in ATTN_TYPES["torch_sdpa"].chain:
+        cls = kernel_class(key)
+        if not cls.unavailable_reasons(torch.device(device), dtype):
+            return key, cls
+    raise RuntimeError(f"no dense torch SDPA kernel for {device}/{dtype}")
+
+
 def dense_kernel_keys() -> list[str]:
     """Kernel keys that compute dense attention (no block mask, no per-layer binding): what ``doctor`` and ``bench attention`` cover."""
     return [k for k in KERNELS if not kernel_class(k).caps.block_mask and not getattr(kernel_class(k), "per_layer", False)]

@@ -145,10 +145,9 @@ def select_device(spec: str | None) -> torch.device:
 
 def dense_sdpa_kernel(device: torch.device, dtype: torch.dtype):
     """``(key, class)`` of the kernel ``torch_sdpa`` resolves to here: the dense baseline of the sparse benches."""
-    from ..attention.registry import ATTN_TYPES, kernel_class
+    from ..attention.registry import torch_sdpa_kernel
 
-    for key in ATTN_TYPES["torch_sdpa"].chain:
-        cls = kernel_class(key)
-        if not cls.unavailable_reasons(device, dtype):
-            return key, cls
-    raise UserError(f"no dense torch SDPA kernel runs on {device}/{dtype}")
+    try:
+        return torch_sdpa_kernel(device, dtype)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
