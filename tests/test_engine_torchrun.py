@@ -96,6 +96,29 @@ def test_torchrun_matches_local_and_broadcasts_sparge(local_ref, tmp_path):
     assert e["sparge"]["sha256"] == want and {"device", "process_group", "load"} <= set(e["startup_s"])
 
 
+def test_sparge_run_binds_blocks_on_every_rank(tmp_path):
+    """``sparge: true`` with a checkpoint: rank 0 reads it, both ranks bind it per block (block 0 absent: dense),
+    and the ring run (the global mask from gathered statistics) equals the local sparge run."""
+    from ditfleet.attention.sparge import SpargeParams
+    from ditfleet.attention.sparge_ckpt import SpargeCheckpoint
+
+    thr = SpargeParams.thresholds(HEADS, cdfthreshd=0.5, simthreshd1=0.0)
+    ckpt = save_sparge_weights(SpargeCheckpoint(LAYERS, HEADS, {i: thr for i in range(1, LAYERS)}).state_dict(),
+                               tmp_path / "sparge.safetensors")
+    cfg = {**TINY_DEFAULT, "device": "cpu", "sparge": True, "sparge_ckpt": str(ckpt)}
+    with Engine.start(cfg) as eng:
+        ref = eng.generate(output=str(tmp_path / "local.npy"), quiet=True)
+    bound = f"sparge (sparge_flex): {LAYERS - 1} of {LAYERS} blocks sparse (threshold mode), dense blocks [0]"
+    assert ref.report["engine"]["workers"][0]["sparge_bound"] == bound
+    out, lat = tmp_path / "tr.npy", tmp_path / "tr.pt"
+    p = torchrun(["--set", "parallel.seq_p_size=2", "--set", "parallel.seq_p_attn_type=ring", "--set", "sparge=true",
+                  "--set", f"sparge_ckpt={ckpt}", "-o", str(out), "--save-latents", str(lat)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert rel_l2(torch.load(lat), ref.latents) <= TOL
+    e = json.loads(out.with_suffix(".json").read_text())["engine"]
+    assert [w["sparge_bound"] for w in e["workers"]] == [bound, bound]
+
+
 def test_torchrun_jobs_ring(local, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join([

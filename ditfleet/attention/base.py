@@ -170,6 +170,41 @@ class AttentionBackend(ABC):
 
     __call__ = forward
 
+    # ---- hooks for kernels with per-head settings or their own masks (Sparge); others keep the defaults
+    def for_heads(self, start: int, stop: int) -> AttentionBackend:
+        """This kernel restricted to heads ``[start, stop)`` of the heads it was set up for.
+
+        Ulysses calls it with the heads a rank (or a head group) holds after its all-to-all; a kernel
+        whose settings differ per head (Sparge thresholds) returns one bound to those heads, heads at
+        or past its head count being the zero padding Ulysses adds. Heads-agnostic kernels: ``self``.
+        """
+        return self
+
+    @property
+    def predicts_mask(self) -> bool:
+        """True when the kernel computes its own block mask from the *whole* q and k sequences.
+
+        Such a kernel cannot see the whole sequence under ring attention: the parallel layer then asks
+        :meth:`predict_sharded_mask` for the global mask and runs ring steps with windows of it.
+        """
+        return False
+
+    def predict_sharded_mask(self, q: torch.Tensor, k: torch.Tensor, *, q_offset: int, k_offset: int, q_length: int,
+                             k_length: int, scale: float, all_reduce) -> BlockSparseMask:
+        """The mask :attr:`predicts_mask` kernels would compute on the whole sequences, from a split one.
+
+        Args:
+            q, k: this process's chunks ``[B, S_local, H, D]`` at global offsets ``q_offset`` / ``k_offset``
+                (rows at or past ``q_length`` / ``k_length`` are padding).
+            scale: softmax scale.
+            all_reduce: ``all_reduce(t)`` sums ``t`` in place over every process holding a chunk
+                (the caller's collective: this package knows nothing of processes).
+
+        Returns:
+            The same root mask over the real ``q_length x k_length`` tokens on every process.
+        """
+        raise NotImplementedError(f"{self.key} does not predict a block mask")
+
     @abstractmethod
     def _forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, return_lse: bool

@@ -163,6 +163,27 @@ class BlockSparseMask:
         k_lim = min(self.k_lim, self.k_start + self.k_len)
         return BlockSparseMask(self._grid, qs, ks, int(q_len), int(k_len), q_lim, k_lim)
 
+    def select_heads(self, start: int, stop: int) -> BlockSparseMask:
+        """The same window for heads ``[start, stop)`` only (a head group of a per-(batch, head) mask).
+
+        A shared mask (no leading dims) or a head dim of 1 is returned as is. The sliced grid is cached
+        with this grid, so every window of it asks for the slice once.
+        """
+        if not self.lead_shape or self.lead_shape[1] == 1:
+            return self
+        nh = self.lead_shape[1]
+        if not 0 <= start < stop <= nh:
+            raise ValueError(f"select_heads: need 0 <= start < stop <= {nh}, got {start}, {stop}")
+        if (start, stop) == (0, nh):
+            return self
+        g = self._grid
+
+        def build():
+            return _Grid(g.blocks[:, start:stop].contiguous(), g.block_q, g.block_k, g.q_total, g.k_total)
+
+        grid = g.cached(("heads", start, stop), build)
+        return BlockSparseMask(grid, self.q_start, self.k_start, self.q_len, self.k_len, self.q_lim, self.k_lim)
+
     # ------------------------------------------------------------------ properties
     @property
     def block_size(self) -> int:

@@ -526,8 +526,10 @@ class _SpargeBase(AttentionBackend):
 
     params: SpargeParams | None = None
     bound: bool = False
+    _heads: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # for_heads views
 
     per_layer: ClassVar[bool] = True  # the model binds one instance per DiT block (for_layer)
+    needs_global_mask: ClassVar[bool] = False  # under ring, the caller predicts on gathered statistics
 
     def for_layer(self, params: SpargeParams | None) -> _SpargeBase:
         """This kernel bound to one layer's settings; ``None``: the layer runs dense (absent from the checkpoint)."""
@@ -539,9 +541,21 @@ class _SpargeBase(AttentionBackend):
         """The same layer restricted to heads ``[start, stop)`` of its ``H`` (Ulysses ranks / head groups;
         indices ``>= H`` are Ulysses' zero-padded heads and run dense)."""
         self._require_bound()
-        if self.params is None:
+        if self.params is None or (start, stop) == (0, self.params.num_heads):
             return self
-        return dataclasses.replace(self, params=self.params.select_heads(start, stop))
+        if (start, stop) not in self._heads:  # built once per head range (start-up cost, not per forward)
+            self._heads[start, stop] = dataclasses.replace(self, params=self.params.select_heads(start, stop))
+        return self._heads[start, stop]
+
+    @property
+    def predicts_mask(self) -> bool:
+        """A bound sparse layer of a kernel that needs the whole sequences' mask (:class:`SpargeFlex`)."""
+        return self.bound and self.params is not None and self.needs_global_mask
+
+    def predict_sharded_mask(self, q, k, *, q_offset, k_offset, q_length, k_length, scale, all_reduce):
+        """The layer's global mask from split sequences (ring / USP): :func:`sequence_parallel_mask`."""
+        return sequence_parallel_mask(self, q, k, q_offset=q_offset, k_offset=k_offset, q_length=q_length,
+                                      k_length=k_length, scale=scale, all_reduce=all_reduce)
 
     @functools.cached_property
     def dense(self) -> AttentionBackend:

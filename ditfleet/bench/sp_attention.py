@@ -216,7 +216,7 @@ def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, arg
             lambda: [w.wait() for w in comm.gather_heads(torch.empty_like(q), None)[2]], args, device)
         del recv, meta
         # The p2p path with no kernel (its attend returns q as the output): in + out + all copies.
-        parts["p2p_comm_only"] = _time(lambda: ulysses_forward(*tensors, comm=comm, attend=lambda q_g, kv_g, _l: (q_g, None),
+        parts["p2p_comm_only"] = _time(lambda: ulysses_forward(*tensors, comm=comm, attend=lambda q_g, kv_g, _l, _h: (q_g, None),
                                                                return_lse=False, impl="p2p"), args, device)
     n_valid = shard.chunk_valid(0, u)
     lens = None if n_valid == kv.shape[2] else [n_valid] * b
@@ -227,7 +227,7 @@ def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, arg
         nxt = torch.empty_like(kv)
         parts["ring_rotation"] = _time(lambda: [ring.wait(ring.start(kv, nxt)) for _ in range(r - 1)], args, device)
         parts["allgather_comm_only"] = _time(lambda: allgather_forward(
-            q, kv[0], kv[1], comm=ring, attend=lambda q_g, k_g, v_g, _l: (q_g, None), return_lse=False), args, device)
+            q, kv[0], kv[1], comm=ring, attend=lambda q_g, k_g, v_g, _l, _h: (q_g, None), return_lse=False), args, device)
         parts["kernel_all_blocks"] = r * _time(lambda: backend(q, kv[0], kv[1], scale=scale, return_lse=True),
                                                args, device)
         o, l = backend(q, kv[0], kv[1], scale=scale, return_lse=True)

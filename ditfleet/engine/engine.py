@@ -271,7 +271,7 @@ class Engine:
         return GenerateResult(output, rpath, report, latents, writer.written, timings)
 
     def _engine_report(self, attempt: int) -> dict:
-        keys = ("rank", "pid", "hostname", "node_ip", "gpu_ids", "device", "backend", "sparge_sha256")
+        keys = ("rank", "pid", "hostname", "node_ip", "gpu_ids", "device", "backend", "sparge_sha256", "sparge_bound")
         return {
             "launcher": self.executor.launcher,
             "world_size": self.executor.world_size,

@@ -35,6 +35,7 @@ from .encoders import DEFAULT_NEGATIVE_PROMPT, ImageEncoder, TextEncoder
 from .errors import ImageError, ModelFolderError
 from .request import EncodedRequest, GenerateRequest
 from .runner import ModelRunner
+from .sparge_weights import bind_sparge
 from .tiny import tiny_model_path
 from .vae import WanVAE
 from .video import VideoWriter, check_output, report_path, write_json_atomic
@@ -166,16 +167,20 @@ def model_root(cfg) -> Path:
     return tiny_model_path(cfg.task) if cfg.model_path is None else Path(cfg.model_path).expanduser()
 
 
-def load_runner(cfg, *, device: torch.device, mesh=None) -> ModelRunner:
-    """Only the DiT (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks as :meth:`Pipeline.from_config`."""
+def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | None = None,
+                read_sparge_file: bool = True) -> ModelRunner:
+    """Only the DiT (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
+    arguments as :meth:`Pipeline.from_config`."""
     root = model_root(cfg)
     check_model_folder(root, cfg.task)
     from ..models.wan import find_checkpoint
 
     _check_task(root, cfg.task, find_checkpoint(root).config)
     attention = cfg.resolve_attention(device)
-    return ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
-                            radial=cfg.radial_attn_setting)
+    runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
+                              radial=cfg.radial_attn_setting)
+    bind_sparge(runner.dit, cfg, sparge_state, read_file=read_sparge_file)
+    return runner
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -261,13 +266,17 @@ class Pipeline:
         self.attention, self.load_timings = attention, load_timings
 
     @classmethod
-    def from_config(cls, cfg, *, mesh=None, device: torch.device | None = None) -> Pipeline:
+    def from_config(cls, cfg, *, mesh=None, device: torch.device | None = None, sparge_state: dict | None = None,
+                    read_sparge_file: bool = True) -> Pipeline:
         """Check the model folder, resolve the attention kernels, load every component once.
 
         Args:
             cfg: the run config.
             mesh: the parallel mesh of this rank (``None``: a world of one).
             device: where to load (default: the config's device).
+            sparge_state: Sparge thresholds already loaded (an engine's broadcast); ``None``: read
+                ``cfg.sparge_ckpt`` here if ``read_sparge_file``, or use ``sparge_attn_setting.topk``.
+            read_sparge_file: False for engine workers, which never open the checkpoint themselves.
 
         Raises:
             ModelFolderError / CheckpointError: the folder is missing, incomplete or inconsistent.
@@ -295,6 +304,7 @@ class Pipeline:
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
                                   radial=cfg.radial_attn_setting)
+        bind_sparge(runner.dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()
         _check_compatible(root, cfg, runner.dit.config, text, image, vae)
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}

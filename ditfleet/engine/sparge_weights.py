@@ -10,6 +10,7 @@ read with ``torch.load(weights_only=True)`` or ``.safetensors``). Only the drive
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from ..attention.sparge_ckpt import (
 )
 from ..errors import UserError
 
+log = logging.getLogger("ditfleet.engine")
+
 __all__ = [
     "SpargeCheckpointError",
+    "bind_sparge",
     "load_for_run",
     "load_sparge_weights",
     "make_sparge_weights",
@@ -133,3 +137,37 @@ def load_for_run(cfg) -> tuple[dict[str, torch.Tensor] | None, dict]:
                                             num_heads=dims[1] if dims else None)
     return state, {"path": str(cfg.sparge_ckpt), "sha256": sparge_checksum(state), "layers": layers, "heads": heads,
                    "checked_against_model": dims is not None}
+
+
+def bind_sparge(dit, cfg, state: dict[str, torch.Tensor] | None, *, read_file: bool = True) -> str | None:
+    """Bind a Sparge self-attention kernel of ``dit`` to its per-block settings (start-up, every rank).
+
+    Settings come from ``state`` (the thresholds the driver loaded and broadcast), else from
+    ``cfg.sparge_ckpt`` read here (``read_file``: one process that owns its config, never an engine
+    worker), else from ``cfg.sparge_attn_setting.topk`` for every block. Nothing happens when the
+    self-attention kernel is not Sparge.
+
+    Returns:
+        The start-up line that says what was bound (logged), or ``None``.
+
+    Raises:
+        SpargeCheckpointError: the thresholds do not fit the DiT (blocks, heads, values).
+        RuntimeError: an engine worker (``read_file=False``) was given no thresholds for a ``sparge_ckpt`` run.
+    """
+    from ..attention.sparge_ckpt import layer_params
+
+    if not getattr(dit, "sparge_active", False):
+        return None
+    source = str(cfg.sparge_ckpt) if cfg.sparge_ckpt is not None else "sparge thresholds"
+    if state is None and cfg.sparge_ckpt is not None:
+        if not read_file:
+            raise RuntimeError(f"sparge_ckpt {cfg.sparge_ckpt!r}: this worker received no thresholds from the driver")
+        state = load_sparge_weights(cfg.sparge_ckpt)
+    if state is not None:
+        dit.set_sparge_weights(state, source=source)
+    else:
+        c = dit.config
+        dit.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, topk=cfg.sparge_attn_setting.topk))
+    line = dit.describe_sparge() + (f" from {source}" if state is not None else "")
+    log.info(line)
+    return line

@@ -113,6 +113,7 @@ class Worker:
         self.runner = None
         self.sparge: dict | None = None
         self.sparge_sha256: str | None = None
+        self.sparge_bound: str | None = None  # what the DiT's blocks were bound to (Sparge self-attention)
         self._req = self._enc = self._latents = None
         self._timings: dict = {}
 
@@ -126,6 +127,7 @@ class Worker:
             "hostname": socket.gethostname(), "node_ip": node_ip or _host_ip(), "gpu_ids": gpu_ids,
             "device": str(self.device) if self.device is not None else None, "backend": self.backend,
             "sparge_sha256": self.sparge_sha256, "sparge_tensors": len(self.sparge) if self.sparge else 0,
+            "sparge_bound": self.sparge_bound,
         }
 
     def free_port(self) -> int:
@@ -188,24 +190,22 @@ class Worker:
         """Load the model once: rank 0 the whole pipeline, the other ranks the DiT only.
 
         ``sparge_state``: the sparge thresholds the driver loaded (never read from a file here);
-        kept, checksummed for :meth:`report`, and handed to the DiT if it takes them
-        (``set_sparge_weights``, added with the sparge kernels).
+        kept, checksummed for :meth:`report`, and bound to the DiT's blocks when self-attention is Sparge.
         """
         from .pipeline import Pipeline, load_runner
         from .sparge_weights import sparge_checksum
 
         t = time.perf_counter()
+        kw = dict(mesh=self.mesh, device=self.device, sparge_state=sparge_state, read_sparge_file=False)
         if self.rank == 0:
-            self.pipe = Pipeline.from_config(self.cfg, mesh=self.mesh, device=self.device)
+            self.pipe = Pipeline.from_config(self.cfg, **kw)
             self.runner = self.pipe.runner
         else:
-            self.runner = load_runner(self.cfg, device=self.device, mesh=self.mesh)
+            self.runner = load_runner(self.cfg, **kw)
         self.sparge = sparge_state
         self.sparge_sha256 = sparge_checksum(sparge_state)
-        hook = getattr(self.runner.dit, "set_sparge_weights", None)
-        if sparge_state is not None and hook is not None:
-            hook(sparge_state)
-        return {"load_s": time.perf_counter() - t, "sparge_sha256": self.sparge_sha256}
+        self.sparge_bound = self.runner.dit.describe_sparge() if self.runner.dit.sparge_active else None
+        return {"load_s": time.perf_counter() - t, "sparge_sha256": self.sparge_sha256, "sparge_bound": self.sparge_bound}
 
     # ---- one request --------------------------------------------------------------------------------
     def _need_pipeline(self, what: str):

@@ -17,11 +17,20 @@ with the whole mask (positions past the end are masked by the window); the ring 
 ``(query chunk, key chunk)`` step with its sub-mask, skips steps whose sub-mask is empty and K/V
 transfers nobody further along needs (:mod:`ditfleet.parallel.ring_schedule`); USP does both,
 with super-chunks as the ring's chunks.
+
+Kernels with per-head settings or their own masks (Sparge; the hooks of
+:class:`~ditfleet.attention.base.AttentionBackend`): Ulysses gives each head group the kernel
+``backend.for_heads(...)`` of the heads it holds, which predicts its mask on the whole gathered
+sequence itself; a ring (or the ring of USP) cannot see the whole sequence, so when
+``backend.predicts_mask`` the group first builds the *global* mask from all-reduced block
+statistics (``backend.predict_sharded_mask``, two small all-reduces per call) and then runs the
+ring as under any block mask, with its empty steps skipped.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
@@ -109,7 +118,8 @@ def sequence_parallel_attention(
         merge_impl: ``"rotate"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
         block_mask: a :class:`~ditfleet.attention.blockmask.BlockSparseMask` of shape
             ``(shard.global_len, kv_shard.global_len)`` over the *global unpadded* sequences, identical
-            on every rank (radial attention); needs a backend with ``caps.block_mask``. ``None``: dense.
+            on every rank (radial attention); needs a backend with ``caps.block_mask``. ``None``: dense,
+            or the mask the backend predicts itself (``backend.predicts_mask``: Sparge).
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q_local, H, D]`` in q's dtype; ``lse`` float32
@@ -121,13 +131,16 @@ def sequence_parallel_attention(
         ConfigError: ring degree > 1 with a backend that returns no LSE.
         NotImplementedError: ``block_mask`` with a backend that takes none (on every rank, before
             any communication).
-        ValueError: ``block_mask`` of the wrong shape.
+        ValueError: ``block_mask`` of the wrong shape, or given to a kernel that predicts its own.
     """
     kv_shard = kv_shard or shard
     check_backend_for_mesh(backend, mesh)
     _check_shapes(q, k, v, shard, kv_shard)
     if block_mask is not None:
+        if backend.predicts_mask:
+            raise ValueError(f"{backend.key} predicts its own block mask; block_mask must be None")
         _check_mask(backend, block_mask, shard, kv_shard)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if ulysses_impl not in ULYSSES_IMPLS or ring_impl not in RING_IMPLS:
         raise ValueError(f"ulysses_impl must be one of {ULYSSES_IMPLS} (got {ulysses_impl!r}) and ring_impl one of "
                          f"{RING_IMPLS} (got {ring_impl!r})")
@@ -142,6 +155,9 @@ def sequence_parallel_attention(
             chunks=ulysses_chunks, impl=ulysses_impl, compute_streams=compute_streams, block_mask=block_mask,
         )
     if u == 1:
+        if backend.predicts_mask:
+            block_mask = _sharded_mask(backend, q, k, mesh, q_offset=mesh.ring_rank * shard.chunk,
+                                       k_offset=mesh.ring_rank * kv_shard.chunk, shard=shard, kv_shard=kv_shard, scale=scale)
         return ring_attention(
             q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
             impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
@@ -162,6 +178,15 @@ def _check_mask(backend: AttentionBackend, mask: BlockSparseMask, shard: SeqShar
                          f"{shard.global_len} x {kv_shard.global_len} (the mask is over the unpadded global sequences)")
 
 
+def _sharded_mask(backend: AttentionBackend, q, k, mesh: ParallelMesh, *, q_offset: int, k_offset: int, shard: SeqShard,
+                  kv_shard: SeqShard, scale: float):
+    """The global mask of a mask-predicting kernel over the ring group's chunks (same on every ring rank)."""
+    group = mesh.group("ring")
+    return backend.predict_sharded_mask(q, k, q_offset=q_offset, k_offset=k_offset, q_length=shard.global_len,
+                                        k_length=kv_shard.global_len, scale=scale,
+                                        all_reduce=lambda t: dist.all_reduce(t, group=group))
+
+
 def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: SeqShard, scale, return_lse, chunks,
          ulysses_impl, ring_impl, ring_chunks, compute_streams, merge_impl, block_mask):
     """Ulysses inside each ring group: all-to-all to super-chunks, ring over them, all-to-all back."""
@@ -169,10 +194,16 @@ def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: Seq
     num_heads = q.shape[2]
     h_pad = padded_heads(num_heads, u)
     ring = RingComm.from_mesh(mesh)
+    first_head = mesh.ulysses_rank * (h_pad // u)  # this rank's heads after the all-to-all
 
-    def attend(q_super, kv_super, want_lse):
-        return ring_run(q_super, kv_super[0], kv_super[1], kv_super, comm=ring, backend=backend, scale=scale,
-                        q_chunk=u * shard.chunk, kv_shard=kv_shard, per_chunk=u, block_mask=block_mask,
+    def attend(q_super, kv_super, want_lse, heads):
+        kernel = backend.for_heads(first_head + heads[0], first_head + heads[1])
+        mask = block_mask
+        if kernel.predicts_mask:  # every rank of this ring holds the same heads: the collectives match
+            mask = _sharded_mask(kernel, q_super, kv_super[0], mesh, q_offset=ring.rank * u * shard.chunk,
+                                 k_offset=ring.rank * u * kv_shard.chunk, shard=shard, kv_shard=kv_shard, scale=scale)
+        return ring_run(q_super, kv_super[0], kv_super[1], kv_super, comm=ring, backend=kernel, scale=scale,
+                        q_chunk=u * shard.chunk, kv_shard=kv_shard, per_chunk=u, block_mask=mask,
                         impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
                         return_lse=want_lse)
 

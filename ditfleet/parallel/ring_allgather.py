@@ -22,8 +22,9 @@ from ..attention.blockmask import BlockSparseMask
 from .pipeline import Pipeline, exchange, finish_recv, recv_slot
 from .ulysses_packed import head_groups
 
-# attend(q, k_full, v_full, want_lse) -> (out, lse | None)
-FullAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+# attend(q, k_full, v_full, want_lse, heads) -> (out, lse | None); heads = (h0, h1) of the group in q's heads
+FullAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, tuple[int, int]],
+                      tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _gather_heads(pipe: Pipeline, comm, k, v, h0: int, h1: int, needs: Sequence[Sequence[bool]] | None):
@@ -71,8 +72,8 @@ def allgather_forward(
         k, v: ``[B, S_k, H, D]`` local key/value chunks (any strides; only read).
         comm: the ring's :class:`~ditfleet.parallel.ring.RingComm` (chunk ``p`` of the gathered keys
             comes from ring rank ``p``).
-        attend: ``attend(q_g, k_full, v_full, want_lse)``: the kernel on the gathered keys
-            ``[B, R*S_k, hg, D]`` (padding, if any, at the end; the callback masks it).
+        attend: ``attend(q_g, k_full, v_full, want_lse, (h0, h1))``: the kernel on the gathered keys
+            ``[B, R*S_k, hg, D]`` of heads ``[h0, h1)`` (padding, if any, at the end; the callback masks it).
         return_lse: also return the LSE.
         chunks: head groups (1 = gather everything, then one kernel call).
         compute_streams: 1, or 2 to alternate the groups' kernels over two CUDA streams.
@@ -98,7 +99,7 @@ def allgather_forward(
         with pipe.on_compute(gi, after=ready):
             pipe.used_here(k_g, v_g)
             q_g = q if len(groups) == 1 else q[:, :, h0:h1].contiguous()
-            o, l = attend(q_g, k_g, v_g, return_lse)
+            o, l = attend(q_g, k_g, v_g, return_lse, (h0, h1))
             if len(groups) == 1:
                 out, lse = o, l
             else:
@@ -115,11 +116,13 @@ def full_attend(backend: AttentionBackend, scale: float | None, n_valid: int,
                 block_mask: BlockSparseMask | None = None) -> FullAttend:
     """The all-gather ring's kernel: ``backend`` over the gathered keys, of which ``n_valid`` lead.
 
-    ``block_mask``: the window of the local queries against the whole (padded) key sequence, or ``None``.
+    ``block_mask``: the window of the local queries against the whole (padded) key sequence, or ``None``;
+    a per-(batch, head) mask (Sparge) is cut to each call's head group.
     """
 
-    def attend(q, k, v, want_lse):
+    def attend(q, k, v, want_lse, heads):
         lens = None if n_valid == k.shape[1] else [n_valid] * q.shape[0]
-        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=want_lse, block_mask=block_mask)
+        mask = None if block_mask is None else block_mask.select_heads(*heads)
+        return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=want_lse, block_mask=mask)
 
     return attend

@@ -115,7 +115,7 @@ def _p2p_forward(q, k, v, *, comm: UlyssesComm, attend: Attend, return_lse: bool
         q_g, kv_g, ready = pending
         with pipe.on_compute(gi, after=ready):
             pipe.used_here(q_g, kv_g)
-            o, l = attend(q_g, kv_g, return_lse)
+            o, l = attend(q_g, kv_g, return_lse, (h0, h1))
             done = pipe.mark()
         _p2p_gather(pipe, comm, o, l, out, lse, h0, h1, done)
         pending = nxt
@@ -187,7 +187,8 @@ def ulysses_attention(
     Args:
         q: ``[B, S_q_local, H, D]`` local query chunk (``shard.chunk`` tokens), backend's dtype.
         k, v: ``[B, S_k_local, H, D]`` local key/value chunk (``kv_shard.chunk`` tokens).
-        backend: the kernel; runs on the full sequence with ``ceil(H / U)`` heads.
+        backend: the kernel; runs on the full sequence with ``ceil(H / U)`` heads (as
+            ``backend.for_heads(...)`` of the heads each call gets: Sparge binds its per-head thresholds).
         mesh: parallel mesh with ``ring_size == 1``.
         shard: the query sequence's :class:`SeqShard`.
         kv_shard: the key sequence's shard; ``None`` = ``shard`` (self-attention).
@@ -215,8 +216,11 @@ def ulysses_attention(
     lens = None if kv_valid == kv_shard.chunk * u else [kv_valid] * q.shape[0]
     window = None if block_mask is None else block_mask.sub(0, shard.chunk * u, 0, kv_shard.chunk * u)
 
-    def attend(q_full, kv, want_lse):
-        return backend(q_full, kv[0], kv[1], scale=scale, kv_lens=lens, return_lse=want_lse, block_mask=window)
+    first_head = comm.rank * (h_pad // u)  # this rank's heads after the all-to-all
+
+    def attend(q_full, kv, want_lse, heads):
+        kernel = backend.for_heads(first_head + heads[0], first_head + heads[1])  # per-head settings (Sparge)
+        return kernel(q_full, kv[0], kv[1], scale=scale, kv_lens=lens, return_lse=want_lse, block_mask=window)
 
     out, lse = ulysses_forward(
         pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),

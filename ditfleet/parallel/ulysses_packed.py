@@ -12,8 +12,10 @@ import torch.distributed as dist
 
 from .mesh import ParallelMesh
 
-# attend(q, kv, return_lse) -> (out, lse): q ``[B, S_q, h, D]``, kv packed ``[2, B, S_k, h, D]``.
-Attend = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+# attend(q, kv, return_lse, heads) -> (out, lse): q ``[B, S_q, hg, D]``, kv packed ``[2, B, S_k, hg, D]``;
+# heads = (h0, h1): the group's range within this rank's ``h = H_pad / U`` heads (rank j holds
+# padded heads ``j * h + [0, h)``), for kernels bound to particular heads (Sparge thresholds).
+Attend = Callable[[torch.Tensor, torch.Tensor, bool, tuple[int, int]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def head_groups(heads_per_rank: int, chunks: int) -> list[tuple[int, int]]:
@@ -126,7 +128,7 @@ def packed_forward(q, k, v, *, comm: UlyssesComm, attend: Attend, return_lse: bo
         work.wait()
         q_g, kv_g = comm.unpack(recv, meta)
         inflight[gi] = None  # free the buffers
-        o, l = attend(q_g, kv_g, return_lse)
+        o, l = attend(q_g, kv_g, return_lse, (h0, h1))
         returning.append((h0, h1, *comm.gather_heads(o, l)))
     for h0, h1, recv, lse_recv, works, _keep in returning:
         for w in works:

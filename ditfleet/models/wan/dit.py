@@ -26,6 +26,14 @@ here, i.e. cuDNN on H100; ``radial_fa4``: FlashAttention-4). Nothing else ever r
 kernel without a setting, or ``dense_timesteps > 0`` without a step index, is an error. The step
 index comes from ``forward(..., step=i)`` or :meth:`WanDiT.set_step`. Under sequence parallelism
 the same global mask goes to :func:`~ditfleet.parallel.sequence_parallel_attention`.
+
+Sparge attention: a Sparge self-attention kernel (``per_layer``) is bound once per block at
+start-up to that block's thresholds (:meth:`WanDiT.set_sparge` with one
+:class:`~ditfleet.attention.sparge.SpargeParams` or ``None`` (dense) per block, or
+:meth:`WanDiT.set_sparge_weights` with a SpargeAttn-format state dict: block ``i`` gets exactly the
+keys ``blocks.{i}.…``, never those of block ``1i``). Each block then predicts its own mask from its
+q and k; under sequence parallelism the parallel layer narrows the kernel to a rank's heads
+(Ulysses) or builds the global mask from gathered statistics (ring / USP).
 """
 
 from __future__ import annotations
@@ -271,6 +279,7 @@ class WanDiT(nn.Module):
         self.backends: dict[str, AttentionBackend] = {}
         self.radial = None  # RadialAttnSetting (set_radial); used when the self-attention kernel is radial
         self.dense_fallback: AttentionBackend | None = None
+        self.self_layers: tuple[AttentionBackend, ...] = ()  # per-block self-attention kernels (Sparge), else ()
         self._step: int | None = None
         self._rope_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if attention is not None:
@@ -294,20 +303,75 @@ class WanDiT(nn.Module):
         missing = [s for s in self.required_sites() if s not in backends]
         if missing:
             raise ValueError(f"no attention kernel for site(s) {', '.join(missing)} of this {self.config.model_type} model")
-        unbound = [s for s, b in backends.items() if getattr(b, "per_layer", False)]
-        if unbound:  # sparge kernels are bound per block (thresholds per layer); the DiT does not bind them yet
-            raise ConfigError(
-                unbound[0], "sparge is not wired into the Wan DiT in this build (per-block threshold binding is "
-                "pending); valid here: torch_sdpa, flash_attn2, flash_attn3, flash_attn4, sage_attn2, radial_attn"
-            )
+        per_layer = [s for s, b in backends.items() if getattr(b, "per_layer", False) and s != SELF_SITE]
+        if per_layer:  # thresholds are tuned per self-attention layer; a cross site has nothing to bind
+            raise ConfigError(per_layer[0], "sparge runs on self-attention only (self_attn_1_type); valid here: "
+                              "torch_sdpa, flash_attn2, flash_attn3, flash_attn4, sage_attn2")
         self.backends = backends
+        self.self_layers = ()  # a per-layer kernel waits for set_sparge / set_sparge_weights
         self.sp.check_backend(backends[SELF_SITE])
         return self
+
+    @property
+    def sparge_active(self) -> bool:
+        """True when self-attention is a per-layer (Sparge) kernel."""
+        backend = self.backends.get(SELF_SITE)
+        return backend is not None and getattr(backend, "per_layer", False)
+
+    def set_sparge(self, layers) -> WanDiT:
+        """Bind the Sparge self-attention kernel to each block's settings (start-up).
+
+        Args:
+            layers: one :class:`~ditfleet.attention.sparge.SpargeParams` (for ``num_heads`` heads) or
+                ``None`` (the block runs dense) per block, in block order
+                (:func:`~ditfleet.attention.sparge_ckpt.layer_params` builds them).
+
+        Raises:
+            RuntimeError: the self-attention kernel is not a Sparge kernel.
+            ValueError: wrong number of blocks or heads.
+        """
+        from ...attention.sparge import bind_layers
+
+        if not self.sparge_active:
+            raise RuntimeError(f"set_sparge: the self-attention kernel is {self.backends.get(SELF_SITE)!r}, not a Sparge kernel")
+        layers = list(layers)
+        n, h = self.config.num_layers, self.config.num_heads
+        if len(layers) != n:
+            raise ValueError(f"set_sparge: {len(layers)} layer settings for a DiT of {n} blocks")
+        bad = [i for i, p in enumerate(layers) if p is not None and p.num_heads != h]
+        if bad:
+            raise ValueError(f"set_sparge: block {bad[0]} has settings for {layers[bad[0]].num_heads} heads, the DiT has {h}")
+        self.self_layers = tuple(bind_layers(self.backends[SELF_SITE], layers))
+        for b in self.self_layers:
+            self.sp.check_backend(b)
+        return self
+
+    def set_sparge_weights(self, state: Mapping[str, torch.Tensor], *, source: str = "sparge_ckpt") -> WanDiT:
+        """Bind Sparge from a SpargeAttn-format state dict (what the engine broadcasts): validated against
+        this DiT's blocks and heads; blocks absent from it run dense (one warning lists them).
+
+        Raises:
+            SpargeCheckpointError: the state does not fit this model (names ``source`` and the key).
+        """
+        from ...attention.sparge_ckpt import SpargeCheckpoint, layer_params
+
+        c = self.config
+        ckpt = SpargeCheckpoint.from_state_dict(state, num_layers=c.num_layers, num_heads=c.num_heads, source=source)
+        return self.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, checkpoint=ckpt))
+
+    def describe_sparge(self) -> str:
+        """One line for start-up logs: blocks sparse / dense and the mode."""
+        if not self.self_layers:
+            return "sparge: not bound"
+        dense = [i for i, b in enumerate(self.self_layers) if b.params is None]
+        modes = {b.params.mode for b in self.self_layers if b.params is not None}
+        return (f"sparge ({self.self_layers[0].key}): {len(self.self_layers) - len(dense)} of {len(self.self_layers)} "
+                f"blocks sparse ({'/'.join(sorted(modes)) or '-'} mode)" + (f", dense blocks {dense}" if dense else ""))
 
     def set_parallel(self, mesh) -> WanDiT:
         """Run self-attention sequence-parallel over ``mesh`` (a ``ParallelMesh``; ``None``: single process)."""
         self.sp = SeqParallel(self.sp_plan, mesh)
-        for backend in (self.backends.get(SELF_SITE), self.dense_fallback):
+        for backend in (self.backends.get(SELF_SITE), self.dense_fallback, *self.self_layers):
             if backend is not None:
                 self.sp.check_backend(backend)
         return self
@@ -343,9 +407,9 @@ class WanDiT(nn.Module):
 
     @property
     def radial_active(self) -> bool:
-        """True when self-attention runs a block-mask (radial) kernel."""
+        """True when self-attention runs a block-mask (radial) kernel (Sparge kernels predict their own masks)."""
         backend = self.backends.get(SELF_SITE)
-        return backend is not None and backend.caps.block_mask
+        return backend is not None and backend.caps.block_mask and not getattr(backend, "per_layer", False)
 
     def self_attention_masks(self, grid: tuple[int, int, int], step: int | None) -> tuple[BlockSparseMask | None, ...]:
         """Per block, the radial mask of a ``(f, h, w)`` token grid at denoising step ``step``, ``None`` = dense.
@@ -481,6 +545,9 @@ class WanDiT(nn.Module):
             b = self.backends[site]
             if b.dtype != self.dtype:
                 raise TypeError(f"{site}: kernel {b.key} was built for {b.dtype}, the model computes in {self.dtype}")
+        if self.sparge_active and len(self.self_layers) != self.config.num_layers:
+            raise RuntimeError(f"self-attention kernel {self.backends[SELF_SITE].key} is bound per block: call "
+                               "set_sparge(...) or set_sparge_weights(state) at start-up")
         fb = self.dense_fallback
         if fb is not None and self.radial_active and fb.dtype != self.dtype:
             raise TypeError(f"dense_fallback: kernel {fb.key} was built for {fb.dtype}, the model computes in {self.dtype}")
@@ -557,12 +624,15 @@ class WanDiT(nn.Module):
         dense = self.dense_fallback if self.radial_active and self.dense_fallback is not None else backend
         text, image = self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
 
-        def attend_with(mask: BlockSparseMask | None) -> _Attend:
-            kernel = backend if mask is not None else dense
+        def attend_with(mask: BlockSparseMask | None, kernel: AttentionBackend | None = None) -> _Attend:
+            kernel = kernel or (backend if mask is not None else dense)
             return _Attend(lambda q, k, v: sp.attention(q, k, v, backend=kernel, shard=shard, block_mask=mask), text, image)
 
-        by_mask = {id(m): attend_with(m) for m in masks}  # one per distinct mask (two at most)
-        layers = tuple(by_mask[id(m)] for m in masks)
+        if self.self_layers:  # Sparge: each block's kernel, bound to its thresholds, predicts its own mask
+            layers = tuple(attend_with(None, kernel) for kernel in self.self_layers)
+        else:
+            by_mask = {id(m): attend_with(m) for m in masks}  # one per distinct mask (two at most)
+            layers = tuple(by_mask[id(m)] for m in masks)
         return DiTStep(local["tokens"], e, e0, ctx, ctx_img, (local["rope_cos"], local["rope_sin"]),
                        layers[0] if layers else attend_with(None), grid, shard, layers, masks)
 
