@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU plan, run on a lent multi-GPU H100 host (see README "Benchmarks"): correctness first,
 # then the benchmarks. Usage: bash benchmarks/gpu_plan.sh OUTDIR [STEP ...]
-# Steps: env gputests doctor attention sp2 sp4 dit   (default: all). Each step logs to OUTDIR/<step>.log
+# Steps: env gputests doctor attention sp2 sp4 dit   (default: these; more below). Each step logs to OUTDIR/<step>.log
 # and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site, and
 # .commit (carried; written by the sender: git rev-parse HEAD, -dirty if needed) since the copy has no .git.
 set -u
 out=${1:?usage: gpu_plan.sh OUTDIR [STEP ...]}; shift
 mkdir -p "$out"
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 steps=${*:-env gputests doctor attention sp2 sp4 dit}
 ngpu=$(nvidia-smi -L | wc -l)
 step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS
@@ -25,6 +25,9 @@ for s in $steps; do case $s in
   radial4) [ "$ngpu" -ge 4 ] && step radial4 torchrun --nproc-per-node 4 -m ditfleet bench radial --sp ring usp --out "$out/radial_sp_h100_4gpu.json";;
   engine) step engine env DITFLEET_GPU_WORLDS=2,4 DITFLEET_MODEL_13B=/tmp/wan13b DITFLEET_RESULTS_DIR="$out" python3 -m pytest -q -x tests/gpu/test_engine_gpu.py -p no:cacheprovider;;
   sparge) step sparge python3 -m ditfleet bench sparge --out "$out/sparge_h100.json";;
+  sptests) [ "$ngpu" -ge 2 ] && step sptests python3 -m pytest -q -x tests/gpu/test_sp_gpu.py -p no:cacheprovider;;
+  spargetests) step spargetests python3 -m pytest -q -x tests/gpu/test_sparge_gpu.py -p no:cacheprovider;;
+  sparge4) [ "$ngpu" -ge 4 ] && step sparge4 torchrun --nproc-per-node 4 -m ditfleet bench sparge --sp ulysses ring usp --out "$out/sparge_sp_h100_4gpu.json";;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
   *) echo "unknown step $s";;
 esac; done

@@ -23,8 +23,8 @@ log = logging.getLogger("ditfleet")
 BENCH_SUITES = {
     "attention": ("ditfleet.bench.attention", "per-kernel dense attention: ms, TFLOP/s, error vs fp32"),
     "sp-attention": ("ditfleet.bench.sp_attention", "sequence-parallel attention (run under torchrun), vs yunchang"),
-    "radial": ("ditfleet.bench.radial", "radial attention vs cuDNN dense at Wan sizes (one GPU)"),
-    "sparge": ("ditfleet.bench.sparge", "sparge attention vs cuDNN dense at Wan sizes (one GPU): sparsity, ms, error"),
+    "radial": ("ditfleet.bench.radial", "radial attention vs cuDNN dense at Wan sizes (one GPU; --sp under torchrun)"),
+    "sparge": ("ditfleet.bench.sparge", "sparge attention vs cuDNN dense at Wan sizes (one GPU; --sp under torchrun): sparsity, ms, error"),
     "dit": ("ditfleet.bench.dit", "Wan DiT block and full forward at 14B / 720p shapes, optionally vs diffusers"),
 }
 

@@ -51,6 +51,7 @@ from ..parallel import (
     sequence_parallel_attention,
     shard_sequence,
 )
+from ..parallel.copy_engine import ce_unavailable
 from ..parallel.merge import merge_step
 from ..parallel.mesh import nccl_sp_options
 from ..parallel.ring import allgather_forward
@@ -118,9 +119,11 @@ def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
         out += [("p2p g5 2streams", {**p2p, "ulysses_chunks": 5, "compute_streams": 2}, {}),
                 ("p2p g5 hiprio", {**p2p, "ulysses_chunks": 5}, hi),
                 ("p2p g5 hiprio ctas8", {**p2p, "ulysses_chunks": 5}, hi_ctas)]
+        out += [(f"ce g{g}", {"ulysses_impl": "ce", "ulysses_chunks": g}, {}) for g in (1, 2, 5)]
     elif mode == "ring":
         ag = {"ring_impl": "allgather"}
-        out += [("rotate fused-merge", {"ring_impl": "rotate", "merge_impl": "auto"}, {})]
+        out += [("rotate fused-merge", {"ring_impl": "rotate", "merge_impl": "auto"}, {}),
+                ("pull fused-merge", {"ring_impl": "pull", "merge_impl": "auto"}, {})]
         out += [(f"allgather g{g}", {**ag, "ring_chunks": g}, {}) for g in (1, 5)]
         out += [("allgather g5 2streams", {**ag, "ring_chunks": 5, "compute_streams": 2}, {}),
                 ("allgather g5 hiprio", {**ag, "ring_chunks": 5}, hi),
@@ -130,7 +133,10 @@ def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
         out += [("p2p + rotate fused-merge", {**p2p, "ring_impl": "rotate", "merge_impl": "auto"}, {}),
                 ("p2p + allgather g1", {**p2p, "ring_impl": "allgather", "ring_chunks": 1}, {}),
                 ("p2p + allgather g5", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, {}),
-                ("p2p + allgather g5 hiprio", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, hi)]
+                ("p2p + allgather g5 hiprio", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, hi),
+                ("ce + pull fused-merge", {"ulysses_impl": "ce", "ring_impl": "pull", "merge_impl": "auto"}, {}),
+                ("ce g2 + pull fused-merge", {"ulysses_impl": "ce", "ulysses_chunks": 2, "ring_impl": "pull",
+                                              "merge_impl": "auto"}, {})]
     if args.variants:
         out = [v for v in out if v[0].startswith("ulysses_chunks=") or any(t in v[0] for t in args.variants)]
     return out
@@ -446,6 +452,10 @@ def run(args, env) -> int:
                     entry["mesh_options"] = _mesh_options_record(opts, device)
                 if name == default_name:
                     entry["is_default"] = True
+                needs_ce = "ce" in (kwargs.get("ulysses_impl"), kwargs.get("ring_impl")) or kwargs.get("ring_impl") == "pull"
+                if needs_ce and ce_unavailable(device):
+                    entry["skipped"] = ce_unavailable(device)
+                    continue
                 try:
                     vmesh = mesh_for(u, r, opts)
                 except Exception as e:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""``ditfleet bench sparge``: Sparge attention vs dense cuDNN at Wan2.1 video sizes, one device.
+"""``ditfleet bench sparge``: Sparge attention vs dense cuDNN at Wan2.1 video sizes, one device or sequence-parallel.
 
 Cases (latent frames x token rows x token columns per frame): ``480p81`` = 21 x 30 x 52 (32,760
 tokens), ``720p81`` = 21 x 45 x 80 (75,600), or any ``FxHxW``; 40 heads of 128 (Wan-14B), bf16.
@@ -22,6 +22,26 @@ step costs) and end to end (predict + kernel, what one device / Ulysses runs), t
 and the relative L1 error and cosine similarity of the output against that dense output.
 ``spas_sage_attn`` (when installed) is timed and compared the same way (its sparsity is its own).
 Output: JSON under ``benchmarks/results/`` and a table.
+
+Predictor blocks: ``--block-q`` x ``--block-k`` tokens (default 128 x 64, SpargeAttn's).
+
+Sequence-parallel part (``--sp``), under torchrun, one process per GPU::
+
+    torchrun --nproc-per-node 4 -m ditfleet bench sparge --sp ring usp ulysses
+
+Per case, input kind and setting, every rank builds the same inputs (rank 0's, broadcast) and binds
+``SpargeFlex(...).for_layer(params)``. Rank 0 runs the single-device references on the whole
+sequence: the bound kernel (its output, time, first call, sparsity of its predicted mask and error
+against dense) and the dense kernel (its output and time). Then for each mode (``ring``: R = N;
+``usp``: U = 2, R = N / 2; ``ulysses``: U = N) it times ``sequence_parallel_attention`` with the
+bound layer (it predicts its own mask: Ulysses ranks on the gathered sequence of their heads, ring /
+USP from all-reduced block statistics; prediction included in the time) and with the dense kernel
+in the same mode (median of the slowest rank; first call = compile), the speedup dense / sparge, the
+gathered output's rel L1, cosine and rel L2 against the single-device Sparge output and its rel L1
+and cosine against the dense output, and for ring / USP the ring schedule of the whole sequence's
+predicted mask (kernel steps and K/V transfers run / skipped; for USP the union over the heads: each
+ring holds only its Ulysses heads). Rank 0 writes ``sparge_sp_<card>_<n>gpu.json`` after every
+setting. ``spas_sage_attn`` (no LSE) takes no part.
 """
 
 from __future__ import annotations
@@ -37,12 +57,13 @@ import torch
 from ..attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, head_sparsity, predict_block_mask
 from ..errors import UserError
 from .attention import _free, card_slug, time_cpu
-from .common import dense_sdpa_kernel, environment, select_device, time_cuda, write_json
+from .common import dense_sdpa_kernel, environment, rel_l2, select_device, time_cuda, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = {"480p81": (21, 30, 52), "720p81": (21, 45, 80)}
 INPUTS = ("random", "structured")
 SETTINGS = ("topk", "thr")
+SP_MODES = ("ring", "usp", "ulysses")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=float, default=0.5, help="top-k fraction of the topk setting (default: %(default)s)")
     parser.add_argument("--cdfthreshd", type=float, default=0.9, help="cdfthreshd of the thr setting (default: %(default)s)")
     parser.add_argument("--simthreshd1", type=float, default=0.1, help="simthreshd1 of the thr setting (default: %(default)s)")
+    parser.add_argument("--block-q", type=int, default=128, help="predictor query block in tokens (default: %(default)s)")
+    parser.add_argument("--block-k", type=int, default=64, help="predictor key block in tokens (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per kernel after the first (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per kernel (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sparge_<card-slug>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/sparge_<card-slug>.json; "
+                        "with --sp sparge_sp_<card-slug>_<n>gpu.json)")
+    parser.add_argument("--sp", nargs="+", default=None, choices=SP_MODES, metavar="MODE",
+                        help="under torchrun: time Sparge vs dense sequence-parallel in these modes (ring: R = N, "
+                             "usp: U = 2 x R = N/2, ulysses: U = N) against the single-device Sparge output, "
+                             "instead of the one-device run")
 
 
 def parse_case(name: str) -> tuple[int, int, int]:
@@ -136,20 +164,31 @@ def _sync(device):
 
 
 def _params(setting: str, heads: int, args) -> SpargeParams:
+    blocks = {"block_q": args.block_q, "block_k": args.block_k}
     if setting == "topk":
-        return SpargeParams.topk_mode(heads, args.topk)
-    return SpargeParams.thresholds(heads, cdfthreshd=args.cdfthreshd, simthreshd1=args.simthreshd1)
+        return SpargeParams.topk_mode(heads, args.topk, **blocks)
+    return SpargeParams.thresholds(heads, cdfthreshd=args.cdfthreshd, simthreshd1=args.simthreshd1, **blocks)
+
+
+def _params_record(setting: str, params: SpargeParams, args) -> dict:
+    if setting == "topk":
+        return {"topk": args.topk, "simthreshd1": float(params.simthreshd1[0])}
+    return {"cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1}
+
+
+def _make_inputs(kind: str, grid: tuple[int, int, int], args, device, dtype):
+    """q, k, v of one input kind (see the module docstring)."""
+    if kind == "structured":
+        return structured_qkv(grid, args.heads, args.head_dim, dtype=dtype, device=device, seed=args.seed)
+    return random_qkv(math.prod(grid), args.heads, args.head_dim, dtype=dtype, device=device, seed=args.seed)
 
 
 def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
     """One case and input kind: dense baseline, then each setting on the built-in kernel (and spas_sage_attn)."""
     s = math.prod(grid)
-    h, d = args.heads, args.head_dim
+    h = args.heads
     t0 = time.perf_counter()
-    if kind == "structured":
-        q, k, v = structured_qkv(grid, h, d, dtype=dtype, device=device, seed=args.seed)
-    else:
-        q, k, v = random_qkv(s, h, d, dtype=dtype, device=device, seed=args.seed)
+    q, k, v = _make_inputs(kind, grid, args, device, dtype)
     _sync(device)
     rec: dict = {"inputs": kind, "build_s": time.perf_counter() - t0}
     timer = time_cuda if device.type == "cuda" else time_cpu
@@ -161,8 +200,7 @@ def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
     rec["settings"] = {}
     for setting in args.settings:
         params = _params(setting, h, args)
-        r: dict = {"params": {"topk": args.topk, "simthreshd1": float(params.simthreshd1[0])} if setting == "topk" else
-                   {"cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1}}
+        r: dict = {"params": _params_record(setting, params, args)}
         try:
             be = SpargeFlex(device=device, dtype=dtype).for_layer(params)
             t1 = time.perf_counter()
@@ -232,13 +270,16 @@ def format_results(results: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the suite; write the JSON and print the table. Returns 0 if every built-in run succeeded, else 1."""
-    for name in ("heads", "head_dim", "iters"):
+    """Run the suite; write the JSON and print the table. Returns 0 if every built-in run succeeded, else 1
+    (with ``--sp``: 0 if a sequence-parallel Sparge timing succeeded)."""
+    for name in ("heads", "head_dim", "iters", "block_q", "block_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or not 0 < args.topk <= 1 or not 0 <= args.cdfthreshd <= 1 or not -1 <= args.simthreshd1 <= 1:
         raise UserError("--warmup >= 0, --topk in (0, 1], --cdfthreshd in [0, 1], --simthreshd1 in [-1, 1]")
     cases = [(c, parse_case(c)) for c in args.cases]
+    if getattr(args, "sp", None):
+        return main_sp(args, cases)
     device = select_device(args.device)
     dtype = DTYPES[args.dtype]
     reasons = SpargeFlex.unavailable_reasons(device, dtype)
@@ -268,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
             "device": str(device), "dtype": args.dtype, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
             "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "topk": args.topk,
             "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1, "warmup": args.warmup, "iters": args.iters,
-            "seed": args.seed, "blocks": "query 128 x key 64 (SpargeAttn's)",
+            "seed": args.seed, "blocks": f"query {args.block_q} x key {args.block_k} (SpargeAttn's: 128 x 64)",
             "timed_calls": "dense: forward(q, k, v, return_lse=True); kernel: the built-in block-sparse kernel with the "
                            "predicted mask given (a ring step); end_to_end: predict + kernel (one device / Ulysses); "
                            "first_call_s includes the flex compile",
@@ -287,3 +328,257 @@ def main(args: argparse.Namespace) -> int:
     print(f"[bench sparge] wrote {out_path} ({payload['wall_s']:.0f} s)")
     ok = all(r["status"] == "ok" for c in results for kind in c["inputs"] for r in kind["settings"].values())
     return 0 if ok else 1
+
+
+# ---------------------------------------------------------------- sequence parallel (--sp, under torchrun)
+def main_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]]]) -> int:
+    """``--sp``: set up the process group (torchrun's environment), run :func:`run_sp`, tear it down."""
+    import torch.distributed as dist
+
+    from ..parallel import init_distributed
+
+    env = init_distributed(timeout_s=900)
+    try:
+        return run_sp(args, cases, env)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Every mode, case and ring window goes through one compiled flex function: let it keep them all
+    (past dynamo's default of 8 it would fall back to eager flex, which materialises the scores)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
+def _sp_reference(r: dict, bound, q, k, v, dense_ref, scale, args, device):
+    """Rank 0: the bound kernel on the whole sequence; fills ``r``; returns ``(output, predicted mask)`` (None on error)."""
+    from .sp_attention import _err, _time
+
+    ref = mask = None
+    one = r["single_device"] = {}
+    try:
+        t1 = time.perf_counter()
+        ref = bound(q, k, v, scale=scale)[0]
+        _sync(device)
+        one["first_call_s"] = round(time.perf_counter() - t1, 2)
+        mask = bound.predict(q, k, scale=scale)
+        hs = head_sparsity(mask)
+        r["sparsity"] = 1 - mask.density
+        r["sparsity_per_head_min_max"] = [float(hs.min()), float(hs.max())]
+        if dense_ref is not None:
+            one["vs_dense"] = compare(ref, dense_ref)
+        one["ms"] = round(_time(lambda: bound(q, k, v, scale=scale), args, device), 3)
+    except Exception as e:  # noqa: BLE001 - the SP modes still run; their comparisons are left out
+        one["error"] = _err(e)
+    return ref, mask
+
+
+def _sp_timed(entry: dict, fn, args, device) -> bool:
+    """First call and median of ``fn`` (slowest rank) into ``entry``; an error on any rank is recorded. True if ok."""
+    import torch.distributed as dist
+
+    from .sp_attention import _all_ok, _err, _slowest, _time
+
+    ok = True
+    try:
+        dist.barrier()
+        t1 = time.perf_counter()
+        fn()
+        _sync(device)
+        entry["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
+        entry["ms"] = round(_slowest(_time(fn, args, device), device), 3)
+    except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
+        entry["error"], ok = _err(e), False
+    if not _all_ok(ok, device) and ok:
+        entry["error"], ok = "failed on another rank", False
+    return ok
+
+
+def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]]], env) -> int:
+    """Sparge vs dense under sequence parallelism on an initialised process group; 0 if a Sparge timing succeeded."""
+    import torch.distributed as dist
+
+    from ..parallel import SeqShard, gather_sequence, init_parallel, sequence_parallel_attention, shard_sequence, sp_schedule
+    from .sp_attention import _all_ok, _err, _mode_sizes, _slowest, _time
+
+    device, rank, world = env.device, env.rank, env.world_size
+    dtype = DTYPES[args.dtype]
+    reasons = SpargeFlex.unavailable_reasons(device, dtype)
+    if reasons:
+        raise UserError(f"bench sparge --sp: the built-in Sparge kernel cannot run on {device}/{args.dtype}: "
+                        f"{'; '.join(reasons)}")
+    _raise_recompile_limit()
+    dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
+    dense = dense_cls(device=device, dtype=dtype)
+    t_start = time.perf_counter()
+    report = {"suite": "sparge-sp", "environment": {**environment(world), "device": str(device)},
+              "config": {"dtype": args.dtype, "batch": 1, "heads": args.heads, "head_dim": args.head_dim,
+                         "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "modes": args.sp,
+                         "topk": args.topk, "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1,
+                         "blocks": [args.block_q, args.block_k], "warmup": args.warmup, "iters": args.iters,
+                         "seed": args.seed, "dense_kernel": dense_key,
+                         "timed_call": "sequence_parallel_attention(q, k, v) on the local shards with the bound Sparge "
+                                       "layer (mask prediction included: Ulysses ranks on their heads' whole sequence, "
+                                       "ring / USP from all-reduced block statistics) or the dense kernel; median of "
+                                       "the slowest rank; first_call_s includes the flex compile",
+                         "single_device": "rank 0, whole sequence: the bound layer (predict + kernel) and the dense kernel",
+                         "sparsity": "skipped token pairs / S^2 of the single-device predicted mask, mean over heads",
+                         "accuracy": "gathered SP output vs the single-device Sparge output (rel_l1, cosine, rel_l2) "
+                                     "and vs the single-device dense output (rel_l1, cosine)",
+                         "schedule": "ring steps (kernel calls) and K/V transfers over the whole ring, run / skipped, "
+                                     "from the single-device mask (USP: union over heads)"},
+              "results": []}
+    out_path = Path(args.out or f"benchmarks/results/sparge_sp_{card_slug(report['environment']['card'])}_{world}gpu.json")
+
+    def save():
+        if rank == 0:
+            report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+            write_json(out_path, report)
+
+    meshes: dict = {}
+    ok_any = False
+    for name, grid in cases:
+        s, h, d = math.prod(grid), args.heads, args.head_dim
+        scale = d ** -0.5
+        case = {"case": name, "grid": list(grid), "tokens": s, "heads": h, "head_dim": d, "inputs": []}
+        report["results"].append(case)
+        for kind in args.inputs:
+            t0 = time.perf_counter()
+            q, k, v = _make_inputs(kind, grid, args, device, dtype)
+            for t in (q, k, v):  # identical inputs everywhere, whatever the RNG of each card does
+                dist.broadcast(t, src=0)
+            rec = {"inputs": kind, "build_s": round(time.perf_counter() - t0, 2), "dense": {"kernel": dense_key, "modes": {}},
+                   "settings": {}}
+            case["inputs"].append(rec)
+            dense_ref = None
+            with torch.no_grad():
+                if rank == 0:
+                    try:
+                        dense_ref = dense(q, k, v, scale=scale)[0]
+                        rec["dense"]["single_device_ms"] = round(_time(lambda: dense(q, k, v, scale=scale), args, device), 3)
+                    except Exception as e:  # noqa: BLE001 - comparisons against dense are left out
+                        rec["dense"]["single_device_error"] = _err(e)
+                for setting in args.settings:
+                    params = _params(setting, h, args)
+                    bound = SpargeFlex(device=device, dtype=dtype).for_layer(params)
+                    r = rec["settings"][setting] = {"params": _params_record(setting, params, args), "modes": {}}
+                    ref, mask = _sp_reference(r, bound, q, k, v, dense_ref, scale, args, device) if rank == 0 else (None, None)
+                    _free(device)
+                    for mode in args.sp:
+                        sizes = _mode_sizes(mode, world)
+                        if isinstance(sizes, str):
+                            r["modes"][mode] = {"skipped": sizes}
+                            continue
+                        u, rr = sizes
+                        if sizes not in meshes:
+                            meshes[sizes] = init_parallel(ulysses_size=u, ring_size=rr)
+                        mesh = meshes[sizes]
+                        shard = SeqShard.for_length(s, mesh)
+                        local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
+                        m = r["modes"][mode] = {"ulysses": u, "ring": rr}
+                        if rr > 1 and mask is not None:
+                            m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr).stats()
+
+                        def call(backend):
+                            return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale)
+
+                        dense_sp = rec["dense"]["modes"].get(mode)
+                        if dense_sp is None:  # once per input kind and mode: it does not depend on the setting
+                            dense_sp = rec["dense"]["modes"][mode] = {}
+                            _sp_timed(dense_sp, lambda: call(dense), args, device)
+                            _free(device)
+                        m["dense_ms"] = dense_sp.get("ms")
+                        sp = m["sparge"] = {}
+                        ok = True
+                        try:
+                            dist.barrier()
+                            t1 = time.perf_counter()
+                            out = call(bound)[0]
+                            _sync(device)
+                            sp["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
+                            full = gather_sequence(out, mesh, shard)
+                            del out
+                            if rank == 0:
+                                sp["finite"] = bool(torch.isfinite(full).all())
+                                if ref is not None:
+                                    sp["vs_single_device"] = {**compare(full, ref), "rel_l2": rel_l2(full, ref)}
+                                if dense_ref is not None:
+                                    sp["vs_dense"] = compare(full, dense_ref)
+                            del full
+                            _free(device)
+                            sp["ms"] = round(_slowest(_time(lambda: call(bound), args, device), device), 3)
+                        except Exception as e:  # noqa: BLE001 - one failing mode must not stop the others
+                            sp["error"], ok = _err(e), False
+                        if not _all_ok(ok, device) and ok:
+                            sp["error"] = "failed on another rank"
+                        if "error" not in sp:
+                            ok_any = True
+                            if m["dense_ms"]:
+                                sp["speedup"] = round(m["dense_ms"] / sp["ms"], 3)
+                            if r.get("single_device", {}).get("ms"):  # rank 0 only
+                                sp["speedup_vs_single_device"] = round(r["single_device"]["ms"] / sp["ms"], 3)
+                        if rank == 0:
+                            print(_sp_line(name, kind, setting, mode, m, r), flush=True)
+                        local.clear()
+                        _free(device)
+                    ref = mask = bound = None
+                    _free(device)
+                    save()
+            q = k = v = dense_ref = None
+            _free(device)
+    save()
+    if rank == 0:
+        print(format_sp_results(report["results"]))
+        print(f"[bench sparge --sp] wrote {out_path} ({report['elapsed_s']} s)")
+    return 0 if ok_any else 1
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _sp_line(name, kind, setting, mode, m, r) -> str:
+    sp, vs = m["sparge"], m["sparge"].get("vs_single_device", {})
+    line = (f"[bench sparge --sp] {name} {kind} {setting} {mode} (U{m['ulysses']} x R{m['ring']}): dense "
+            f"{_fmt(m['dense_ms'], '.2f')} ms, sparge {_fmt(sp.get('ms'), '.2f')} ms ({_fmt(sp.get('speedup'), '.2f')}x), "
+            f"first call {_fmt(sp.get('first_call_s'), '.1f')} s, sparsity {_fmt(r.get('sparsity'), '.3f')}, rel L2 vs "
+            f"1 device {_fmt(vs.get('rel_l2'), '.1e')}, rel L1 vs dense {_fmt(sp.get('vs_dense', {}).get('rel_l1'), '.4f')}")
+    if "schedule" in m:
+        line += f", ring steps {m['schedule']['steps']}/{m['schedule']['ring_size'] ** 2}"
+    return line + (f", error {sp['error']}" if "error" in sp else "")
+
+
+def format_sp_results(results: list[dict]) -> str:
+    lines = [f"{'case':8s} {'inputs':10s} {'setting':7s} {'mode':8s} {'UxR':5s} {'sparsity':>8s} {'dense ms':>9s} "
+             f"{'sparge ms':>9s} {'speedup':>7s} {'rel L2 1d':>9s} {'rel L1 dn':>9s} {'cos dn':>7s} {'steps':>5s}"]
+    for c in results:
+        for kind in c["inputs"]:
+            for setting, r in kind["settings"].items():
+                one = r["single_device"]
+                head = f"{c['case']:8s} {kind['inputs']:10s} {setting:7s}"
+                lines.append(f"{head} {'1 device':8s} {'':5s} {_fmt(r.get('sparsity'), '8.3f'):>8s} "
+                             f"{_fmt(kind['dense'].get('single_device_ms'), '9.2f'):>9s} {_fmt(one.get('ms'), '9.2f'):>9s} "
+                             f"{'':7s} {'':9s} {_fmt(one.get('vs_dense', {}).get('rel_l1'), '9.4f'):>9s} "
+                             f"{_fmt(one.get('vs_dense', {}).get('cosine'), '7.5f'):>7s}"
+                             + (f"  failed: {one['error'][:60]}" if "error" in one else ""))
+                for mode, m in r["modes"].items():
+                    if "skipped" in m:
+                        lines.append(f"{head} {mode:8s} skipped: {m['skipped'][:60]}")
+                        continue
+                    sp = m["sparge"]
+                    steps = f"{m['schedule']['steps']}/{m['schedule']['ring_size'] ** 2}" if "schedule" in m else ""
+                    if "error" in sp:
+                        lines.append(f"{head} {mode:8s} {m['ulysses']}x{m['ring']:<3d} failed: {sp['error'][:60]}")
+                        continue
+                    lines.append(f"{head} {mode:8s} {m['ulysses']}x{m['ring']:<3d} {_fmt(r.get('sparsity'), '8.3f'):>8s} "
+                                 f"{_fmt(m['dense_ms'], '9.2f'):>9s} {sp['ms']:9.2f} {_fmt(sp.get('speedup'), '6.2f'):>6s}x "
+                                 f"{_fmt(sp.get('vs_single_device', {}).get('rel_l2'), '9.1e'):>9s} "
+                                 f"{_fmt(sp.get('vs_dense', {}).get('rel_l1'), '9.4f'):>9s} "
+                                 f"{_fmt(sp.get('vs_dense', {}).get('cosine'), '7.5f'):>7s} {steps:>5s}")
+    return "\n".join(lines)

@@ -105,9 +105,12 @@ def sequence_parallel_attention(
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
         ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap).
-        ulysses_impl: ``"p2p"`` (direct receives into the kernel's buffers) or ``"packed"``
-            (``all_to_all_single`` + unpack); see :mod:`ditfleet.parallel.ulysses`.
-        ring_impl: ``"rotate"`` (the ring: K/V chunks rotate by P2P, LSE merges; the default) or
+        ulysses_impl: ``"p2p"`` (direct receives into the kernel's buffers), ``"packed"``
+            (``all_to_all_single`` + unpack) or ``"ce"`` (CUDA: copy engines over symmetric memory,
+            no NCCL kernels); see :mod:`ditfleet.parallel.ulysses`.
+        ring_impl: ``"rotate"`` (the ring: K/V chunks rotate by P2P, LSE merges; the default),
+            ``"pull"`` (CUDA: the same steps and merges, each chunk pulled from its owner by the copy
+            engines) or
             ``"allgather"`` (head-group K/V all-gathers, one kernel call per group over all keys, no
             merges: faster per call, but every rank holds a head group of the whole K/V, which is
             what ring attention exists to avoid); see :mod:`ditfleet.parallel.ring`.
@@ -115,7 +118,7 @@ def sequence_parallel_attention(
             the ring sees: ``H`` for ring, ``H_pad / U`` for USP).
         compute_streams: 1, or 2 to alternate head groups' kernels over two CUDA streams
             (``"p2p"`` Ulysses and ``"allgather"`` ring).
-        merge_impl: ``"rotate"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
+        merge_impl: ``"rotate"`` / ``"pull"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
         block_mask: a :class:`~ditfleet.attention.blockmask.BlockSparseMask` of shape
             ``(shard.global_len, kv_shard.global_len)`` over the *global unpadded* sequences, identical
             on every rank (radial attention); needs a backend with ``caps.block_mask``. ``None``: dense,

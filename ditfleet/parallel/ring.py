@@ -12,6 +12,10 @@ Two implementations (``impl``):
   as single-GPU ones, less memory than rotating two full K/V chunks; the gather of group
   ``g + 1`` overlaps the kernel of group ``g``. Same communication volume as the rotating ring.
 
+* ``"pull"`` (CUDA; :mod:`ditfleet.parallel.copy_engine`): the rotating ring's steps and merges,
+  but each rank pulls the next key chunk straight from its owner's symmetric memory on the copy
+  engines instead of NCCL sends, so the transfers take no SMs from the kernel.
+
 Which steps run and which chunks travel is a :class:`~ditfleet.parallel.ring_schedule.RingSchedule`:
 padding lives at the global end, so a chunk is valid, partly padded (``kv_lens`` tells the kernel
 how many leading keys count) or all padding, and an all-padding chunk is neither computed nor
@@ -30,6 +34,7 @@ import torch.distributed as dist
 
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
+from .copy_engine import ring_pull_forward
 from .merge import merge_step
 from .mesh import ParallelMesh
 from .ring_allgather import FullAttend, allgather_forward, full_attend
@@ -39,7 +44,7 @@ from .shard import SeqShard
 __all__ = ["RING_IMPLS", "BlockAttend", "FullAttend", "RingComm", "RingSchedule", "allgather_forward", "block_attend",
            "full_attend", "ring_attention", "ring_forward", "ring_run"]
 
-RING_IMPLS = ("allgather", "rotate")
+RING_IMPLS = ("allgather", "pull", "rotate")
 
 
 # ---------------------------------------------------------------- communication helper
@@ -200,7 +205,7 @@ def ring_attention(
         kv_shard: the key sequence's shard; ``None`` = ``shard``.
         scale: softmax scale, ``None`` = ``D ** -0.5``.
         return_lse: also return the LSE.
-        impl: ``"allgather"`` or ``"rotate"`` (see the module docstring).
+        impl: ``"rotate"``, ``"pull"`` (CUDA) or ``"allgather"`` (see the module docstring).
         chunks: ``"allgather"``: head groups pipelined against the gathers.
         compute_streams: ``"allgather"``: 2 alternates the groups' kernels over two CUDA streams.
         merge_impl: ``"rotate"``: merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
@@ -235,6 +240,15 @@ def ring_run(q, k, v, kv, *, comm: RingComm, backend: AttentionBackend, scale, q
                                  return_lse=return_lse, chunks=chunks, compute_streams=compute_streams,
                                  needs=None if sched is None else sched.needs)
     attend = block_attend(backend, scale, block_mask, q_start=comm.rank * q_chunk, k_chunk=k_chunk)
+    if impl == "pull":
+        sched = sched or RingSchedule.dense(valid)
+
+        def merge(out, lse, block_out, block_lse, last):
+            return merge_step(out, lse, block_out, block_lse, out_dtype=q.dtype if last else torch.float32, impl=merge_impl)
+
+        out, lse = ring_pull_forward(q, k, v, comm=comm, attend=attend, chunk_valid=valid, computes=sched.computes,
+                                     merge=merge)
+        return out, (lse if return_lse else None)
     out, lse = ring_forward(q, torch.stack((k, v)) if kv is None else kv, comm=comm, attend=attend, chunk_valid=valid,
                             merge_impl=merge_impl, schedule=sched)
     return out, (lse if return_lse else None)

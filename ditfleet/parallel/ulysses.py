@@ -15,6 +15,9 @@ Two implementations (``impl``):
   are sent as row slices of the kernel's result: no unpack pass, no output transpose.
 * ``"packed"``: the original path, one ``all_to_all_single`` on a packed q/k/v buffer plus an
   unpack copy; kept as the baseline.
+* ``"ce"`` (CUDA): no NCCL; q/k/v pulled and outputs pushed through symmetric memory by the copy
+  engines, so head groups overlap the kernel without taking its SMs
+  (:mod:`ditfleet.parallel.copy_engine`).
 
 ``chunks > 1`` splits each rank's heads into groups and pipelines them: group ``g + 1``'s
 exchange (and group ``g - 1``'s return) run while the kernel computes group ``g``
@@ -28,12 +31,13 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
+from .copy_engine import ulysses_ce_forward
 from .mesh import ParallelMesh
 from .pipeline import Pipeline, exchange, finish_recv, recv_slot
 from .shard import SeqShard
 from .ulysses_packed import Attend, UlyssesComm, packed_forward, head_groups
 
-ULYSSES_IMPLS = ("p2p", "packed")
+ULYSSES_IMPLS = ("p2p", "packed", "ce")
 
 
 # ---------------------------------------------------------------- head padding
@@ -145,7 +149,8 @@ def ulysses_forward(
         attend: kernel on the gathered sequence (see ``Attend``).
         return_lse: also return the LSE.
         chunks: head groups to pipeline (1 = no overlap).
-        impl: ``"p2p"`` (direct receives, no unpack) or ``"packed"`` (all_to_all_single + unpack).
+        impl: ``"p2p"`` (direct receives, no unpack), ``"packed"`` (all_to_all_single + unpack) or
+            ``"ce"`` (copy engines over symmetric memory; CUDA only).
         compute_streams: ``"p2p"`` only: 2 alternates the groups' kernels over two streams.
 
     Returns:
@@ -154,6 +159,10 @@ def ulysses_forward(
     """
     if impl == "packed":
         return packed_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
+    if impl == "ce":
+        if compute_streams != 1:
+            raise ValueError(f"ulysses impl 'ce' runs its kernels on one stream (compute_streams=1), got {compute_streams}")
+        return ulysses_ce_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
     if impl != "p2p":
         raise ValueError(f"ulysses impl must be one of {ULYSSES_IMPLS}, got {impl!r}")
     return _p2p_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks,

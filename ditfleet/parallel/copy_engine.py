@@ -1,0 +1,262 @@
+"""Sequence-parallel transfers on the GPUs' copy engines: Ulysses ``"ce"`` and ring ``"pull"``.
+
+NCCL moves data with kernels, and those kernels take SMs from the attention kernel they are meant
+to hide behind (measured: every NCCL overlap variant of Ulysses was slower than none, and the
+rotating ring's kernel runs ~10 % slower while K/V travel). Here each rank's outgoing data sits in
+*symmetric memory* (``torch.distributed._symmetric_memory``: every peer's buffer mapped into each
+process through CUDA IPC; NVLink multicast is never used) and moves by ``copy_`` of contiguous
+slices between a peer's buffer and a local one, i.e. ``cudaMemcpyAsync``, which the driver runs on
+copy engines: no SM is taken. Ranks order their accesses with the symmetric-memory barrier (a
+one-block kernel on the issuing stream that waits for every peer's matching barrier).
+
+* Ulysses ``"ce"``: each rank packs q / k / v per head group into its symmetric send buffer
+  (``[G][U][3, B, S, hg, D]``: one contiguous block per (group, destination)); every rank *pulls*
+  its heads of every peer's chunk straight into the kernel's ``[B, U*S, hg, D]`` inputs, group
+  ``g + 1`` while the kernel runs group ``g``; outputs (and LSE) are *pushed* into the owner's
+  symmetric receive buffer and unpacked there.
+* Ring ``"pull"``: each rank copies its K/V chunk into its symmetric buffer once; at step ``s`` a
+  rank computes on key chunk ``(r - s) mod R`` and has already pulled the next one directly from
+  its owner (chunks nobody needs under a mask are never pulled); partial results merge by LSE as
+  in the rotating ring. The order of steps and merges, and therefore the result, is the rotating
+  ring's; only the transport differs (one hop from the owner instead of R - 1 neighbour hops).
+
+CUDA only (symmetric memory needs CUDA IPC); on other devices these implementations raise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .pipeline import Pipeline
+from .ulysses_packed import Attend, head_groups
+
+BARRIER_TIMEOUT_MS = 600_000  # a peer that never arrives is a hang: fail instead, after 10 minutes
+
+
+def ce_unavailable(device: torch.device) -> str | None:
+    """Why the copy-engine paths cannot run on ``device`` (``None``: they can)."""
+    if device.type != "cuda":
+        return f"copy-engine transfers need CUDA symmetric memory (device is {device.type})"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the torch build
+        return f"torch.distributed._symmetric_memory is not available ({e})"
+    return None
+
+
+def _require_ce(device: torch.device) -> None:
+    reason = ce_unavailable(device)
+    if reason:
+        raise NotImplementedError(f"ulysses_impl 'ce' / ring_impl 'pull': {reason}; use 'p2p' / 'rotate'")
+
+
+class SymmBuffer:
+    """A symmetric-memory byte buffer of one process group, grown on demand (a collective: every rank asks
+    for the same size, because every rank runs the same shapes).
+
+    Args:
+        group: the process group (Ulysses or ring group).
+        name: a role name; one buffer per (group, name).
+    """
+
+    _all: dict[tuple[str, str], SymmBuffer] = {}
+
+    def __init__(self, group, name: str):
+        self.group, self.name = group, name
+        self.nbytes = 0
+        self.storage: torch.Tensor | None = None
+        self.handle = None
+
+    @classmethod
+    def get(cls, group, name: str) -> SymmBuffer:
+        key = (group.group_name, name)
+        if key not in cls._all:
+            cls._all[key] = cls(group, name)
+        return cls._all[key]
+
+    def ensure(self, nbytes: int, device: torch.device) -> SymmBuffer:
+        if nbytes <= self.nbytes:
+            return self
+        import torch.distributed._symmetric_memory as symm_mem
+
+        reason = ce_unavailable(device)
+        if reason:
+            raise NotImplementedError(reason)
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:
+            enable(self.group.group_name)
+        if self.handle is not None:  # growing: no rank may still read or write the old buffers
+            import torch.distributed as dist
+
+            torch.cuda.synchronize(device)
+            dist.barrier(group=self.group)
+            torch.cuda.synchronize(device)
+        self.handle = None
+        self.storage = None
+        self.storage = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.storage, self.group)
+        self.nbytes = nbytes
+        return self
+
+    def view(self, rank: int, shape: Sequence[int], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        """``rank``'s buffer (this process's own when ``rank`` is its group rank) as a ``shape`` tensor of
+        ``dtype`` starting ``offset`` elements in; on this process's device."""
+        return self.handle.get_buffer(rank, list(shape), dtype, offset)
+
+    def barrier(self) -> None:
+        """Every rank of the group reaches its matching barrier (on the current stream) before work after it runs."""
+        self.handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+
+
+# ---------------------------------------------------------------- Ulysses over copy engines
+def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int):
+    """The ``"ce"`` implementation of :func:`~ditfleet.parallel.ulysses.ulysses_forward` (same contract)."""
+    _require_ce(q.device)
+    u, me = comm.size, comm.rank
+    b, s, h_pad, d = q.shape
+    h = h_pad // u
+    groups = head_groups(h, chunks)
+    dt, dev = q.dtype, q.device
+    esz = q.element_size()
+    unit = b * s * d  # elements per head of one rank's chunk
+    send_sz = [3 * u * unit * (h1 - h0) for h0, h1 in groups]  # per group: [U][3, B, S, hg, D]
+    out_sz = [u * unit * (h1 - h0) for h0, h1 in groups]  # per group: [U][B, S, hg, D] (one block per source)
+    lse_sz = [u * b * (h1 - h0) * s for h0, h1 in groups] if return_lse else [0] * len(groups)  # floats
+    lse_bytes = -(-sum(out_sz) * esz // 16) * 16  # the LSE region starts 16-byte aligned after the outputs
+    send = SymmBuffer.get(comm.group, "ulysses.send").ensure(sum(send_sz) * esz, dev)
+    recv = SymmBuffer.get(comm.group, "ulysses.recv").ensure(lse_bytes + sum(lse_sz) * 4, dev)
+    send_off = [sum(send_sz[:i]) for i in range(len(groups))]  # offsets in elements of the view's dtype
+    out_off = [sum(out_sz[:i]) for i in range(len(groups))]
+    lse_base = lse_bytes // 4
+    lse_off = [lse_base + sum(lse_sz[:i]) for i in range(len(groups))]
+
+    out = q.new_empty((b, s, u, h, d))
+    lse = torch.empty((b, u, h, s), dtype=torch.float32, device=dev) if return_lse else None
+    src = [t.unflatten(2, (u, h)) for t in (q, k, v)]
+    pipe = Pipeline(q, "ulysses_ce")
+    pipe.keep(q, k, v, out, lse)
+
+    def pack_and_pull(gi: int):
+        h0, h1 = groups[gi]
+        hg = h1 - h0
+        blk = (3, b, s, hg, d)
+        with pipe.on_comm():
+            mine = send.view(me, (u, *blk), dt, send_off[gi])
+            for t, x in enumerate(src):  # [B, S, U, hg, D] -> [U, B, S, hg, D]: one SM pass over this group
+                mine[:, t].copy_(x[:, :, :, h0:h1].permute(2, 0, 1, 3, 4))
+            send.barrier()  # every rank's group gi is packed
+            q_g = q.new_empty((b, u * s, hg, d))
+            kv_g = q.new_empty((2, b, u * s, hg, d))
+            for p in range(u):
+                block = send.view(p, (u, *blk), dt, send_off[gi])[me]  # [3, B, S, hg, D] for me
+                for bi in range(b):  # contiguous slices: copy-engine transfers
+                    q_g[bi, p * s : (p + 1) * s].copy_(block[0, bi])
+                    kv_g[0, bi, p * s : (p + 1) * s].copy_(block[1, bi])
+                    kv_g[1, bi, p * s : (p + 1) * s].copy_(block[2, bi])
+            return q_g, kv_g, pipe.mark()
+
+    def push_and_unpack(gi: int, o, l, ready):
+        h0, h1 = groups[gi]
+        hg = h1 - h0
+        with pipe.on_comm():
+            pipe.comm_wait(ready)
+            pipe.used_here(o, l)
+            for p in range(u):  # my heads' rows of rank p -> rank p's receive block "from me"
+                dst = recv.view(p, (u, b, s, hg, d), dt, out_off[gi])[me]
+                for bi in range(b):
+                    dst[bi].copy_(o[bi, p * s : (p + 1) * s])
+                if l is not None:
+                    dst_l = recv.view(p, (u, b, hg, s), torch.float32, lse_off[gi])[me]
+                    for bi in range(b):
+                        for j in range(hg):
+                            dst_l[bi, j].copy_(l[bi, j, p * s : (p + 1) * s])
+            recv.barrier()  # every rank's outputs of group gi have arrived everywhere
+            mine = recv.view(me, (u, b, s, hg, d), dt, out_off[gi])
+            out[:, :, :, h0:h1].copy_(mine.permute(1, 2, 0, 3, 4))
+            if lse is not None:
+                lse[:, :, h0:h1].copy_(recv.view(me, (u, b, hg, s), torch.float32, lse_off[gi]).transpose(0, 1))
+
+    with pipe.on_comm():
+        send.barrier()  # every rank is done reading my buffers of the previous call (and queued after it)
+    pending = pack_and_pull(0)
+    for gi, (h0, h1) in enumerate(groups):
+        nxt = pack_and_pull(gi + 1) if gi + 1 < len(groups) else None
+        q_g, kv_g, ready = pending
+        with pipe.on_compute(0, after=ready):
+            pipe.used_here(q_g, kv_g)
+            o, l = attend(q_g, kv_g, return_lse, (h0, h1))
+            done = pipe.mark()
+        push_and_unpack(gi, o, l, done)
+        pending = nxt
+        del q_g, kv_g, o, l
+    pipe.finish()
+    return out.view(b, s, h_pad, d), (lse.view(b, h_pad, s) if lse is not None else None)
+
+
+# ---------------------------------------------------------------- ring over copy engines
+# attend(q, k, v, n_valid, chunk_index) -> (out, lse); merge(out, lse, block_out, block_lse, last) -> (out, lse)
+BlockAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def ring_pull_forward(q, k, v, *, comm, attend: BlockAttend, chunk_valid: Sequence[int], computes: Callable[[int, int], bool],
+                      merge) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"pull"`` ring: the rotating ring's steps and merges, each key chunk pulled from its owner.
+
+    Args:
+        q: ``[B, S_q, H, D]`` local queries; ``k``, ``v``: ``[B, S_k, H, D]`` the local key chunk.
+        comm: the ring's :class:`~ditfleet.parallel.ring.RingComm` (group rank ``i`` owns chunk ``i``).
+        attend: block kernel, called with the chunk's valid keys and its index.
+        chunk_valid: valid keys per chunk index (0: all padding, never pulled or computed).
+        computes: ``computes(rank, step)``: the schedule (identical on every rank).
+        merge: ``merge(out, lse, block_out, block_lse, last)`` -> the running ``(out, lse)``.
+
+    Returns:
+        ``(out, lse)`` as :func:`~ditfleet.parallel.ring.ring_forward`.
+    """
+    _require_ce(q.device)
+    size, rank = comm.size, comm.rank
+    b, s_k, h, d = k.shape
+    shape = (2, b, s_k, h, d)
+    buf = SymmBuffer.get(comm.group, "ring.kv").ensure(math.prod(shape) * k.element_size(), k.device)
+    pipe = Pipeline(q, "ring_pull")
+    pipe.keep(q, k, v)
+    with pipe.on_comm():
+        buf.barrier()  # every peer is done pulling my previous chunk
+        mine = buf.view(rank, shape, k.dtype)
+        mine[0].copy_(k)
+        mine[1].copy_(v)
+        buf.barrier()  # every chunk is in place
+
+    def pull(step: int):
+        c = (rank - step) % size
+        with pipe.on_comm():
+            kv = k.new_empty(shape)
+            kv.copy_(buf.view(c, shape, k.dtype))  # one contiguous copy-engine transfer from the owner
+            return kv, pipe.mark()
+
+    steps = [st for st in range(size) if computes(rank, st)]
+    remote = [st for st in steps if st != 0]  # step 0 is the local chunk
+    pulled = {remote[0]: pull(remote[0])} if remote else {}
+    out = lse = None
+    for i, st in enumerate(steps):
+        later = [x for x in remote if x > st]
+        if later and later[0] not in pulled:  # the next pull overlaps this step's kernel (two buffers live)
+            pulled[later[0]] = pull(later[0])
+        c = (rank - st) % size
+        held, ready = pulled.pop(st) if st else (None, None)
+        kk, vv = (k, v) if held is None else (held[0], held[1])
+        with pipe.on_compute(0, after=ready):
+            pipe.used_here(held)
+            block_out, block_lse = attend(q, kk, vv, chunk_valid[c], c)
+            if out is None:  # the first block's result is the running state as is
+                out, lse = block_out, block_lse.float()
+            else:
+                out, lse = merge(out, lse, block_out, block_lse, i == len(steps) - 1)
+        del held, kk, vv
+    pipe.finish()
+    if out is None:
+        return q.new_zeros(q.shape), torch.full((b, h, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    return out.to(q.dtype), lse
