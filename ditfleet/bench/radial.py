@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: time radial vs dense sequence-parallel in these modes (ring: R = N, "
                              "usp: U = 2 x R = N/2, ulysses: U = N) instead of the one-device run; every case then "
                              "runs with --heads or 40 heads, and --kernels defaults to the best radial kernel")
-    parser.add_argument("--ring-impl", choices=("rotate", "allgather"), default="rotate",
+    parser.add_argument("--ring-impl", choices=("auto", "rotate", "pull", "allgather"), default="auto",
                         help="--sp: ring implementation (default: %(default)s)")
 
 

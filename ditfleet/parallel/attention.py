@@ -81,7 +81,7 @@ def sequence_parallel_attention(
     return_lse: bool = False,
     ulysses_chunks: int = 1,
     ulysses_impl: str = "p2p",
-    ring_impl: str = "rotate",
+    ring_impl: str = "auto",
     ring_chunks: int = 5,
     compute_streams: int = 1,
     merge_impl: str = "auto",
@@ -108,9 +108,10 @@ def sequence_parallel_attention(
         ulysses_impl: ``"p2p"`` (direct receives into the kernel's buffers), ``"packed"``
             (``all_to_all_single`` + unpack) or ``"ce"`` (CUDA: copy engines over symmetric memory,
             no NCCL kernels); see :mod:`ditfleet.parallel.ulysses`.
-        ring_impl: ``"rotate"`` (the ring: K/V chunks rotate by P2P, LSE merges; the default),
-            ``"pull"`` (CUDA: the same steps and merges, each chunk pulled from its owner by the copy
-            engines) or
+        ring_impl: ``"auto"`` (the default: ``"pull"`` where the ring group is on one host with CUDA
+            symmetric memory, else ``"rotate"``), ``"rotate"`` (the ring: K/V chunks rotate by P2P
+            sends, LSE merges), ``"pull"`` (CUDA: the same steps and merges, each chunk pulled from its
+            owner by the copy engines) or
             ``"allgather"`` (head-group K/V all-gathers, one kernel call per group over all keys, no
             merges: faster per call, but every rank holds a head group of the whole K/V, which is
             what ring attention exists to avoid); see :mod:`ditfleet.parallel.ring`.

@@ -15,6 +15,9 @@ Two implementations (``impl``):
 * ``"pull"`` (CUDA; :mod:`ditfleet.parallel.copy_engine`): the rotating ring's steps and merges,
   but each rank pulls the next key chunk straight from its owner's symmetric memory on the copy
   engines instead of NCCL sends, so the transfers take no SMs from the kernel.
+* ``"auto"`` (the default): ``"pull"`` where the whole ring group is on one host with CUDA
+  symmetric memory (measured faster on 4 x H100: 54.3 vs 56.5 ms with cuDNN, 46.1 vs 50.2 ms with
+  FA4 at S = 75,600), else ``"rotate"``. Both give the same steps, merges and result.
 
 Which steps run and which chunks travel is a :class:`~ditfleet.parallel.ring_schedule.RingSchedule`:
 padding lives at the global end, so a chunk is valid, partly padded (``kv_lens`` tells the kernel
@@ -34,7 +37,7 @@ import torch.distributed as dist
 
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
-from .copy_engine import ring_pull_forward
+from .copy_engine import ce_usable, ring_pull_forward
 from .merge import merge_step
 from .mesh import ParallelMesh
 from .ring_allgather import FullAttend, allgather_forward, full_attend
@@ -44,7 +47,7 @@ from .shard import SeqShard
 __all__ = ["RING_IMPLS", "BlockAttend", "FullAttend", "RingComm", "RingSchedule", "allgather_forward", "block_attend",
            "full_attend", "ring_attention", "ring_forward", "ring_run"]
 
-RING_IMPLS = ("allgather", "pull", "rotate")
+RING_IMPLS = ("allgather", "auto", "pull", "rotate")
 
 
 # ---------------------------------------------------------------- communication helper
@@ -188,7 +191,7 @@ def ring_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    impl: str = "rotate",
+    impl: str = "auto",
     chunks: int = 5,
     compute_streams: int = 1,
     merge_impl: str = "auto",
@@ -205,7 +208,7 @@ def ring_attention(
         kv_shard: the key sequence's shard; ``None`` = ``shard``.
         scale: softmax scale, ``None`` = ``D ** -0.5``.
         return_lse: also return the LSE.
-        impl: ``"rotate"``, ``"pull"`` (CUDA) or ``"allgather"`` (see the module docstring).
+        impl: ``"auto"``, ``"rotate"``, ``"pull"`` (CUDA) or ``"allgather"`` (see the module docstring).
         chunks: ``"allgather"``: head groups pipelined against the gathers.
         compute_streams: ``"allgather"``: 2 alternates the groups' kernels over two CUDA streams.
         merge_impl: ``"rotate"``: merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
@@ -231,6 +234,8 @@ def ring_run(q, k, v, kv, *, comm: RingComm, backend: AttentionBackend, scale, q
     ``[2, B, S_k, H, D]`` if the caller has them so (``"rotate"`` reuses it), else ``None``."""
     if impl not in RING_IMPLS:
         raise ValueError(f"ring impl must be one of {RING_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "pull" if ce_usable(comm.group, q.device) else "rotate"
     size, k_chunk = comm.size, kv_shard.chunk * per_chunk
     valid = [kv_shard.chunk_valid(c, per_chunk) for c in range(size)]
     sched = None if block_mask is None else RingSchedule.from_mask(block_mask, q_chunk, k_chunk, size)
