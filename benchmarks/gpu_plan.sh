@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 N
 steps=${*:-env gputests doctor attention sp2 sp4 dit}
 ngpu=$(nvidia-smi -L | wc -l)
 step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS
-  ( "$@" ) >"$out/$name.log" 2>&1; local rc=$?; echo "=== $name rc=$rc $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"; }
+  ( timeout "${STEP_TIMEOUT:-900}" "$@" ) >"$out/$name.log" 2>&1; local rc=$?; echo "=== $name rc=$rc $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"; }
 for s in $steps; do case $s in
   env) step env bash -c 'nvidia-smi; python3 -c "import torch,sys;print(sys.version, torch.__version__, torch.version.cuda, torch.cuda.device_count())"; python3 -m pip list 2>/dev/null | grep -iE "flash|cutlass|yunchang|ray|triton|quack|tvm"';;
   gputests) step gputests python3 -m pytest -q -x tests/gpu -p no:cacheprovider;;

@@ -11,9 +11,9 @@ one-block kernel on the issuing stream that waits for every peer's matching barr
 
 * Ulysses ``"ce"``: each rank packs q / k / v per head group into its symmetric send buffer
   (``[G][U][3, B, S, hg, D]``: one contiguous block per (group, destination)); every rank *pulls*
-  its heads of every peer's chunk straight into the kernel's ``[B, U*S, hg, D]`` inputs, later
-  groups while the kernel runs earlier ones; outputs (and LSE) are *pushed* into the owner's
-  symmetric receive buffer and unpacked there (stream plan: :func:`ulysses_ce_forward`).
+  its heads of every peer's chunk straight into the kernel's ``[B, U*S, hg, D]`` inputs, group
+  ``g + 1`` while the kernel runs group ``g``; outputs (and LSE) are *pushed* into the owner's
+  symmetric receive buffer and unpacked there (what was measured: :func:`ulysses_ce_forward`).
 * Ring ``"pull"``: each rank copies its K/V chunk into its symmetric buffer once; at step ``s`` a
   rank computes on key chunk ``(r - s) mod R`` and has already pulled the next one directly from
   its owner (chunks nobody needs under a mask are never pulled); partial results merge by LSE as
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .pipeline import Pipeline, side_stream
+from .pipeline import Pipeline
 from .ulysses_packed import Attend, head_groups
 
 BARRIER_TIMEOUT_MS = 600_000  # a peer that never arrives is a hang: fail instead, after 10 minutes
@@ -136,17 +136,14 @@ class SymmBuffer:
 def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int):
     """The ``"ce"`` implementation of :func:`~ditfleet.parallel.ulysses.ulysses_forward` (same contract).
 
-    Stream plan (measured on H100: a copy kernel queued beside a running attention kernel gets no SM
-    until that kernel's last wave, and the driver runs a same-GPU ``cudaMemcpy`` as such a kernel,
-    so only peer-to-peer copies may overlap attention):
-
-    * inbound stream: pack every head group (SM copies) and copy this rank's own rows straight into
-      the kernel inputs, all before the first kernel; one barrier; then, group by group, the
-      peer-to-peer pulls (copy engines), each group's event releasing its kernel;
-    * compute (caller's) stream: the kernels, back to back;
-    * outbound stream, after each kernel: this rank's own output rows (SM copy), the pushes of the
-      peers' rows into their receive buffers (copy engines), a barrier, and the unpack of what the
-      peers pushed here (SM copies, which run when the kernels leave SMs free).
+    One side stream carries, in order: pack of group ``g`` (SM copies), a barrier, the pulls of group
+    ``g`` (copy engines); then, after kernel ``g - 1``, the pushes of its outputs, a barrier and the
+    unpack. Measured on 4 x H100 (``benchmarks/probe_sp.py`` timeline): the pulls run at ~366 GB/s,
+    but copy kernels queued beside a running attention kernel get no SM until its last wave, so with
+    head groups the pack / unpack of one group waits for the next kernel and the groups serialize.
+    A layout that packed everything before the first kernel on separate inbound / outbound streams
+    hung under USP with the ``"pull"`` ring (not diagnosed; reverted). One group (``chunks=1``) is
+    on par with the ``"p2p"`` path.
     """
     _require_ce(q.device)
     u, me = comm.size, comm.rank
@@ -165,84 +162,69 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
     send_off = [sum(send_sz[:i]) for i in range(len(groups))]  # offsets in elements of the view's dtype
     out_off = [sum(out_sz[:i]) for i in range(len(groups))]
     lse_base = lse_bytes // 4
-    peers = [p for p in range(u) if p != me]
+    lse_off = [lse_base + sum(lse_sz[:i]) for i in range(len(groups))]
 
     out = q.new_empty((b, s, u, h, d))
     lse = torch.empty((b, u, h, s), dtype=torch.float32, device=dev) if return_lse else None
     src = [t.unflatten(2, (u, h)) for t in (q, k, v)]
-    pipe = Pipeline(q, "ulysses_ce")  # its comm stream is the inbound one
-    outbound = side_stream(dev, "ulysses_ce.out", priority=-1)
-    outbound.wait_stream(pipe.caller)
+    pipe = Pipeline(q, "ulysses_ce")
     pipe.keep(q, k, v, out, lse)
 
-    # inbound, before any kernel: pack all groups, own rows into the kernel inputs
-    inputs = []
-    with pipe.on_comm():
-        send.barrier()  # every rank is done reading my send buffer of the previous call
-        for gi, (h0, h1) in enumerate(groups):
-            hg = h1 - h0
-            mine = send.view(me, (u, 3, b, s, hg, d), dt, send_off[gi])
-            for t, x in enumerate(src):  # [B, S, U, hg, D] -> [U, B, S, hg, D]; my own block is not needed
-                for p in peers:
-                    mine[p, t].copy_(x[:, :, p, h0:h1])
+    def pack_and_pull(gi: int):
+        h0, h1 = groups[gi]
+        hg = h1 - h0
+        blk = (3, b, s, hg, d)
+        with pipe.on_comm():
+            mine = send.view(me, (u, *blk), dt, send_off[gi])
+            for t, x in enumerate(src):  # [B, S, U, hg, D] -> [U, B, S, hg, D]: one SM pass over this group
+                mine[:, t].copy_(x[:, :, :, h0:h1].permute(2, 0, 1, 3, 4))
+            send.barrier()  # every rank's group gi is packed
             q_g = q.new_empty((b, u * s, hg, d))
             kv_g = q.new_empty((2, b, u * s, hg, d))
-            rows = slice(me * s, (me + 1) * s)
-            q_g[:, rows].copy_(src[0][:, :, me, h0:h1])
-            kv_g[0][:, rows].copy_(src[1][:, :, me, h0:h1])
-            kv_g[1][:, rows].copy_(src[2][:, :, me, h0:h1])
-            inputs.append([q_g, kv_g, None])
-        send.barrier()  # every rank has packed every group
-        for gi, (h0, h1) in enumerate(groups):
-            hg = h1 - h0
-            q_g, kv_g, _ = inputs[gi]
-            for p in peers:
-                block = send.view(p, (u, 3, b, s, hg, d), dt, send_off[gi])[me]  # [3, B, S, hg, D] for me
-                for bi in range(b):  # contiguous peer slices: copy-engine transfers
+            for p in range(u):
+                block = send.view(p, (u, *blk), dt, send_off[gi])[me]  # [3, B, S, hg, D] for me
+                for bi in range(b):  # contiguous slices: copy-engine transfers
                     q_g[bi, p * s : (p + 1) * s].copy_(block[0, bi])
                     kv_g[0, bi, p * s : (p + 1) * s].copy_(block[1, bi])
                     kv_g[1, bi, p * s : (p + 1) * s].copy_(block[2, bi])
-            inputs[gi][2] = pipe.mark()
+            return q_g, kv_g, pipe.mark()
 
-    for gi, (h0, h1) in enumerate(groups):
+    def push_and_unpack(gi: int, o, l, ready):
+        h0, h1 = groups[gi]
         hg = h1 - h0
-        q_g, kv_g, ready = inputs[gi]
-        inputs[gi] = None
-        with pipe.on_compute(0, after=ready):
-            pipe.used_here(q_g, kv_g)
-            o, l = attend(q_g, kv_g, return_lse, (h0, h1))
-            done = pipe.mark()
-        with torch.cuda.stream(outbound):
-            outbound.wait_event(done)
+        with pipe.on_comm():
+            pipe.comm_wait(ready)
             pipe.used_here(o, l)
-            out[:, :, me, h0:h1].copy_(o[:, me * s : (me + 1) * s])
-            if lse is not None:
-                lse[:, me, h0:h1].copy_(l[:, :, me * s : (me + 1) * s])
-            for p in peers:  # my heads' rows of rank p -> rank p's receive block "from me"
+            for p in range(u):  # my heads' rows of rank p -> rank p's receive block "from me"
                 dst = recv.view(p, (u, b, s, hg, d), dt, out_off[gi])[me]
                 for bi in range(b):
                     dst[bi].copy_(o[bi, p * s : (p + 1) * s])
                 if l is not None:
-                    dst_l = recv.view(p, (u, b, hg, s), torch.float32, lse_off_of(lse_base, lse_sz, gi))[me]
+                    dst_l = recv.view(p, (u, b, hg, s), torch.float32, lse_off[gi])[me]
                     for bi in range(b):
                         for j in range(hg):
                             dst_l[bi, j].copy_(l[bi, j, p * s : (p + 1) * s])
             recv.barrier()  # every rank's outputs of group gi have arrived everywhere
-            got = recv.view(me, (u, b, s, hg, d), dt, out_off[gi])
-            got_l = recv.view(me, (u, b, hg, s), torch.float32, lse_off_of(lse_base, lse_sz, gi)) if lse is not None else None
-            for p in peers:
-                out[:, :, p, h0:h1].copy_(got[p])
-                if got_l is not None:
-                    lse[:, p, h0:h1].copy_(got_l[p])
+            mine = recv.view(me, (u, b, s, hg, d), dt, out_off[gi])
+            out[:, :, :, h0:h1].copy_(mine.permute(1, 2, 0, 3, 4))
+            if lse is not None:
+                lse[:, :, h0:h1].copy_(recv.view(me, (u, b, hg, s), torch.float32, lse_off[gi]).transpose(0, 1))
+
+    with pipe.on_comm():
+        send.barrier()  # every rank is done reading my buffers of the previous call (and queued after it)
+    pending = pack_and_pull(0)
+    for gi, (h0, h1) in enumerate(groups):
+        nxt = pack_and_pull(gi + 1) if gi + 1 < len(groups) else None
+        q_g, kv_g, ready = pending
+        with pipe.on_compute(0, after=ready):
+            pipe.used_here(q_g, kv_g)
+            o, l = attend(q_g, kv_g, return_lse, (h0, h1))
+            done = pipe.mark()
+        push_and_unpack(gi, o, l, done)
+        pending = nxt
         del q_g, kv_g, o, l
     pipe.finish()
-    pipe.caller.wait_stream(outbound)
     return out.view(b, s, h_pad, d), (lse.view(b, h_pad, s) if lse is not None else None)
-
-
-def lse_off_of(base: int, sizes: Sequence[int], gi: int) -> int:
-    """Offset (float32 elements) of group ``gi``'s LSE block in the receive buffer."""
-    return base + sum(sizes[:gi])
 
 
 # ---------------------------------------------------------------- ring over copy engines
