@@ -49,8 +49,8 @@ class ParallelConfig:
     seq_p_size: int = _f(1, "Sequence-parallel degree: GPUs that share one video's tokens (ulysses x ring).")
     seq_p_attn_type: str = _f(
         "ulysses",
-        "How self-attention is split: `ulysses` (all-to-all over heads), `ring` (K/V rotate by P2P, "
-        "LSE merge) or `usp` (Ulysses inside ring groups).",
+        "How self-attention is split: `ulysses` (all-to-all over heads), `ring` (K/V chunks travel by P2P: "
+        "copy-engine pulls when the ring is on one host, NCCL otherwise; LSE merge) or `usp` (Ulysses inside ring groups).",
         choices=SP_ATTN_TYPES,
     )
     cfg_p_size: int = _f(1, "Classifier-free-guidance degree: 2 runs the conditional and unconditional passes on different GPUs.")

@@ -186,8 +186,25 @@ def _flex_api() -> tuple[Any, bool, bool]:
     return fa.flex_attention, aux, qblocks
 
 
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
+    """``flex_attention`` compiled (static shapes), with dynamo's recompile limit raised to
+    :data:`FLEX_RECOMPILE_LIMIT`.
+
+    Every distinct shape (heads per rank, ring window, batch) compiles once. Past dynamo's default limit
+    of 8 the call silently falls back to eager flex, which materialises the ``S_q x S_k`` scores: seen
+    on 4 x H100 when one process ran radial at 40 and 20 heads per rank for several video sizes (the
+    run then crawled). Raising the limit is a process-wide dynamo setting, made once here.
+    """
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < FLEX_RECOMPILE_LIMIT:
+            setattr(cfg, name, FLEX_RECOMPILE_LIMIT)
     return torch.compile(_flex_api()[0], dynamic=False)
 
 

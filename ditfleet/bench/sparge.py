@@ -345,17 +345,6 @@ def main_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int
         dist.destroy_process_group()
 
 
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Every mode, case and ring window goes through one compiled flex function: let it keep them all
-    (past dynamo's default of 8 it would fall back to eager flex, which materialises the scores)."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < limit:
-            setattr(cfg, name, limit)
-
-
 def _sp_reference(r: dict, bound, q, k, v, dense_ref, scale, args, device):
     """Rank 0: the bound kernel on the whole sequence; fills ``r``; returns ``(output, predicted mask)`` (None on error)."""
     from .sp_attention import _err, _time
@@ -413,7 +402,6 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
     if reasons:
         raise UserError(f"bench sparge --sp: the built-in Sparge kernel cannot run on {device}/{args.dtype}: "
                         f"{'; '.join(reasons)}")
-    _raise_recompile_limit()
     dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
     dense = dense_cls(device=device, dtype=dtype)
     t_start = time.perf_counter()
