@@ -8,6 +8,8 @@ set -u
 out=${1:?usage: gpu_plan.sh OUTDIR [STEP ...]}; shift
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# the copy's .git (if any) may be stale: git must not answer, so the benches record the .commit stamp
+export GIT_DIR=/nonexistent-ditfleet-git
 steps=${*:-env gputests doctor attention sp2 sp4 dit}
 ngpu=$(nvidia-smi -L | wc -l)
 step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS

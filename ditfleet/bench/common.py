@@ -64,26 +64,23 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """``HEAD``'s hash, with ``-dirty`` when tracked files differ; ``"unknown"`` outside a checkout.
+    """``HEAD``'s hash, with ``-dirty`` when tracked files differ; else the sender's stamp; else ``"unknown"``.
 
     A copy of the tree sent to a GPU host has no ``.git`` or a stale one (seen: the lent host's copy
-    carried an older ``.git``, so git said ``<old hash>-dirty``): there the sender's stamp ``.commit``
-    (``git rev-parse HEAD`` written before sending, carried with the tree) is what ran, and it wins
-    whenever git cannot answer or answers "dirty".
+    carried an older ``.git``, and git answered ``<old hash>-dirty``). ``benchmarks/gpu_plan.sh``
+    therefore runs with git pointed at nothing (``GIT_DIR``), so the stamp ``.commit`` written by the
+    sender (``git rev-parse HEAD``, carried with the tree) is what gets recorded.
     """
     repo = repo or Path(__file__).resolve().parents[2]
-    stamp = repo / ".commit"
-    stamped = stamp.read_text().strip() if stamp.is_file() else None
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uno"], capture_output=True, text=True)
-        if dirty.stdout.strip() and stamped:
-            return stamped
         return head + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return stamped or "unknown"
+        stamp = repo / ".commit"
+        return stamp.read_text().strip() if stamp.is_file() else "unknown"
 
 
 def package_versions() -> dict[str, str]:

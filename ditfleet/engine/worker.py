@@ -276,8 +276,11 @@ class Worker:
         """Leave the process group and drop the model (frees GPU memory); the process may then exit."""
         import torch.distributed as dist
 
+        from ..parallel.copy_engine import release_all
+
         self.pipe = self.runner = self.mesh = None
         self._req = self._enc = self._latents = None
+        release_all()  # symmetric buffers of the copy-engine ring belong to this group
         if self._owns_group and dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()

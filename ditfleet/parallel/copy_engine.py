@@ -53,25 +53,63 @@ def _require_ce(device: torch.device) -> None:
         raise NotImplementedError(f"ulysses_impl 'ce' / ring_impl 'pull': {reason}; use 'p2p' / 'rotate'")
 
 
-_USABLE: dict[str, bool] = {}
+_USABLE: dict[tuple[int, str], bool] = {}
+
+
+def _group_key(group) -> tuple[int, str]:
+    # the object and its name: torch reuses group names after destroy_process_group
+    return (id(group), group.group_name)
+
+
+def _device_id(index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    return f"{getattr(props, 'pci_domain_id', 0)}:{getattr(props, 'pci_bus_id', 0)}:{getattr(props, 'pci_device_id', 0)}"
 
 
 def ce_usable(group, device: torch.device) -> bool:
-    """True when the copy-engine paths can serve ``group`` here: CUDA, symmetric memory, and every rank of
-    the group on this host (CUDA IPC does not cross nodes). A collective the first time per group (every
-    rank of the group must call it together), then cached."""
+    """True when the copy-engine paths can serve ``group`` here: CUDA, symmetric memory, every rank of the
+    group on this machine (same boot id and host name: CUDA IPC does not cross nodes), and every rank's
+    GPU visible to this process with peer access (no PCIe box without P2P, no MIG slice). Every rank must
+    agree, so the verdicts are exchanged too. Two collectives the first time per group (every rank of the
+    group calls this together: it runs where ring attention starts), then cached."""
     if ce_unavailable(device):
         return False
-    name = group.group_name
-    if name not in _USABLE:
+    key = _group_key(group)
+    if key not in _USABLE:
         import socket
 
         import torch.distributed as dist
 
-        hosts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        _USABLE[name] = len(set(hosts)) == 1
-    return _USABLE[name]
+        try:
+            boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        except OSError:
+            boot = ""
+        me = device.index if device.index is not None else torch.cuda.current_device()
+        n = dist.get_world_size(group)
+        infos = [None] * n
+        dist.all_gather_object(infos, (socket.gethostname(), boot, _device_id(me)), group=group)
+        local = {_device_id(i): i for i in range(torch.cuda.device_count())}
+        ok = len({(h, b) for h, b, _ in infos}) == 1
+        for _, _, dev_id in infos:
+            j = local.get(dev_id)
+            ok = ok and j is not None and (j == me or torch.cuda.can_device_access_peer(me, j))
+        verdicts = [None] * n
+        dist.all_gather_object(verdicts, bool(ok), group=group)
+        _USABLE[key] = all(verdicts)
+    return _USABLE[key]
+
+
+def release_all() -> None:
+    """Free every symmetric buffer and forget every group (call before ``destroy_process_group``)."""
+    for b in SymmBuffer._all.values():
+        b.handle = None
+        b.storage = None
+        b.nbytes = 0
+    SymmBuffer._all.clear()
+    _USABLE.clear()
 
 
 class SymmBuffer:
@@ -83,7 +121,7 @@ class SymmBuffer:
         name: a role name; one buffer per (group, name).
     """
 
-    _all: dict[tuple[str, str], SymmBuffer] = {}
+    _all: dict[tuple[int, str, str], SymmBuffer] = {}
 
     def __init__(self, group, name: str):
         self.group, self.name = group, name
@@ -93,7 +131,7 @@ class SymmBuffer:
 
     @classmethod
     def get(cls, group, name: str) -> SymmBuffer:
-        key = (group.group_name, name)
+        key = (*_group_key(group), name)
         if key not in cls._all:
             cls._all[key] = cls(group, name)
         return cls._all[key]
@@ -113,7 +151,7 @@ class SymmBuffer:
             import torch.distributed as dist
 
             torch.cuda.synchronize(device)
-            dist.barrier(group=self.group)
+            dist.barrier(group=self.group, device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
             torch.cuda.synchronize(device)
         self.handle = None
         self.storage = None
@@ -261,21 +299,29 @@ def ring_pull_forward(q, k, v, *, comm, attend: BlockAttend, chunk_valid: Sequen
         mine[1].copy_(v)
         buf.barrier()  # every chunk is in place
 
-    def pull(step: int):
+    # Two pull buffers, reused in turn: the pull for the j-th remote step waits (on the comm stream)
+    # until the kernel of remote step j - 2, which read the same buffer, is done.
+    bufs = [None, None]
+    freed = [None, None]
+
+    def pull(j: int, step: int):
         c = (rank - step) % size
+        slot = j % 2
         with pipe.on_comm():
-            kv = k.new_empty(shape)
-            kv.copy_(buf.view(c, shape, k.dtype))  # one contiguous copy-engine transfer from the owner
-            return kv, pipe.mark()
+            pipe.comm_wait(freed[slot])
+            if bufs[slot] is None:
+                bufs[slot] = k.new_empty(shape)
+            bufs[slot].copy_(buf.view(c, shape, k.dtype))  # one contiguous copy-engine transfer from the owner
+            return bufs[slot], pipe.mark()
 
     steps = [st for st in range(size) if computes(rank, st)]
     remote = [st for st in steps if st != 0]  # step 0 is the local chunk
-    pulled = {remote[0]: pull(remote[0])} if remote else {}
+    pulled = {remote[0]: pull(0, remote[0])} if remote else {}
     out = lse = None
     for i, st in enumerate(steps):
         later = [x for x in remote if x > st]
-        if later and later[0] not in pulled:  # the next pull overlaps this step's kernel (two buffers live)
-            pulled[later[0]] = pull(later[0])
+        if later and later[0] not in pulled:  # the next pull overlaps this step's kernel
+            pulled[later[0]] = pull(remote.index(later[0]), later[0])
         c = (rank - st) % size
         held, ready = pulled.pop(st) if st else (None, None)
         kk, vv = (k, v) if held is None else (held[0], held[1])
@@ -286,6 +332,8 @@ def ring_pull_forward(q, k, v, *, comm, attend: BlockAttend, chunk_valid: Sequen
                 out, lse = block_out, block_lse.float()
             else:
                 out, lse = merge(out, lse, block_out, block_lse, i == len(steps) - 1)
+            if held is not None:
+                freed[remote.index(st) % 2] = pipe.mark()
         del held, kk, vv
     pipe.finish()
     if out is None:
