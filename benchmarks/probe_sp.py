@@ -85,7 +85,7 @@ def main() -> None:
             dst.copy_(buf.view(p, (96 << 20,), torch.uint8))
 
     ms = time_cuda(pull_all, warmup=2, iters=args.iters)["median_ms"]
-    res["ce pull GB/s (3 x 96 MiB, one stream)"] = 3 * (96 << 20) / (ms * 1e-3) / 1e9
+    res[f"ce pull GB/s ({len(peers)} x 96 MiB, one stream)"] = len(peers) * (96 << 20) / (ms * 1e-3) / 1e9
     t = torch.tensor([0.0], device=dev)
     dist.all_reduce(t)
     if rank == 0:

@@ -105,14 +105,21 @@ def test_sparge_run_binds_blocks_on_every_rank(tmp_path):
     thr = SpargeParams.thresholds(HEADS, cdfthreshd=0.5, simthreshd1=0.0)
     ckpt = save_sparge_weights(SpargeCheckpoint(LAYERS, HEADS, {i: thr for i in range(1, LAYERS)}).state_dict(),
                                tmp_path / "sparge.safetensors")
-    cfg = {**TINY_DEFAULT, "device": "cpu", "sparge": True, "sparge_ckpt": str(ckpt)}
+    # 128 x 128 x 17 frames: 5 latent frames x 8 x 8 = 320 tokens, 3 x 5 Sparge blocks (the 64 x 64 default
+    # has 32 tokens: one block, always kept, so a wrong mask could not show)
+    size = {"target_height": 128, "target_width": 128, "target_video_length": 17}
+    with Engine.start({**TINY_DEFAULT, "device": "cpu", **size}) as eng:
+        dense = eng.generate(output=str(tmp_path / "dense.npy"), decode=False, quiet=True)
+    cfg = {**TINY_DEFAULT, "device": "cpu", **size, "sparge": True, "sparge_ckpt": str(ckpt)}
     with Engine.start(cfg) as eng:
         ref = eng.generate(output=str(tmp_path / "local.npy"), quiet=True)
     bound = f"sparge (sparge_flex): {LAYERS - 1} of {LAYERS} blocks sparse (threshold mode), dense blocks [0]"
     assert ref.report["engine"]["workers"][0]["sparge_bound"] == bound
+    assert rel_l2(ref.latents, dense.latents) > 10 * TOL  # the mask drops blocks: not the dense result
     out, lat = tmp_path / "tr.npy", tmp_path / "tr.pt"
     p = torchrun(["--set", "parallel.seq_p_size=2", "--set", "parallel.seq_p_attn_type=ring", "--set", "sparge=true",
-                  "--set", f"sparge_ckpt={ckpt}", "-o", str(out), "--save-latents", str(lat)], tmp_path)
+                  "--set", f"sparge_ckpt={ckpt}", *(x for key, val in size.items() for x in ("--set", f"{key}={val}")),
+                  "-o", str(out), "--save-latents", str(lat)], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert rel_l2(torch.load(lat), ref.latents) <= TOL
     e = json.loads(out.with_suffix(".json").read_text())["engine"]

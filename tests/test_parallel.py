@@ -426,3 +426,77 @@ def test_triton_merge_in_interpreter():
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRITON_MERGE_CHECK)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "triton merge ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_pull_ring_step_logic_on_threads():
+    """The copy-engine ``pull`` ring's steps, skips and two reused pull buffers, checked on CPU: R threads
+    stand in for the ranks and an in-process buffer for symmetric memory (CUDA streams, the copy engines and
+    the cross-GPU barrier are only exercised on GPUs: tests/gpu/test_sp_gpu.py)."""
+    import threading
+
+    from ditfleet.attention.blockmask import BlockSparseMask
+    from ditfleet.attention.radial import RadialFlex
+    from ditfleet.parallel.copy_engine import ring_pull_forward
+    from ditfleet.parallel.merge import merge_step
+    from ditfleet.parallel.ring import RingSchedule, block_attend
+
+    r, s, h, d, bs = 4, 187, 3, 16, 16
+    chunk = -(-s // r)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, s, h, d, generator=g) for _ in range(3))
+    nb = -(-s // bs)
+    frame = torch.arange(nb) // 3
+    rnd = torch.rand(nb, nb, generator=g) < 0.3
+    rnd[:, 0] = True
+    masks = {"block-diagonal": BlockSparseMask.from_blocks(frame[:, None] == frame[None, :], bs, s),
+             "random+sink": BlockSparseMask.from_blocks(rnd, bs, s)}
+    backend = RadialFlex(device=torch.device("cpu"), dtype=torch.float32)
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, r * chunk - s))  # noqa: E731
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    valid = [max(0, min(chunk, s - c * chunk)) for c in range(r)]
+
+    class SharedBuffer:  # one buffer per rank, visible to all threads; barrier = threading.Barrier
+        def __init__(self):
+            self.store, self.bar = {}, threading.Barrier(r)
+
+        def view(self, rank, shape, dtype):
+            return self.store.setdefault(rank, torch.empty(shape, dtype=dtype))
+
+        def barrier(self):
+            self.bar.wait(timeout=60)
+
+    for name, mask in masks.items():
+        sched = RingSchedule.from_mask(mask, chunk, chunk, r)
+        buf, outs, errors = SharedBuffer(), [None] * r, []
+
+        def rank_main(rank):
+            try:
+                comm = type("Comm", (), {"size": r, "rank": rank, "group": None})()
+                sl = slice(rank * chunk, (rank + 1) * chunk)
+                attend = block_attend(backend, None, mask, q_start=rank * chunk, k_chunk=chunk)
+
+                def merge(out, lse, bo, bl, last):
+                    return merge_step(out, lse, bo, bl, out_dtype=q.dtype if last else torch.float32, impl="torch")
+
+                outs[rank] = ring_pull_forward(qp[:, sl], kp[:, sl], vp[:, sl], comm=comm, attend=attend,
+                                               chunk_valid=valid, computes=sched.computes, merge=merge, buffer=buf)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                buf.bar.abort()
+
+        threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(r)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        out = torch.cat([o for o, _ in outs], 1)[:, :s]
+        lse = torch.cat([l for _, l in outs], 2)[..., :s]
+        allowed = mask.to_dense()
+        sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * d**-0.5
+        sc = sc.masked_fill(~allowed, float("-inf"))
+        ref_lse = torch.logsumexp(sc, -1)
+        ref = torch.einsum("bhqk,bkhd->bqhd", torch.exp(sc - ref_lse[..., None]).nan_to_num(0.0), v.double())
+        assert rel_l2(out, ref) <= 1e-5 and rel_l2(lse, ref_lse) <= 1e-5, name
+        if name == "block-diagonal":
+            assert sched.stats()["steps_skipped"] > 0

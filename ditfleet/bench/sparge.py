@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: time Sparge vs dense sequence-parallel in these modes (ring: R = N, "
                              "usp: U = 2 x R = N/2, ulysses: U = N) against the single-device Sparge output, "
                              "instead of the one-device run")
+    parser.add_argument("--ring-impl", choices=("auto", "rotate", "pull", "allgather"), default="auto",
+                        help="--sp: ring transport of sequence_parallel_attention (default: %(default)s: pull where "
+                             "the ring is on one host with symmetric memory, else rotate)")
 
 
 def parse_case(name: str) -> tuple[int, int, int]:
@@ -410,7 +413,8 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                          "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "modes": args.sp,
                          "topk": args.topk, "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1,
                          "blocks": [args.block_q, args.block_k], "warmup": args.warmup, "iters": args.iters,
-                         "seed": args.seed, "dense_kernel": dense_key,
+                         "seed": args.seed, "dense_kernel": dense_key, "ring_impl": args.ring_impl,
+                         "ulysses_impl": "p2p",
                          "timed_call": "sequence_parallel_attention(q, k, v) on the local shards with the bound Sparge "
                                        "layer (mask prediction included: Ulysses ranks on their heads' whole sequence, "
                                        "ring / USP from all-reduced block statistics) or the dense kernel; median of "
@@ -474,7 +478,8 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                             m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr).stats()
 
                         def call(backend):
-                            return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale)
+                            return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale,
+                                                               ring_impl=args.ring_impl)
 
                         dense_sp = rec["dense"]["modes"].get(mode)
                         if dense_sp is None:  # once per input kind and mode: it does not depend on the setting

@@ -16,8 +16,8 @@ Two implementations (``impl``):
   but each rank pulls the next key chunk straight from its owner's symmetric memory on the copy
   engines instead of NCCL sends, so the transfers take no SMs from the kernel.
 * ``"auto"`` (the default): ``"pull"`` where the whole ring group is on one host with CUDA
-  symmetric memory (measured faster on 4 x H100: 54.3 vs 56.5 ms with cuDNN, 46.1 vs 50.2 ms with
-  FA4 at S = 75,600), else ``"rotate"``. Both give the same steps, merges and result.
+  symmetric memory (measured on 4 x H100 at S = 75,600, commit 85e48fd: 54.4 vs 56.3 ms with cuDNN,
+  45.8 vs 49.7 ms with FA4), else ``"rotate"``. Both give the same steps, merges and result.
 
 Which steps run and which chunks travel is a :class:`~ditfleet.parallel.ring_schedule.RingSchedule`:
 padding lives at the global end, so a chunk is valid, partly padded (``kv_lens`` tells the kernel

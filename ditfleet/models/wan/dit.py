@@ -625,7 +625,8 @@ class WanDiT(nn.Module):
         text, image = self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
 
         def attend_with(mask: BlockSparseMask | None, kernel: AttentionBackend | None = None) -> _Attend:
-            kernel = kernel or (backend if mask is not None else dense)
+            if kernel is None:
+                kernel = backend if mask is not None else dense
             return _Attend(lambda q, k, v: sp.attention(q, k, v, backend=kernel, shard=shard, block_mask=mask), text, image)
 
         if self.self_layers:  # Sparge: each block's kernel, bound to its thresholds, predicts its own mask
