@@ -62,11 +62,16 @@ def _group_key(group) -> tuple[int, str]:
 
 
 def _device_id(index: int) -> str:
+    """The same string in every process for the same GPU: its PCI location, plus its UUID when torch gives
+    a printable one (a MIG slice shares its GPU's PCI location)."""
+    import re
+
     props = torch.cuda.get_device_properties(index)
-    uuid = getattr(props, "uuid", None)
-    if uuid is not None:
-        return str(uuid)
-    return f"{getattr(props, 'pci_domain_id', 0)}:{getattr(props, 'pci_bus_id', 0)}:{getattr(props, 'pci_device_id', 0)}"
+    pci = ":".join(str(getattr(props, n, "?")) for n in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+    uuid = str(getattr(props, "uuid", ""))
+    if not re.fullmatch(r"(GPU-|MIG-)?[0-9a-fA-F-]{32,40}", uuid):
+        uuid = ""
+    return f"{pci}|{uuid}"
 
 
 def ce_usable(group, device: torch.device) -> bool:
