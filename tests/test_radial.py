@@ -23,6 +23,7 @@ from ditfleet.attention.radial import (
     radial_plan,
     wan_video_tokens,
 )
+from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sdpa import SdpaMath
 from ditfleet.parallel.merge import merge_attention_
 
@@ -35,14 +36,9 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=g, dtype=dtype)
 
 
-def masked_reference(q, k, v, allowed: torch.Tensor, scale=None):
-    """Float64 attention with a token mask ``allowed`` bool ``[S_q, S_k]``; fully masked rows -> out 0, lse -inf."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double()), lse
+def masked_reference(q, k, v, allowed, scale=None):
+    """Float64 attention with a token mask ``allowed`` (``[S_q, S_k]`` or ``[B|1, H|1, S_q, S_k]``); keyless rows -> 0 / -inf."""
+    return reference_attention(q, k, v, scale=scale, mask=allowed)
 
 
 def close(out, lse, ref, ref_lse, rows=None, tol=1e-5):

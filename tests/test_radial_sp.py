@@ -27,6 +27,7 @@ from dist_utils import run_distributed
 from ditfleet.attention import AttentionBackend, Capabilities
 from ditfleet.attention.blockmask import BlockSparseMask
 from ditfleet.attention.radial import RadialFlex, radial_block_mask
+from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sdpa import SdpaCpuFlash
 from ditfleet.bench.common import rel_l2
 
@@ -49,13 +50,8 @@ def qkv(seed, b, s, h, d):
 
 
 def masked_reference(q, k, v, allowed, scale=None):
-    """Float64 attention with token mask ``allowed`` bool ``[S_q, S_k]``; rows without a key -> out 0, lse -inf."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double()), lse
+    """Float64 attention with a token mask ``allowed`` (``[S_q, S_k]`` or ``[B|1, H|1, S_q, S_k]``); keyless rows -> 0 / -inf."""
+    return reference_attention(q, k, v, scale=scale, mask=allowed)
 
 
 class MaskedReference(AttentionBackend):

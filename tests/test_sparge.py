@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ditfleet.attention.blockmask import BlockSparseMask
+from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sparge import (
     SpargeFlex,
     SpargeParams,
@@ -183,13 +184,8 @@ def test_block_stats_are_additive_over_unaligned_chunks():
 
 # ------------------------------------------------------------------------------ kernel
 def masked_reference(q, k, v, allowed, scale=None):
-    """float64 attention with a per-head token mask ``allowed`` ``[B or 1, H, S_q, S_k]``; keyless rows -> 0 / -inf."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double()), lse
+    """Float64 attention with a token mask ``allowed`` (``[S_q, S_k]`` or ``[B|1, H|1, S_q, S_k]``); keyless rows -> 0 / -inf."""
+    return reference_attention(q, k, v, scale=scale, mask=allowed)
 
 
 def close(out, lse, ref, ref_lse, tol=2e-5):
@@ -227,8 +223,6 @@ def test_flex_kernel_matches_masked_reference_per_head(qkv):
 
 
 def test_cdfthreshd_one_equals_dense(qkv):
-    from ditfleet.attention.reference import reference_attention
-
     q, k, v = qkv
     for sim in (-1.0, 0.1, 1.0):
         be = bound(SpargeParams.thresholds(3, cdfthreshd=1.0, simthreshd1=sim))
@@ -262,8 +256,6 @@ def test_kv_lens_padding_rows_and_keys(qkv):
 
 
 def test_dense_layer_unbound_and_head_errors(qkv):
-    from ditfleet.attention.reference import reference_attention
-
     q, k, v = qkv
     unbound = SpargeFlex(device=CPU, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="not bound"):

@@ -16,6 +16,7 @@ def reference_attention(
     kv_lens: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float64,
     chunk: int = 4096,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention in ``dtype`` (float64 by default), by query chunks.
 
@@ -27,26 +28,34 @@ def reference_attention(
         kv_lens: valid leading keys per batch element, or ``None`` for all.
         dtype: compute dtype of the reference.
         chunk: query rows per step (bounds memory to ``chunk * S_k`` scores per head).
+        mask: bool token mask, True = query ``i`` may attend key ``j``: ``[S_q, S_k]`` or
+            ``[B or 1, H or 1, S_q, S_k]`` (a block-sparse mask's ``to_dense()``); ``None``: all.
 
     Returns:
-        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` and ``lse`` ``[B, H, S_q]``, both in ``dtype``.
+        ``(out, lse)``: ``out`` ``[B, S_q, H, D]`` and ``lse`` ``[B, H, S_q]``, both in ``dtype``; rows
+        left without any key get ``out = 0`` and ``lse = -inf``.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     qq = q.transpose(1, 2).to(dtype)
     kk = k.transpose(1, 2).to(dtype)
     vv = v.transpose(1, 2).to(dtype)
-    mask = None
+    valid = None
     if kv_lens is not None:
         pos = torch.arange(k.shape[1], device=k.device)
-        mask = pos[None, :] < torch.as_tensor(list(kv_lens), device=k.device)[:, None]  # [B, S_k]
-        mask = mask[:, None, None, :]
+        valid = pos[None, :] < torch.as_tensor(list(kv_lens), device=k.device)[:, None]  # [B, S_k]
+        valid = valid[:, None, None, :]
+    if mask is not None:
+        mask = mask.to(device=q.device, dtype=torch.bool)
+        mask = mask[None, None] if mask.dim() == 2 else mask
     outs, lses = [], []
     for i in range(0, qq.shape[2], chunk):
         s = torch.matmul(qq[:, :, i : i + chunk], kk.transpose(-1, -2)) * scale
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
         if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
+            s = s.masked_fill(~mask[..., i : i + chunk, :], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.matmul(torch.exp(s - lse[..., None]), vv))
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]).nan_to_num_(0.0), vv))
         lses.append(lse)
     return torch.cat(outs, dim=2).transpose(1, 2), torch.cat(lses, dim=2)

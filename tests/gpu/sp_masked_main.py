@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ditfleet.attention.blockmask import BlockSparseMask
 from ditfleet.attention.radial import RadialFlex
+from ditfleet.attention.reference import reference_attention
 from ditfleet.parallel import gather_sequence, init_distributed, init_parallel, sequence_parallel_attention, shard_sequence
 from ditfleet.parallel.ring_schedule import sp_schedule
 
@@ -29,13 +30,6 @@ def masks() -> dict[str, BlockSparseMask]:
             "random+sink": BlockSparseMask.from_blocks(rnd, BS, S)}
 
 
-def reference(q, k, v, allowed):
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]).nan_to_num(0.0), v.double()), lse
-
-
 def main() -> None:
     env = init_distributed()
     dev, world = env.device, env.world_size
@@ -49,7 +43,8 @@ def main() -> None:
     backend = RadialFlex(device=dev, dtype=torch.float32)
     res: dict = {"errors": {}, "schedules": {}}
     for mname, mask in masks().items():
-        ref, ref_lse = reference(q, k, v, mask.to_dense(device=dev)) if env.rank == 0 else (None, None)
+        ref, ref_lse = (reference_attention(q, k, v, mask=mask.to_dense(device=dev)) if env.rank == 0
+                        else (None, None))
         for name, mesh in meshes.items():
             (q_l, shard), (k_l, _), (v_l, _) = (shard_sequence(t, mesh) for t in (q, k, v))
             res["schedules"][f"{mname} {name}"] = sp_schedule(mask, shard.chunk, shard.chunk, mesh.ulysses_size,

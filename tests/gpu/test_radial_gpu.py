@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ditfleet.attention.radial import RadialFA4, RadialFlex, radial_block_mask
+from ditfleet.attention.reference import reference_attention
 from ditfleet.bench.common import rel_l2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,18 +29,13 @@ def available():
 
 
 def reference(q, k, v, allowed, scale=None):
-    """fp32 attention with token mask ``allowed`` bool ``[S_q, S_k]``; rows without keys -> 0 / -inf."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    """fp32 attention (full-precision matmuls) with token mask ``allowed``; rows without keys -> 0 / -inf."""
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]).nan_to_num(0.0), v.float())
+        return reference_attention(q, k, v, scale=scale, mask=allowed, dtype=torch.float32)
     finally:
         torch.set_float32_matmul_precision(old)
-    return out, lse
 
 
 def inputs(s_q, s_k, seed=0):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, predict_block_mask
 from ditfleet.bench.common import rel_l2
 from ditfleet.bench.sparge import compare, structured_qkv
@@ -23,18 +24,13 @@ def cuda():
 
 
 def reference(q, k, v, allowed, scale=None):
-    """fp32 attention with a per-head token mask ``allowed`` ``[B, H, S_q, S_k]``; keyless rows -> 0 / -inf."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    """fp32 attention (full-precision matmuls) with token mask ``allowed``; rows without keys -> 0 / -inf."""
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]).nan_to_num(0.0), v.float())
+        return reference_attention(q, k, v, scale=scale, mask=allowed, dtype=torch.float32)
     finally:
         torch.set_float32_matmul_precision(old)
-    return out, lse
 
 
 def check(out, lse, ref, ref_lse):
