@@ -26,6 +26,7 @@ against the fp32 masked reference. Rank 0 writes ``radial_sp_<card>_<n>gpu.json`
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from ..attention.radial import RadialFA4, RadialFlex, radial_block_mask
 from ..errors import UserError
 from .attention import _exact_fp32, _free, card_slug, make_inputs, sample_rows, time_cpu
 from .common import dense_sdpa_kernel, environment, rel_l2, select_device, time_cuda, write_json
+from .sp_attention import _sync, sp_timed
 
 SP_MODES = ("ring", "usp", "ulysses")
 SP_KERNEL_PREFERENCE = ("radial_fa4", "radial_flex")
@@ -110,11 +112,6 @@ def masked_reference_rows(q, k, v, rows: torch.Tensor, mask: BlockSparseMask, sc
 
 def _timer(device):
     return time_cuda if device.type == "cuda" else time_cpu
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_case(name, frames, tpf, heads, args, device, dtype, kernels) -> dict:
@@ -340,26 +337,16 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
                 _all_ok(True, device)
                 for key, cls in kernels.items():
                     kr = m.setdefault("kernels", {})[key] = {"description": cls.description}
-                    ok = True
-                    try:
-                        backend = cls(device=device, dtype=dtype)
-                        dist.barrier()
-                        t1 = time.perf_counter()
-                        out = call(backend, mask)[0]
-                        _sync(device)
-                        kr["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
-                        full = gather_sequence(out, mesh, shard)
+                    built = functools.cache(lambda cls=cls: cls(device=device, dtype=dtype))  # in the first, guarded call
+
+                    def check(res, kr=kr, mesh=mesh, shard=shard):
+                        full = gather_sequence(res[0], mesh, shard)
                         if ref is not None:
                             kr["rel_l2"] = rel_l2(full[:, rows], ref[0])
                             kr["finite"] = bool(torch.isfinite(full).all())
-                        del out, full
-                        kr["ms"] = round(_slowest(_time(lambda: call(backend, mask), args, device), device), 3)
-                        if "ms" in m["dense"]:
-                            kr["speedup"] = round(m["dense"]["ms"] / kr["ms"], 3)
-                    except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
-                        kr["error"], ok = _err(e), False
-                    if not _all_ok(ok, device) and ok:
-                        kr["error"] = "failed on another rank"
+
+                    if sp_timed(kr, lambda: call(built(), mask), args, device, on_first=check) and "ms" in m["dense"]:
+                        kr["speedup"] = round(m["dense"]["ms"] / kr["ms"], 3)
                     ok_any |= "ms" in kr
                     if rank == 0:
                         print(f"[bench radial --sp] {name} {mode} (U{u} x R{r}): {dense_key} "

@@ -56,7 +56,7 @@ from ..parallel.merge import merge_step
 from ..parallel.mesh import nccl_sp_options
 from ..parallel.ring import allgather_forward
 from ..parallel.ulysses import pad_heads, padded_heads, ulysses_forward
-from .attention import card_slug, kernel_availability, make_inputs
+from .attention import _free, card_slug, kernel_availability, make_inputs
 from .common import environment, rel_l2, time_cuda, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -200,6 +200,35 @@ def _mode_sizes(mode: str, world: int) -> tuple[int, int] | str:
     if world < 4 or world % 2:
         return f"usp needs an even world of at least 4 GPUs (have {world})"
     return 2, world // 2
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sp_timed(entry: dict, fn, args, device, on_first=None) -> bool:
+    """First call and median of ``fn`` (slowest rank) into ``entry``; an error on any rank is recorded. True if ok.
+
+    ``on_first(result)``: runs on the first call's result before the timing (gather and compare).
+    """
+    ok = True
+    try:
+        dist.barrier()
+        t1 = time.perf_counter()
+        res = fn()
+        _sync(device)
+        entry["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
+        if on_first is not None:
+            on_first(res)
+        del res
+        _free(device)
+        entry["ms"] = round(_slowest(_time(fn, args, device), device), 3)
+    except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
+        entry["error"], ok = _err(e), False
+    if not _all_ok(ok, device) and ok:
+        entry["error"], ok = "failed on another rank", False
+    return ok
 
 
 # ---------------------------------------------------------------- breakdown

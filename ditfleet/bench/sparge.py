@@ -58,6 +58,7 @@ from ..attention.sparge import SpargeFlex, SpargeParams, SpargeSpas, head_sparsi
 from ..errors import UserError
 from .attention import _free, card_slug, time_cpu
 from .common import dense_sdpa_kernel, environment, rel_l2, select_device, time_cuda, write_json
+from .sp_attention import _sync, sp_timed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CASES = {"480p81": (21, 30, 52), "720p81": (21, 45, 80)}
@@ -159,11 +160,6 @@ def compare(out: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> dict:
         n_o += float((o * o).sum(dtype=torch.float64))
         n_r += float((r * r).sum(dtype=torch.float64))
     return {"rel_l1": diff / max(ref_abs, 1e-30), "cosine": dot / max(math.sqrt(n_o * n_r), 1e-30)}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _params(setting: str, heads: int, args) -> SpargeParams:
@@ -371,33 +367,12 @@ def _sp_reference(r: dict, bound, q, k, v, dense_ref, scale, args, device):
     return ref, mask
 
 
-def _sp_timed(entry: dict, fn, args, device) -> bool:
-    """First call and median of ``fn`` (slowest rank) into ``entry``; an error on any rank is recorded. True if ok."""
-    import torch.distributed as dist
-
-    from .sp_attention import _all_ok, _err, _slowest, _time
-
-    ok = True
-    try:
-        dist.barrier()
-        t1 = time.perf_counter()
-        fn()
-        _sync(device)
-        entry["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
-        entry["ms"] = round(_slowest(_time(fn, args, device), device), 3)
-    except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
-        entry["error"], ok = _err(e), False
-    if not _all_ok(ok, device) and ok:
-        entry["error"], ok = "failed on another rank", False
-    return ok
-
-
 def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]]], env) -> int:
     """Sparge vs dense under sequence parallelism on an initialised process group; 0 if a Sparge timing succeeded."""
     import torch.distributed as dist
 
     from ..parallel import SeqShard, gather_sequence, init_parallel, sequence_parallel_attention, shard_sequence, sp_schedule
-    from .sp_attention import _all_ok, _err, _mode_sizes, _slowest, _time
+    from .sp_attention import _err, _mode_sizes, _time
 
     device, rank, world = env.device, env.rank, env.world_size
     dtype = DTYPES[args.dtype]
@@ -484,33 +459,21 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                         dense_sp = rec["dense"]["modes"].get(mode)
                         if dense_sp is None:  # once per input kind and mode: it does not depend on the setting
                             dense_sp = rec["dense"]["modes"][mode] = {}
-                            _sp_timed(dense_sp, lambda: call(dense), args, device)
+                            sp_timed(dense_sp, lambda: call(dense), args, device)
                             _free(device)
                         m["dense_ms"] = dense_sp.get("ms")
                         sp = m["sparge"] = {}
-                        ok = True
-                        try:
-                            dist.barrier()
-                            t1 = time.perf_counter()
-                            out = call(bound)[0]
-                            _sync(device)
-                            sp["first_call_s"] = round(_slowest(time.perf_counter() - t1, device), 2)
-                            full = gather_sequence(out, mesh, shard)
-                            del out
+
+                        def check(res, sp=sp, mesh=mesh, shard=shard, ref=ref, dense_ref=dense_ref):
+                            full = gather_sequence(res[0], mesh, shard)
                             if rank == 0:
                                 sp["finite"] = bool(torch.isfinite(full).all())
                                 if ref is not None:
                                     sp["vs_single_device"] = {**compare(full, ref), "rel_l2": rel_l2(full, ref)}
                                 if dense_ref is not None:
                                     sp["vs_dense"] = compare(full, dense_ref)
-                            del full
-                            _free(device)
-                            sp["ms"] = round(_slowest(_time(lambda: call(bound), args, device), device), 3)
-                        except Exception as e:  # noqa: BLE001 - one failing mode must not stop the others
-                            sp["error"], ok = _err(e), False
-                        if not _all_ok(ok, device) and ok:
-                            sp["error"] = "failed on another rank"
-                        if "error" not in sp:
+
+                        if sp_timed(sp, lambda: call(bound), args, device, on_first=check):
                             ok_any = True
                             if m["dense_ms"]:
                                 sp["speedup"] = round(m["dense_ms"] / sp["ms"], 3)
