@@ -2,7 +2,9 @@
 
 Run under torchrun (one process per GPU); writes, on rank 0, a Chrome trace per variant
 (torch.profiler: kernels, memcpys and their streams) and a JSON of medians. Used to study the
-copy-engine transports (parallel/copy_engine.py) against the NCCL ones; not part of the test suite.
+copy-engine transports (parallel/copy_engine.py, parallel/ulysses_ce.py) against the NCCL ones, and
+the copy engines' bandwidth for strided 2-D pushes of the row widths Ulysses "ce" uses; not part of the
+test suite.
 
     torchrun --nproc-per-node 4 benchmarks/probe_sp.py OUTDIR [--variants ...]
 """
@@ -25,8 +27,9 @@ from ditfleet.parallel.ulysses import UlyssesComm, ulysses_forward
 
 VARIANTS = {
     "ulysses p2p g1": ("ulysses", {"ulysses_impl": "p2p"}),
-    "ulysses ce g1": ("ulysses", {"ulysses_impl": "ce"}),
+    "ulysses ce g1": ("ulysses", {"ulysses_impl": "ce", "ulysses_chunks": 1}),
     "ulysses ce g5": ("ulysses", {"ulysses_impl": "ce", "ulysses_chunks": 5}),
+    "ulysses ce g10": ("ulysses", {"ulysses_impl": "ce", "ulysses_chunks": 10}),
     "ring rotate": ("ring", {"ring_impl": "rotate"}),
     "ring pull": ("ring", {"ring_impl": "pull"}),
 }
@@ -76,7 +79,7 @@ def main() -> None:
         dist.barrier()
     # copy-engine bandwidth: one 96 MB pull from each peer, serial on one stream
     ring = meshes["ring"]
-    buf = SymmBuffer.get(ring.group("ring"), "probe").ensure(96 << 20, dev)
+    buf = SymmBuffer.get(ring.group("ring"), "probe").ensure(18900 * 10240, dev)
     dst = torch.empty(96 << 20, dtype=torch.uint8, device=dev)
     peers = [p for p in range(env.world_size) if p != rank]
 
@@ -86,6 +89,21 @@ def main() -> None:
 
     ms = time_cuda(pull_all, warmup=2, iters=args.iters)["median_ms"]
     res[f"ce pull GB/s ({len(peers)} x 96 MiB, one stream)"] = len(peers) * (96 << 20) / (ms * 1e-3) / 1e9
+    # strided 2-D pushes (cuMemcpy2DAsync) into every peer, rows of `width` bytes out of 10240-byte rows
+    from ditfleet.parallel.cuda_driver import copy_rows
+
+    src = torch.empty(18900 * 10240, dtype=torch.uint8, device=dev).view(18900, 10240)
+    dist.barrier()
+    for width in (256, 512, 1024, 2560, 10240):
+        def push_all(width=width):
+            for p in peers:
+                dst = buf.view(p, (18900 * width,), torch.uint8).view(18900, width)
+                copy_rows(dst, src[:, :width])
+
+        ms = time_cuda(push_all, warmup=2, iters=args.iters)["median_ms"]
+        res[f"ce 2-D push GB/s, rows of {width} B ({len(peers)} peers x 18900 rows, one stream)"] = (
+            len(peers) * 18900 * width / (ms * 1e-3) / 1e9)
+        dist.barrier()
     t = torch.tensor([0.0], device=dev)
     dist.all_reduce(t)
     if rank == 0:

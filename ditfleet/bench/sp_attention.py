@@ -119,7 +119,7 @@ def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
         out += [("p2p g5 2streams", {**p2p, "ulysses_chunks": 5, "compute_streams": 2}, {}),
                 ("p2p g5 hiprio", {**p2p, "ulysses_chunks": 5}, hi),
                 ("p2p g5 hiprio ctas8", {**p2p, "ulysses_chunks": 5}, hi_ctas)]
-        out += [(f"ce g{g}", {"ulysses_impl": "ce", "ulysses_chunks": g}, {}) for g in (1, 2, 5)]
+        out += [(f"ce g{g}", {"ulysses_impl": "ce", "ulysses_chunks": g}, {}) for g in (1, 2, 5, 10)]
     elif mode == "ring":
         ag = {"ring_impl": "allgather"}
         out += [("rotate fused-merge", {"ring_impl": "rotate", "merge_impl": "auto"}, {}),
@@ -134,9 +134,9 @@ def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
                 ("p2p + allgather g1", {**p2p, "ring_impl": "allgather", "ring_chunks": 1}, {}),
                 ("p2p + allgather g5", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, {}),
                 ("p2p + allgather g5 hiprio", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, hi),
-                ("ce + pull fused-merge", {"ulysses_impl": "ce", "ring_impl": "pull", "merge_impl": "auto"}, {}),
-                ("ce g2 + pull fused-merge", {"ulysses_impl": "ce", "ulysses_chunks": 2, "ring_impl": "pull",
-                                              "merge_impl": "auto"}, {})]
+                ("p2p + pull fused-merge", {**p2p, "ring_impl": "pull", "merge_impl": "auto"}, {})]
+        out += [(f"ce g{g} + pull fused-merge", {"ulysses_impl": "ce", "ulysses_chunks": g, "ring_impl": "pull",
+                                                 "merge_impl": "auto"}, {}) for g in (1, 2, 5, 10)]
     if args.variants:
         out = [v for v in out if v[0].startswith("ulysses_chunks=") or any(t in v[0] for t in args.variants)]
     return out

@@ -79,8 +79,8 @@ def sequence_parallel_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    ulysses_chunks: int = 1,
-    ulysses_impl: str = "p2p",
+    ulysses_chunks: int = 0,
+    ulysses_impl: str = "auto",
     ring_impl: str = "auto",
     ring_chunks: int = 5,
     compute_streams: int = 1,
@@ -104,10 +104,13 @@ def sequence_parallel_attention(
         kv_shard: the key sequence's shard; ``None`` means ``shard`` (self-attention).
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
-        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap).
-        ulysses_impl: ``"p2p"`` (direct receives into the kernel's buffers), ``"packed"``
-            (``all_to_all_single`` + unpack) or ``"ce"`` (CUDA: copy engines over symmetric memory,
-            no NCCL kernels); see :mod:`ditfleet.parallel.ulysses`.
+        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap; 0, the
+            default: pairs of heads for ``"ce"``, 1 for the NCCL paths).
+        ulysses_impl: ``"auto"`` (the default: ``"ce"`` where the Ulysses group is on one host with
+            CUDA symmetric memory and peer access, else ``"p2p"``), ``"ce"`` (CUDA: copy-engine pushes
+            into symmetric memory, flags instead of barriers, no kernel beside attention), ``"p2p"``
+            (direct receives into the kernel's buffers) or ``"packed"`` (``all_to_all_single`` +
+            unpack); see :mod:`ditfleet.parallel.ulysses`.
         ring_impl: ``"auto"`` (the default: ``"pull"`` where the ring group is on one host with CUDA
             symmetric memory, else ``"rotate"``), ``"rotate"`` (the ring: K/V chunks rotate by P2P
             sends, LSE merges), ``"pull"`` (CUDA: the same steps and merges, each chunk pulled from its

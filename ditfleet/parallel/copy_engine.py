@@ -9,11 +9,9 @@ slices between a peer's buffer and a local one, i.e. ``cudaMemcpyAsync``, which 
 copy engines: no SM is taken. Ranks order their accesses with the symmetric-memory barrier (a
 one-block kernel on the issuing stream that waits for every peer's matching barrier).
 
-* Ulysses ``"ce"``: each rank packs q / k / v per head group into its symmetric send buffer
-  (``[G][U][3, B, S, hg, D]``: one contiguous block per (group, destination)); every rank *pulls*
-  its heads of every peer's chunk straight into the kernel's ``[B, U*S, hg, D]`` inputs, group
-  ``g + 1`` while the kernel runs group ``g``; outputs (and LSE) are *pushed* into the owner's
-  symmetric receive buffer and unpacked there (what was measured: :func:`ulysses_ce_forward`).
+* Ulysses ``"ce"`` (:mod:`ditfleet.parallel.ulysses_ce`): the owner pushes each head group's rows
+  into every peer's symmetric inbox by strided copy-engine copies and raises a flag there; no
+  kernel, no barrier on any side stream.
 * Ring ``"pull"``: each rank copies its K/V chunk into its symmetric buffer once; at step ``s`` a
   rank computes on key chunk ``(r - s) mod R`` and has already pulled the next one directly from
   its owner (chunks nobody needs under a mask are never pulled); partial results merge by LSE as
@@ -31,7 +29,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .pipeline import Pipeline
-from .ulysses_packed import Attend, head_groups
 
 BARRIER_TIMEOUT_MS = 600_000  # a peer that never arrives is a hang: fail instead, after 10 minutes
 
@@ -121,6 +118,7 @@ def release_all() -> None:
         b.storage = None
         b.nbytes = 0
     SymmBuffer._all.clear()
+    CudaLink._all.clear()
     _USABLE.clear()
 
 
@@ -182,99 +180,73 @@ class SymmBuffer:
         self.handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
 
 
-# ---------------------------------------------------------------- Ulysses over copy engines
-def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int):
-    """The ``"ce"`` implementation of :func:`~ditfleet.parallel.ulysses.ulysses_forward` (same contract).
+# ---------------------------------------------------------------- the link of Ulysses "ce"
+class CudaLink:
+    """The transport of :func:`~ditfleet.parallel.ulysses_ce.ulysses_ce_forward` on one process group: a
+    symmetric data buffer, symmetric int32 flags, copy-engine copies and stream flag operations
+    (:mod:`ditfleet.parallel.cuda_driver`). One per group, kept until :func:`release_all`.
 
-    One side stream carries, in order: pack of group ``g`` (SM copies), a barrier, the pulls of group
-    ``g`` (copy engines); then, after kernel ``g - 1``, the pushes of its outputs, a barrier and the
-    unpack. Measured on 4 x H100 (``benchmarks/probe_sp.py`` timeline): the pulls run at 210-370 GB/s,
-    but copy kernels queued beside a running attention kernel get no SM until its last wave, so with
-    head groups the pack / unpack of one group waits for the next kernel and the groups serialize.
-    A layout that packed everything before the first kernel on separate inbound / outbound streams
-    hung under USP with the ``"pull"`` ring (not diagnosed; reverted). One group (``chunks=1``) is
-    on par with the ``"p2p"`` path.
+    Args:
+        group: the Ulysses process group; ``size`` its size, ``rank`` this process's index in it.
+        device: this process's CUDA device.
     """
-    _require_ce(q.device)
-    u, me = comm.size, comm.rank
-    b, s, h_pad, d = q.shape
-    h = h_pad // u
-    groups = head_groups(h, chunks)
-    dt, dev = q.dtype, q.device
-    esz = q.element_size()
-    unit = b * s * d  # elements per head of one rank's chunk
-    send_sz = [3 * u * unit * (h1 - h0) for h0, h1 in groups]  # per group: [U][3, B, S, hg, D]
-    out_sz = [u * unit * (h1 - h0) for h0, h1 in groups]  # per group: [U][B, S, hg, D] (one block per source)
-    lse_sz = [u * b * (h1 - h0) * s for h0, h1 in groups] if return_lse else [0] * len(groups)  # floats
-    lse_bytes = -(-sum(out_sz) * esz // 16) * 16  # the LSE region starts 16-byte aligned after the outputs
-    send = SymmBuffer.get(comm.group, "ulysses.send").ensure(sum(send_sz) * esz, dev)
-    recv = SymmBuffer.get(comm.group, "ulysses.recv").ensure(lse_bytes + sum(lse_sz) * 4, dev)
-    send_off = [sum(send_sz[:i]) for i in range(len(groups))]  # offsets in elements of the view's dtype
-    out_off = [sum(out_sz[:i]) for i in range(len(groups))]
-    lse_base = lse_bytes // 4
-    lse_off = [lse_base + sum(lse_sz[:i]) for i in range(len(groups))]
 
-    out = q.new_empty((b, s, u, h, d))
-    lse = torch.empty((b, u, h, s), dtype=torch.float32, device=dev) if return_lse else None
-    src = [t.unflatten(2, (u, h)) for t in (q, k, v)]
-    pipe = Pipeline(q, "ulysses_ce")
-    pipe.keep(q, k, v, out, lse)
+    _all: dict[tuple[int, str], CudaLink] = {}
 
-    def pack_and_pull(gi: int):
-        h0, h1 = groups[gi]
-        hg = h1 - h0
-        blk = (3, b, s, hg, d)
-        with pipe.on_comm():
-            mine = send.view(me, (u, *blk), dt, send_off[gi])
-            for t, x in enumerate(src):  # [B, S, U, hg, D] -> [U, B, S, hg, D]: one SM pass over this group
-                mine[:, t].copy_(x[:, :, :, h0:h1].permute(2, 0, 1, 3, 4))
-            send.barrier()  # every rank's group gi is packed
-            q_g = q.new_empty((b, u * s, hg, d))
-            kv_g = q.new_empty((2, b, u * s, hg, d))
-            for p in range(u):
-                block = send.view(p, (u, *blk), dt, send_off[gi])[me]  # [3, B, S, hg, D] for me
-                for bi in range(b):  # contiguous slices: copy-engine transfers
-                    q_g[bi, p * s : (p + 1) * s].copy_(block[0, bi])
-                    kv_g[0, bi, p * s : (p + 1) * s].copy_(block[1, bi])
-                    kv_g[1, bi, p * s : (p + 1) * s].copy_(block[2, bi])
-            return q_g, kv_g, pipe.mark()
+    def __init__(self, group, size: int, rank: int, device: torch.device):
+        self.group, self.size, self.rank, self.device = group, size, rank, device
+        self.data = SymmBuffer.get(group, "ulysses_ce.data")
+        self.flags = SymmBuffer.get(group, "ulysses_ce.flags")
+        self.epoch = 0
 
-    def push_and_unpack(gi: int, o, l, ready):
-        h0, h1 = groups[gi]
-        hg = h1 - h0
-        with pipe.on_comm():
-            pipe.comm_wait(ready)
-            pipe.used_here(o, l)
-            for p in range(u):  # my heads' rows of rank p -> rank p's receive block "from me"
-                dst = recv.view(p, (u, b, s, hg, d), dt, out_off[gi])[me]
-                for bi in range(b):
-                    dst[bi].copy_(o[bi, p * s : (p + 1) * s])
-                if l is not None:
-                    dst_l = recv.view(p, (u, b, hg, s), torch.float32, lse_off[gi])[me]
-                    for bi in range(b):
-                        for j in range(hg):
-                            dst_l[bi, j].copy_(l[bi, j, p * s : (p + 1) * s])
-            recv.barrier()  # every rank's outputs of group gi have arrived everywhere
-            mine = recv.view(me, (u, b, s, hg, d), dt, out_off[gi])
-            out[:, :, :, h0:h1].copy_(mine.permute(1, 2, 0, 3, 4))
-            if lse is not None:
-                lse[:, :, h0:h1].copy_(recv.view(me, (u, b, hg, s), torch.float32, lse_off[gi]).transpose(0, 1))
+    @classmethod
+    def get(cls, group, size: int, rank: int, device: torch.device) -> CudaLink:
+        _require_ce(device)
+        key = _group_key(group)
+        if key not in cls._all:
+            cls._all[key] = cls(group, size, rank, device)
+        return cls._all[key]
 
-    with pipe.on_comm():
-        send.barrier()  # every rank is done reading my buffers of the previous call (and queued after it)
-    pending = pack_and_pull(0)
-    for gi, (h0, h1) in enumerate(groups):
-        nxt = pack_and_pull(gi + 1) if gi + 1 < len(groups) else None
-        q_g, kv_g, ready = pending
-        with pipe.on_compute(0, after=ready):
-            pipe.used_here(q_g, kv_g)
-            o, l = attend(q_g, kv_g, return_lse, (h0, h1))
-            done = pipe.mark()
-        push_and_unpack(gi, o, l, done)
-        pending = nxt
-        del q_g, kv_g, o, l
-    pipe.finish()
-    return out.view(b, s, h_pad, d), (lse.view(b, h_pad, s) if lse is not None else None)
+    def begin(self, nbytes: int) -> int:
+        """Buffers of at least ``nbytes`` on every rank (collective when they grow); this call's epoch."""
+        if self.flags.handle is None:  # first call: zeroed flags on every rank before anyone writes one
+            import torch.distributed as dist
+
+            from .ulysses_ce import flag_count
+
+            self.flags.ensure(flag_count(self.size) * 4, self.device)
+            self.flags.view(self.rank, (flag_count(self.size),), torch.int32).zero_()
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group, device_ids=[self.device.index if self.device.index is not None
+                                                       else torch.cuda.current_device()])
+            self.epoch = 0
+        self.data.ensure(nbytes, self.device)
+        self.epoch += 1
+        return self.epoch
+
+    def view(self, rank: int, shape: Sequence[int], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        return self.data.view(rank, shape, dtype, offset)
+
+    def flag(self, rank: int, index: int) -> torch.Tensor:
+        return self.flags.view(rank, (1,), torch.int32, index)
+
+    @staticmethod
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        from .cuda_driver import copy_rows
+
+        copy_rows(dst, src)
+
+    @staticmethod
+    def signal(flag: torch.Tensor, value: int) -> None:
+        from .cuda_driver import write_flag
+
+        write_flag(flag, value)
+
+    @staticmethod
+    def wait(flag: torch.Tensor, value: int) -> None:
+        from .cuda_driver import wait_flag
+
+        wait_flag(flag, value)
 
 
 # ---------------------------------------------------------------- ring over copy engines

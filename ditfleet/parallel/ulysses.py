@@ -6,22 +6,27 @@ second all-to-all returns the output to sequence chunks. Heads that do not divid
 padded with zero heads (12 heads on 8 ranks run as 16, two per rank: the same critical path an
 uneven split would have) and dropped after.
 
-Two implementations (``impl``):
+Implementations (``impl``):
 
-* ``"p2p"`` (default): one grouped batch of P2P sends/receives per direction (one NCCL launch).
+* ``"auto"`` (default): ``"ce"`` where the group is on one host with CUDA symmetric memory and
+  peer access (:func:`~ditfleet.parallel.copy_engine.ce_usable`, agreed by every rank), else ``"p2p"``.
+* ``"ce"`` (CUDA): no NCCL and no kernel on any side stream: each rank pushes its rows of every
+  head group into the owners' symmetric inboxes by strided copy-engine copies and raises flags
+  there (stream memory operations); kernels wait for the flags, outputs are pushed home the same
+  way (:mod:`ditfleet.parallel.ulysses_ce`). Head groups overlap the kernel without taking SMs.
+* ``"p2p"``: one grouped batch of P2P sends/receives per direction (one NCCL launch).
   Receives land directly in the kernel's contiguous ``[B, U*S, h, D]`` buffers (for ``B == 1``
   the rows from rank ``p`` are one contiguous slice; larger batches go through a staging copy),
   the local head block is copied straight from the input (never sent to itself), and outputs
   are sent as row slices of the kernel's result: no unpack pass, no output transpose.
 * ``"packed"``: the original path, one ``all_to_all_single`` on a packed q/k/v buffer plus an
   unpack copy; kept as the baseline.
-* ``"ce"`` (CUDA): no NCCL; q/k/v pulled and outputs pushed through symmetric memory by the copy
-  engines, so head groups overlap the kernel without taking its SMs
-  (:mod:`ditfleet.parallel.copy_engine`).
 
 ``chunks > 1`` splits each rank's heads into groups and pipelines them: group ``g + 1``'s
 exchange (and group ``g - 1``'s return) run while the kernel computes group ``g``
-(:mod:`ditfleet.parallel.pipeline` holds the stream rules).
+(:mod:`ditfleet.parallel.pipeline` holds the stream rules). ``chunks=0`` (default) picks per
+implementation (:func:`auto_chunks`): pairs of heads for ``"ce"``, one group for the NCCL paths
+(whose overlap loses: their kernels take SMs from attention).
 """
 
 from __future__ import annotations
@@ -31,19 +36,27 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
-from .copy_engine import ulysses_ce_forward
+from .copy_engine import ce_usable
 from .mesh import ParallelMesh
 from .pipeline import Pipeline, exchange, finish_recv, recv_slot
 from .shard import SeqShard
+from .ulysses_ce import ulysses_ce_forward
 from .ulysses_packed import Attend, UlyssesComm, packed_forward, head_groups
 
-ULYSSES_IMPLS = ("p2p", "packed", "ce")
+ULYSSES_IMPLS = ("auto", "ce", "p2p", "packed")
 
 
 # ---------------------------------------------------------------- head padding
 def padded_heads(num_heads: int, ulysses_size: int) -> int:
     """Heads after zero-padding to a multiple of the Ulysses degree (12 on 8 ranks -> 16)."""
     return -(-num_heads // ulysses_size) * ulysses_size
+
+
+def auto_chunks(impl: str, heads_per_rank: int) -> int:
+    """Head groups for ``chunks=0``: ``"ce"`` pipelines pairs of heads (a kernel over 2 heads keeps its
+    last wave as full as over all of them at Wan's sizes, and the first group's transfer, the part
+    nothing hides, is small); the NCCL paths run one group."""
+    return max(1, heads_per_rank // 2) if impl == "ce" else 1
 
 
 # ---------------------------------------------------------------- forward loops
@@ -136,8 +149,8 @@ def ulysses_forward(
     comm: UlyssesComm,
     attend: Attend,
     return_lse: bool,
-    chunks: int = 1,
-    impl: str = "p2p",
+    chunks: int = 0,
+    impl: str = "auto",
     compute_streams: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All-to-all in, ``attend`` on the group's full sequence, all-to-all out, head group by head group.
@@ -148,23 +161,29 @@ def ulysses_forward(
         comm: the Ulysses group's :class:`UlyssesComm`.
         attend: kernel on the gathered sequence (see ``Attend``).
         return_lse: also return the LSE.
-        chunks: head groups to pipeline (1 = no overlap).
-        impl: ``"p2p"`` (direct receives, no unpack), ``"packed"`` (all_to_all_single + unpack) or
-            ``"ce"`` (copy engines over symmetric memory; CUDA only).
+        chunks: head groups to pipeline (1 = no overlap; 0 = :func:`auto_chunks`).
+        impl: ``"auto"``, ``"ce"`` (copy engines over symmetric memory; CUDA only), ``"p2p"`` (direct
+            receives, no unpack) or ``"packed"`` (all_to_all_single + unpack); see the module docstring.
         compute_streams: ``"p2p"`` only: 2 alternates the groups' kernels over two streams.
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, S_q, H_pad, D]`` in q's dtype, ``lse`` float32
         ``[B, H_pad, S_q]`` or ``None``.
     """
+    if impl not in ULYSSES_IMPLS:
+        raise ValueError(f"ulysses impl must be one of {ULYSSES_IMPLS}, got {impl!r}")
+    if chunks < 0:
+        raise ValueError(f"ulysses chunks must be >= 0 (0 = auto), got {chunks}")
+    if impl == "auto":
+        impl = "ce" if compute_streams == 1 and ce_usable(comm.group, q.device) else "p2p"
+    if chunks == 0:
+        chunks = auto_chunks(impl, q.shape[2] // comm.size)
     if impl == "packed":
         return packed_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
     if impl == "ce":
         if compute_streams != 1:
             raise ValueError(f"ulysses impl 'ce' runs its kernels on one stream (compute_streams=1), got {compute_streams}")
         return ulysses_ce_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
-    if impl != "p2p":
-        raise ValueError(f"ulysses impl must be one of {ULYSSES_IMPLS}, got {impl!r}")
     return _p2p_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks,
                         compute_streams=compute_streams)
 
@@ -186,8 +205,8 @@ def ulysses_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    chunks: int = 1,
-    impl: str = "p2p",
+    chunks: int = 0,
+    impl: str = "auto",
     compute_streams: int = 1,
     block_mask: BlockSparseMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,8 +222,8 @@ def ulysses_attention(
         kv_shard: the key sequence's shard; ``None`` = ``shard`` (self-attention).
         scale: softmax scale, ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE.
-        chunks: head groups pipelined against the all-to-alls (1 = none).
-        impl: ``"p2p"`` or ``"packed"`` (see the module docstring).
+        chunks: head groups pipelined against the all-to-alls (1 = none, 0 = per implementation).
+        impl: ``"auto"``, ``"ce"``, ``"p2p"`` or ``"packed"`` (see the module docstring).
         compute_streams: 1, or 2 to alternate the head groups' kernels over two CUDA streams.
         block_mask: mask over the global unpadded ``S_q x S_k`` (a kernel with ``caps.block_mask``):
             every rank holds the whole sequence for its heads, so the kernel gets the whole mask

@@ -1,0 +1,173 @@
+"""Ulysses over the copy engines (``ulysses_impl="ce"``): pushes into symmetric memory, flags, no kernels.
+
+Every communication step of the NCCL paths is a kernel (NCCL's own, packing/unpacking copies, the
+symmetric-memory barrier), and a kernel queued beside a running attention kernel gets no SM until
+that kernel's last wave -- measured: head-group pipelining over NCCL, or over copy engines with
+packing kernels and barriers on the side stream, serialized and lost. Here nothing on a side
+stream is a kernel:
+
+* **in**: for each head group ``g`` and each peer ``p``, rank ``me`` pushes the rows of its
+  sequence chunk for ``p``'s heads of group ``g`` straight into ``p``'s *inbox* (symmetric
+  memory), at the position of chunk ``me`` in the kernel's ``[B, U*S, hg, D]`` inputs: one
+  strided copy-engine copy per (tensor, batch) (:func:`~ditfleet.parallel.cuda_driver.copy_rows`
+  reads rows of ``hg * D`` out of ``[S, H_pad * D]``), then a flag write in ``p``'s flags
+  (``cuStreamWriteValue32``). All groups are pushed back to back on one side stream, group 0 first.
+* **kernel**: the caller's stream copies this rank's own rows into its inbox (SM copies, while
+  group 0 travels), then per group waits for the peers' flags (``cuStreamWaitValue32``: no kernel)
+  and runs the kernel on the inbox views; group ``g + 1`` arrives while group ``g`` computes.
+* **out**: after kernel ``g``, a second side stream pushes the output rows of each peer's tokens
+  into that peer's *outbox* ``[B, S, H_pad * D]`` at this rank's head columns (and the LSE into
+  ``[B, H_pad, S]``), then flags them; the caller's stream writes its own rows directly.
+* **end**: the caller's stream waits for every peer's output flags and copies the peers' head
+  columns out of the outbox into the result.
+
+Flags hold the call's *epoch* (1, 2, ... identical on every rank: calls are collective), so they
+are never reset. No "buffer free" handshake is needed between calls: a peer ``p`` pushes call
+``e + 1`` only after its caller's stream saw all of this rank's outputs of call ``e``, which were
+pushed after this rank's last kernel of call ``e`` (the last reader of its inbox); and ``p``'s
+outputs of call ``e + 1`` need this rank's inputs of call ``e + 1``, pushed only after this rank's
+stream finished reading its outbox of call ``e``. The transport (buffers, copies, flags) is a *link*: :class:`~ditfleet.parallel.
+copy_engine.CudaLink` on GPUs; the CPU tests pass a thread stand-in with the same methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pipeline import Pipeline
+from .ulysses_packed import Attend, head_groups
+
+FLAG_GROUPS = 64  # head groups one call may use: the flags are allocated once per process group
+
+
+def flag_count(size: int) -> int:
+    """int32 flags a link of ``size`` ranks holds per rank: in and out per (group, source)."""
+    return 2 * FLAG_GROUPS * size
+
+
+def _flag_in(g: int, src: int, u: int) -> int:
+    return g * u + src
+
+
+def _flag_out(g: int, src: int, u: int) -> int:
+    return (FLAG_GROUPS + g) * u + src
+
+
+def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int, link=None):
+    """The ``"ce"`` implementation of :func:`~ditfleet.parallel.ulysses.ulysses_forward` (same contract).
+
+    Args:
+        q: ``[B, S_q, H_pad, D]`` local query chunk, ``H_pad`` a multiple of ``comm.size``.
+        k, v: ``[B, S_k, H_pad, D]`` local key / value chunk, q's dtype.
+        comm: the group's :class:`~ditfleet.parallel.ulysses_packed.UlyssesComm` (size, rank, group).
+        attend: the kernel on the gathered sequence of one head group.
+        return_lse: also return the float32 LSE.
+        chunks: head groups (at most ``FLAG_GROUPS``); group ``g + 1`` travels while ``g`` computes.
+        link: the transport (``begin``, ``view``, ``flag``, ``copy``, ``signal``, ``wait``); ``None``:
+            the group's :class:`~ditfleet.parallel.copy_engine.CudaLink` (CUDA).
+
+    Returns:
+        ``(out [B, S_q, H_pad, D] in q's dtype, lse float32 [B, H_pad, S_q] or None)``.
+    """
+    u, me = comm.size, comm.rank
+    b, s_q, h_pad, d = q.shape
+    s_k = k.shape[1]
+    h = h_pad // u
+    groups = head_groups(h, chunks)
+    if len(groups) > FLAG_GROUPS:
+        raise ValueError(f"ulysses 'ce' takes at most {FLAG_GROUPS} head groups, got {len(groups)}")
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    dt, esz = q.dtype, q.element_size()
+
+    # One buffer per rank: the inbox (per head group, the kernel's q [B, U*S_q, hg*D] and
+    # kv [2, B, U*S_k, hg*D]), then the outbox [B, S_q, H_pad*D], then the LSE box [B, H_pad, S_q].
+    in_off, off = [], 0
+    for h0, h1 in groups:
+        in_off.append(off)
+        off += b * u * (s_q + 2 * s_k) * (h1 - h0) * d
+    out_off = off
+    off += b * s_q * h_pad * d
+    lse_off = -(-off * esz // 16) * 4  # in float32 elements, 16-byte aligned
+    nbytes = lse_off * 4 + (b * h_pad * s_q * 4 if return_lse else 0)
+    if link is None:
+        from .copy_engine import CudaLink
+
+        link = CudaLink.get(comm.group, u, me, q.device)
+    epoch = link.begin(nbytes)
+
+    def inbox(rank: int, gi: int):
+        w = (groups[gi][1] - groups[gi][0]) * d
+        return (link.view(rank, (b, u * s_q, w), dt, in_off[gi]),
+                link.view(rank, (2, b, u * s_k, w), dt, in_off[gi] + b * u * s_q * w))
+
+    def slots(box, bi: int, owner: int):
+        """The rows of ``owner``'s chunk in an inbox, for q, k, v of batch ``bi`` (each ``[S, hg*D]``)."""
+        qb, kvb = box
+        return (qb[bi, owner * s_q:(owner + 1) * s_q], kvb[0, bi, owner * s_k:(owner + 1) * s_k],
+                kvb[1, bi, owner * s_k:(owner + 1) * s_k])
+
+    rows = [t.view(b, t.shape[1], h_pad * d) for t in (q, k, v)]
+
+    def mine_for(bi: int, p: int, h0: int, h1: int):
+        """My rows of q, k, v for rank ``p``'s heads ``[h0, h1)`` (each ``[S, hg*D]``, pitch ``H_pad*D``)."""
+        return [x[bi][:, (p * h + h0) * d:(p * h + h1) * d] for x in rows]
+
+    peers = [(me + i) % u for i in range(1, u)]
+    pin, pout = Pipeline(q, "ulysses_ce.in"), Pipeline(q, "ulysses_ce.out")
+    pin.keep(q, k, v)
+    with pin.on_comm():  # 1. push every group's rows to its owners, group 0 first
+        for gi, (h0, h1) in enumerate(groups):
+            for p in peers:
+                box = inbox(p, gi)
+                for bi in range(b):
+                    for dst, src in zip(slots(box, bi, me), mine_for(bi, p, h0, h1)):
+                        link.copy(dst, src)
+                link.signal(link.flag(p, _flag_in(gi, me, u)), epoch)
+
+    for gi, (h0, h1) in enumerate(groups):  # 2. my own rows, on this GPU, while group 0 travels
+        box = inbox(me, gi)
+        for bi in range(b):
+            for dst, src in zip(slots(box, bi, me), mine_for(bi, me, h0, h1)):
+                dst.copy_(src)
+
+    out = q.new_empty((b, s_q, h_pad, d))
+    out_rows = out.view(b, s_q, h_pad * d)
+    lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
+    for gi, (h0, h1) in enumerate(groups):  # 3. kernels; outputs pushed home behind them
+        for p in peers:
+            link.wait(link.flag(me, _flag_in(gi, p, u)), epoch)
+        hg = h1 - h0
+        qb, kvb = inbox(me, gi)
+        o, l = attend(qb.view(b, u * s_q, hg, d), kvb.view(2, b, u * s_k, hg, d), return_lse, (h0, h1))
+        o = o.contiguous().view(b, u * s_q, hg * d)
+        l = l.float().contiguous() if return_lse else None
+        cols = slice((me * h + h0) * d, (me * h + h1) * d)
+        out_rows[:, :, cols].copy_(o[:, me * s_q:(me + 1) * s_q])
+        if l is not None:
+            lse[:, me * h + h0:me * h + h1].copy_(l[:, :, me * s_q:(me + 1) * s_q])
+        done = pout.mark()
+        with pout.on_comm():
+            pout.comm_wait(done)
+            pout.used_here(o, l)
+            for p in peers:
+                ob = link.view(p, (b, s_q, h_pad * d), dt, out_off)
+                lb = link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if l is not None else None
+                for bi in range(b):
+                    link.copy(ob[bi][:, cols], o[bi, p * s_q:(p + 1) * s_q])
+                    if lb is not None:
+                        link.copy(lb[bi, me * h + h0:me * h + h1], l[bi, :, p * s_q:(p + 1) * s_q])
+                link.signal(link.flag(p, _flag_out(gi, me, u)), epoch)
+        del o, l
+
+    for gi in range(len(groups)):  # 4. the peers' columns of my rows
+        for p in peers:
+            link.wait(link.flag(me, _flag_out(gi, p, u)), epoch)
+    ob = link.view(me, (b, s_q, h_pad * d), dt, out_off)
+    lb = link.view(me, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None
+    for p in peers:
+        out_rows[:, :, p * h * d:(p + 1) * h * d].copy_(ob[:, :, p * h * d:(p + 1) * h * d])
+        if lb is not None:
+            lse[:, p * h:(p + 1) * h].copy_(lb[:, p * h:(p + 1) * h])
+    pin.finish()
+    pout.finish()
+    return out, lse

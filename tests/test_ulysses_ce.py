@@ -1,0 +1,159 @@
+"""Ulysses ``"ce"`` (copy-engine pushes + flags) on CPU: U threads stand in for the ranks and an in-process
+link for symmetric memory, the copy engines and the stream flags. Checks the layout arithmetic (which rows
+go where, per head group, batch, q length != kv length, padded tokens and heads), the epochs and the
+flags over successive calls, against float64 attention. Every copy goes through the same 2-D row
+check the CUDA copy (``cuMemcpy2DAsync``) needs. The CUDA streams and driver calls themselves only run on
+GPUs (tests/gpu/test_sp_gpu.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ditfleet.attention import reference_attention, resolve
+from ditfleet.bench.common import rel_l2
+from ditfleet.parallel.cuda_driver import rows_layout
+from ditfleet.parallel.ulysses import auto_chunks, padded_heads, ulysses_forward
+from ditfleet.parallel.ulysses_ce import FLAG_GROUPS, flag_count, ulysses_ce_forward
+
+WAIT_S = 60
+
+
+class ThreadLinks:
+    """The ranks' shared state: one byte buffer and one flag array per rank, one condition for all flags."""
+
+    def __init__(self, u: int):
+        self.u = u
+        self.bufs: dict[int, torch.Tensor] = {}
+        self.flags = {r: torch.zeros(flag_count(u), dtype=torch.int32) for r in range(u)}
+        self.cond = threading.Condition()
+        self.grow = threading.Barrier(u)
+        self.copies = 0
+
+    def rank(self, r: int) -> RankLink:
+        return RankLink(self, r)
+
+
+class RankLink:
+    def __init__(self, shared: ThreadLinks, rank: int):
+        self.s, self.me, self.epoch = shared, rank, 0
+
+    def begin(self, nbytes: int) -> int:
+        buf = self.s.bufs.get(self.me)
+        if buf is None or buf.numel() < nbytes:  # growing is collective, as symmetric memory's rendezvous
+            self.s.grow.wait(timeout=WAIT_S)
+            # NaN bytes: a row nobody wrote poisons the result
+            self.s.bufs[self.me] = torch.full((-(-nbytes // 16) * 16,), 0xFF, dtype=torch.uint8)
+            self.s.grow.wait(timeout=WAIT_S)
+        self.epoch += 1
+        return self.epoch
+
+    def view(self, rank, shape, dtype, offset=0):
+        n = 1
+        for x in shape:
+            n *= x
+        return self.s.bufs[rank].view(dtype)[offset:offset + n].view(shape)
+
+    def flag(self, rank, index):
+        return self.s.flags[rank][index:index + 1]
+
+    def copy(self, dst, src):
+        assert rows_layout(dst)[:2] == rows_layout(src)[:2]  # one 2-D copy: same rows, same width
+        dst.copy_(src)
+        self.s.copies += 1
+
+    def signal(self, flag, value):
+        with self.s.cond:
+            flag.fill_(value)
+            self.s.cond.notify_all()
+
+    def wait(self, flag, value):
+        with self.s.cond:
+            if not self.s.cond.wait_for(lambda: int(flag) >= value, timeout=WAIT_S):
+                raise TimeoutError(f"flag stuck at {int(flag)} < {value}")
+
+
+def _run(u, calls, *, b, s_q, s_k, heads, chunks, lse):
+    """``calls`` successive Ulysses calls on U threads; returns per call the gathered (out, lse) and the inputs."""
+    d = 8
+    backend = resolve("torch_sdpa", site="test", device="cpu", dtype=torch.float32).backend
+    h_pad = padded_heads(heads, u)
+    cq, ck = -(-s_q // u), -(-s_k // u)
+    g = torch.Generator().manual_seed(3)
+    inputs = []
+    for _ in range(calls):
+        q = torch.randn(b, s_q, heads, d, generator=g, dtype=torch.float64)
+        k = torch.randn(b, s_k, heads, d, generator=g, dtype=torch.float64)
+        v = torch.randn(b, s_k, heads, d, generator=g, dtype=torch.float64)
+        inputs.append((q, k, v))
+
+    def prep(x, c):  # pad tokens at the end and heads with zeros, fp32
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, h_pad - heads, 0, u * c - x.shape[1]))
+        return x
+
+    shared = ThreadLinks(u)
+    results = [[None] * u for _ in range(calls)]
+    errors = []
+
+    def rank_main(r):
+        link = shared.rank(r)
+        comm = type("Comm", (), {"size": u, "rank": r, "group": None})()
+
+        def attend(qf, kv, want_lse, heads_):
+            return backend(qf, kv[0], kv[1], scale=d ** -0.5, kv_lens=[s_k] * b, return_lse=want_lse)
+
+        try:
+            for c, (q, k, v) in enumerate(inputs):
+                ql = prep(q, cq)[:, r * cq:(r + 1) * cq]
+                kl, vl = (prep(x, ck)[:, r * ck:(r + 1) * ck] for x in (k, v))
+                results[c][r] = ulysses_ce_forward(ql, kl, vl, comm=comm, attend=attend, return_lse=lse, chunks=chunks,
+                                                   link=link)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            shared.grow.abort()
+            with shared.cond:
+                shared.cond.notify_all()
+
+    threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(u)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    outs = []
+    for c in range(calls):
+        out = torch.cat([o for o, _ in results[c]], 1)[:, :s_q, :heads]
+        l = torch.cat([x for _, x in results[c]], 2)[:, :heads, :s_q] if lse else None
+        outs.append((out, l))
+    return outs, inputs, shared
+
+
+@pytest.mark.parametrize("u,b,s_q,s_k,heads,chunks,lse", [
+    (4, 2, 1001, 1001, 6, 2, True),   # padded tokens, 6 heads padded to 8, groups of one head
+    (4, 1, 1001, 703, 12, 2, True),   # q length != kv length, uneven groups (2 + 1 heads)
+    (2, 2, 257, 257, 6, 1, False),    # one group, no LSE
+    (3, 1, 100, 130, 9, 3, True),     # odd group size
+])
+def test_ulysses_ce_equals_float64(u, b, s_q, s_k, heads, chunks, lse):
+    outs, inputs, shared = _run(u, 3, b=b, s_q=s_q, s_k=s_k, heads=heads, chunks=chunks, lse=lse)
+    for (out, l), (q, k, v) in zip(outs, inputs):  # 3 calls: epochs, buffers reused
+        ref, ref_lse = reference_attention(q, k, v)
+        assert rel_l2(out, ref) <= 1e-5
+        if lse:
+            assert rel_l2(l, ref_lse) <= 1e-5
+    n_groups = min(chunks, padded_heads(heads, u) // u)
+    assert shared.copies == 3 * (b * (3 + 1 + lse) * (u - 1) * u * n_groups)  # 2-D copies only, none to itself
+    for r in range(u):  # every peer's in/out flag of every group reached the last epoch; own slots and unused groups 0
+        f = shared.flags[r].view(2, FLAG_GROUPS, u)
+        want = torch.zeros_like(f)
+        want[:, :n_groups] = 3
+        want[:, :, r] = 0
+        assert torch.equal(f, want)
+
+
+def test_auto_impl_on_cpu_is_p2p_and_auto_chunks():
+    assert auto_chunks("ce", 10) == 5 and auto_chunks("ce", 1) == 1 and auto_chunks("p2p", 10) == 1
+    with pytest.raises(ValueError, match="ulysses impl must be one of"):
+        ulysses_forward(*(torch.zeros(1, 4, 2, 8),) * 3, comm=None, attend=None, return_lse=False, impl="nccl")
