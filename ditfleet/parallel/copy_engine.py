@@ -198,6 +198,7 @@ class CudaLink:
         self.data = SymmBuffer.get(group, "ulysses_ce.data")
         self.flags = SymmBuffer.get(group, "ulysses_ce.flags")
         self.epoch = 0
+        self._bases: tuple = (None, [], [])  # (data handle, per-rank byte views, per-rank flag views)
 
     @classmethod
     def get(cls, group, size: int, rank: int, device: torch.device) -> CudaLink:
@@ -221,14 +222,19 @@ class CudaLink:
                                                        else torch.cuda.current_device()])
             self.epoch = 0
         self.data.ensure(nbytes, self.device)
+        if self._bases[0] is not self.data.handle:  # every rank's buffers as flat views, made once per allocation
+            n = self.data.nbytes
+            self._bases = (self.data.handle, [self.data.view(r, (n,), torch.uint8) for r in range(self.size)],
+                           [self.flags.view(r, (self.flags.nbytes // 4,), torch.int32) for r in range(self.size)])
         self.epoch += 1
         return self.epoch
 
     def view(self, rank: int, shape: Sequence[int], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
-        return self.data.view(rank, shape, dtype, offset)
+        esz = dtype.itemsize
+        return self._bases[1][rank][offset * esz:(offset + math.prod(shape)) * esz].view(dtype).view(shape)
 
     def flag(self, rank: int, index: int) -> torch.Tensor:
-        return self.flags.view(rank, (1,), torch.int32, index)
+        return self._bases[2][rank][index:index + 1]
 
     @staticmethod
     def copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -50,19 +50,23 @@ class Pipeline:
         like: a tensor of the call (its device decides CUDA or CPU behaviour).
         role: names the side streams (``"ulysses"``, ``"ring"``); nested pipelines use different roles.
         compute_streams: 1 (kernels on the caller's stream) or 2 (alternate with a side compute stream).
+        comm_streams: side streams for communication (``on_comm(i)``; e.g. one per peer).
     """
 
-    def __init__(self, like: torch.Tensor, role: str, compute_streams: int = 1):
+    def __init__(self, like: torch.Tensor, role: str, compute_streams: int = 1, comm_streams: int = 1):
         if compute_streams not in (1, 2):
             raise ValueError(f"compute_streams must be 1 or 2, got {compute_streams}")
+        if comm_streams < 1:
+            raise ValueError(f"comm_streams must be >= 1, got {comm_streams}")
         self.cuda = like.is_cuda
         self._keep: list = []
         if self.cuda:
             dev = like.device
             self.caller = torch.cuda.current_stream(dev)
-            self.comm = side_stream(dev, f"{role}.comm", priority=-1)
+            self.comms = [side_stream(dev, f"{role}.comm" + (f"{i}" if i else ""), priority=-1) for i in range(comm_streams)]
+            self.comm = self.comms[0]
             self.compute = [self.caller] + [side_stream(dev, f"{role}.compute{i}") for i in range(1, compute_streams)]
-            for s in (self.comm, *self.compute[1:]):
+            for s in (*self.comms, *self.compute[1:]):
                 s.wait_stream(self.caller)
 
     def keep(self, *tensors) -> None:
@@ -77,14 +81,14 @@ class Pipeline:
                 if t is not None and t.is_cuda:
                     t.record_stream(stream)
 
-    def on_comm(self):
-        """Context: make the comm stream current (no-op on CPU)."""
-        return torch.cuda.stream(self.comm) if self.cuda else contextlib.nullcontext()
+    def on_comm(self, index: int = 0):
+        """Context: make comm stream ``index`` current (no-op on CPU)."""
+        return torch.cuda.stream(self.comms[index]) if self.cuda else contextlib.nullcontext()
 
-    def comm_wait(self, event) -> None:
-        """The comm stream waits for ``event`` (recorded earlier on a compute stream)."""
+    def comm_wait(self, event, index: int = 0) -> None:
+        """Comm stream ``index`` waits for ``event`` (recorded earlier on another stream)."""
         if event is not None:
-            self.comm.wait_event(event)
+            self.comms[index].wait_event(event)
 
     def mark(self):
         """Record an event on the current stream (``None`` on CPU)."""
@@ -109,7 +113,7 @@ class Pipeline:
     def finish(self) -> None:
         """The caller's stream waits for every side stream; then the buffers are released."""
         if self.cuda:
-            for s in (self.comm, *self.compute[1:]):
+            for s in (*self.comms, *self.compute[1:]):
                 self.caller.wait_stream(s)
         self._keep.clear()
 

@@ -12,14 +12,17 @@ stream is a kernel:
   strided copy-engine copy per (tensor, batch) (:func:`~ditfleet.parallel.cuda_driver.copy_rows`
   reads rows of ``hg * D`` out of ``[S, H_pad * D]``), then a flag write in ``p``'s flags
   (``cuStreamWriteValue32``). All groups are pushed back to back on one side stream, group 0 first.
+  One side stream per peer, so the transfers to different peers run in parallel.
 * **kernel**: the caller's stream copies this rank's own rows into its inbox (SM copies, while
   group 0 travels), then per group waits for the peers' flags (``cuStreamWaitValue32``: no kernel)
   and runs the kernel on the inbox views; group ``g + 1`` arrives while group ``g`` computes.
-* **out**: after kernel ``g``, a second side stream pushes the output rows of each peer's tokens
+* **out**: after kernel ``g``, per-peer side streams push the output rows of each peer's tokens
   into that peer's *outbox* ``[B, S, H_pad * D]`` at this rank's head columns (and the LSE into
-  ``[B, H_pad, S]``), then flags them; the caller's stream writes its own rows directly.
-* **end**: the caller's stream waits for every peer's output flags and copies the peers' head
-  columns out of the outbox into the result.
+  ``[B, H_pad, S]``), then flag them.
+* **unpack**: an SM side stream copies this rank's own output rows of group ``g`` and, once their
+  flags are up, the peers' columns of group ``g - 1`` out of the outbox into the result. Queued
+  beside kernel ``g + 1``, these small copies run as its last wave frees SMs; only the last
+  group's columns are copied after the last kernel.
 
 Flags hold the call's *epoch* (1, 2, ... identical on every rank: calls are collective), so they
 are never reset. No "buffer free" handshake is needed between calls: a peer ``p`` pushes call
@@ -113,27 +116,48 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         return [x[bi][:, (p * h + h0) * d:(p * h + h1) * d] for x in rows]
 
     peers = [(me + i) % u for i in range(1, u)]
-    pin, pout = Pipeline(q, "ulysses_ce.in"), Pipeline(q, "ulysses_ce.out")
+    n_side = max(1, len(peers))
+    pin = Pipeline(q, "ulysses_ce.in", comm_streams=n_side)  # one push stream per peer: transfers run in parallel
+    pout = Pipeline(q, "ulysses_ce.out", comm_streams=n_side)
+    unpack = Pipeline(q, "ulysses_ce.unpack")  # SM copies of finished groups, queued behind the running kernel
     pin.keep(q, k, v)
-    with pin.on_comm():  # 1. push every group's rows to its owners, group 0 first
-        for gi, (h0, h1) in enumerate(groups):
-            for p in peers:
+
+    def push_in(gi: int) -> None:
+        h0, h1 = groups[gi]
+        for i, p in enumerate(peers):
+            with pin.on_comm(i):
                 box = inbox(p, gi)
                 for bi in range(b):
                     for dst, src in zip(slots(box, bi, me), mine_for(bi, p, h0, h1)):
                         link.copy(dst, src)
                 link.signal(link.flag(p, _flag_in(gi, me, u)), epoch)
 
-    for gi, (h0, h1) in enumerate(groups):  # 2. my own rows, on this GPU, while group 0 travels
+    out = q.new_empty((b, s_q, h_pad, d))
+    out_rows = out.view(b, s_q, h_pad * d)
+    lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
+    ob = link.view(me, (b, s_q, h_pad * d), dt, out_off)
+    lb = link.view(me, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None
+
+    def unpack_group(gi: int) -> None:
+        """Copy the peers' columns of head group ``gi`` out of my outbox (on the current stream)."""
+        h0, h1 = groups[gi]
+        for p in peers:
+            link.wait(link.flag(me, _flag_out(gi, p, u)), epoch)
+        for p in peers:
+            cols = slice((p * h + h0) * d, (p * h + h1) * d)
+            out_rows[:, :, cols].copy_(ob[:, :, cols])
+            if lb is not None:
+                lse[:, p * h + h0:p * h + h1].copy_(lb[:, p * h + h0:p * h + h1])
+
+    # The order of issue matters only for the host: group 0's pushes go out first, each later group's
+    # right after the previous kernel is queued (the kernel runs for milliseconds; issuing takes less).
+    push_in(0)
+    for gi, (h0, h1) in enumerate(groups):  # my own rows, on this GPU, while group 0 travels
         box = inbox(me, gi)
         for bi in range(b):
             for dst, src in zip(slots(box, bi, me), mine_for(bi, me, h0, h1)):
                 dst.copy_(src)
-
-    out = q.new_empty((b, s_q, h_pad, d))
-    out_rows = out.view(b, s_q, h_pad * d)
-    lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    for gi, (h0, h1) in enumerate(groups):  # 3. kernels; outputs pushed home behind them
+    for gi, (h0, h1) in enumerate(groups):
         for p in peers:
             link.wait(link.flag(me, _flag_in(gi, p, u)), epoch)
         hg = h1 - h0
@@ -141,33 +165,33 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         o, l = attend(qb.view(b, u * s_q, hg, d), kvb.view(2, b, u * s_k, hg, d), return_lse, (h0, h1))
         o = o.contiguous().view(b, u * s_q, hg * d)
         l = l.float().contiguous() if return_lse else None
-        cols = slice((me * h + h0) * d, (me * h + h1) * d)
-        out_rows[:, :, cols].copy_(o[:, me * s_q:(me + 1) * s_q])
-        if l is not None:
-            lse[:, me * h + h0:me * h + h1].copy_(l[:, :, me * s_q:(me + 1) * s_q])
         done = pout.mark()
-        with pout.on_comm():
-            pout.comm_wait(done)
-            pout.used_here(o, l)
-            for p in peers:
-                ob = link.view(p, (b, s_q, h_pad * d), dt, out_off)
-                lb = link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if l is not None else None
+        for i, p in enumerate(peers):  # outputs home, behind the kernel
+            with pout.on_comm(i):
+                pout.comm_wait(done, i)
+                pout.used_here(o, l)
+                pob = link.view(p, (b, s_q, h_pad * d), dt, out_off)
+                plb = link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if l is not None else None
+                cols = slice((me * h + h0) * d, (me * h + h1) * d)
                 for bi in range(b):
-                    link.copy(ob[bi][:, cols], o[bi, p * s_q:(p + 1) * s_q])
-                    if lb is not None:
-                        link.copy(lb[bi, me * h + h0:me * h + h1], l[bi, :, p * s_q:(p + 1) * s_q])
+                    link.copy(pob[bi][:, cols], o[bi, p * s_q:(p + 1) * s_q])
+                    if plb is not None:
+                        link.copy(plb[bi, me * h + h0:me * h + h1], l[bi, :, p * s_q:(p + 1) * s_q])
                 link.signal(link.flag(p, _flag_out(gi, me, u)), epoch)
+        if gi + 1 < len(groups):
+            push_in(gi + 1)
+        with unpack.on_comm():  # my own rows of this group, and the peers' columns of the previous one
+            unpack.comm_wait(done)
+            unpack.used_here(o, l)
+            cols = slice((me * h + h0) * d, (me * h + h1) * d)
+            out_rows[:, :, cols].copy_(o[:, me * s_q:(me + 1) * s_q])
+            if l is not None:
+                lse[:, me * h + h0:me * h + h1].copy_(l[:, :, me * s_q:(me + 1) * s_q])
+            if gi > 0:
+                unpack_group(gi - 1)
         del o, l
-
-    for gi in range(len(groups)):  # 4. the peers' columns of my rows
-        for p in peers:
-            link.wait(link.flag(me, _flag_out(gi, p, u)), epoch)
-    ob = link.view(me, (b, s_q, h_pad * d), dt, out_off)
-    lb = link.view(me, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None
-    for p in peers:
-        out_rows[:, :, p * h * d:(p + 1) * h * d].copy_(ob[:, :, p * h * d:(p + 1) * h * d])
-        if lb is not None:
-            lse[:, p * h:(p + 1) * h].copy_(lb[:, p * h:(p + 1) * h])
+    unpack_group(len(groups) - 1)  # the last group's columns: the only copy after the last kernel
     pin.finish()
     pout.finish()
+    unpack.finish()
     return out, lse
