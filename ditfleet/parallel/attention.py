@@ -79,7 +79,7 @@ def sequence_parallel_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    ulysses_chunks: int = 0,
+    ulysses_chunks: int = 1,
     ulysses_impl: str = "auto",
     ring_impl: str = "auto",
     ring_chunks: int = 5,
@@ -104,8 +104,7 @@ def sequence_parallel_attention(
         kv_shard: the key sequence's shard; ``None`` means ``shard`` (self-attention).
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
-        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap; 0, the
-            default: pairs of heads for ``"ce"``, 1 for the NCCL paths).
+        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap, the default).
         ulysses_impl: ``"auto"`` (the default: ``"ce"`` where the Ulysses group is on one host with
             CUDA symmetric memory and peer access, else ``"p2p"``), ``"ce"`` (CUDA: copy-engine pushes
             into symmetric memory, flags instead of barriers, no kernel beside attention), ``"p2p"``

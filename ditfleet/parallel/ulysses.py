@@ -24,9 +24,9 @@ Implementations (``impl``):
 
 ``chunks > 1`` splits each rank's heads into groups and pipelines them: group ``g + 1``'s
 exchange (and group ``g - 1``'s return) run while the kernel computes group ``g``
-(:mod:`ditfleet.parallel.pipeline` holds the stream rules). ``chunks=0`` (default) picks per
-implementation (:func:`auto_chunks`): pairs of heads for ``"ce"``, one group for the NCCL paths
-(whose overlap loses: their kernels take SMs from attention).
+(:mod:`ditfleet.parallel.pipeline` holds the stream rules). The default is one group: measured on
+4 x H100 (S = 75,600, H = 40), pipelined head groups did not beat one group on any path, the
+copy-engine one included (see the README's benchmark section).
 """
 
 from __future__ import annotations
@@ -50,13 +50,6 @@ ULYSSES_IMPLS = ("auto", "ce", "p2p", "packed")
 def padded_heads(num_heads: int, ulysses_size: int) -> int:
     """Heads after zero-padding to a multiple of the Ulysses degree (12 on 8 ranks -> 16)."""
     return -(-num_heads // ulysses_size) * ulysses_size
-
-
-def auto_chunks(impl: str, heads_per_rank: int) -> int:
-    """Head groups for ``chunks=0``: ``"ce"`` pipelines pairs of heads (a kernel over 2 heads keeps its
-    last wave as full as over all of them at Wan's sizes, and the first group's transfer, the part
-    nothing hides, is small); the NCCL paths run one group."""
-    return max(1, heads_per_rank // 2) if impl == "ce" else 1
 
 
 # ---------------------------------------------------------------- forward loops
@@ -149,7 +142,7 @@ def ulysses_forward(
     comm: UlyssesComm,
     attend: Attend,
     return_lse: bool,
-    chunks: int = 0,
+    chunks: int = 1,
     impl: str = "auto",
     compute_streams: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,7 +154,7 @@ def ulysses_forward(
         comm: the Ulysses group's :class:`UlyssesComm`.
         attend: kernel on the gathered sequence (see ``Attend``).
         return_lse: also return the LSE.
-        chunks: head groups to pipeline (1 = no overlap; 0 = :func:`auto_chunks`).
+        chunks: head groups to pipeline (1 = no overlap).
         impl: ``"auto"``, ``"ce"`` (copy engines over symmetric memory; CUDA only), ``"p2p"`` (direct
             receives, no unpack) or ``"packed"`` (all_to_all_single + unpack); see the module docstring.
         compute_streams: ``"p2p"`` only: 2 alternates the groups' kernels over two streams.
@@ -172,12 +165,10 @@ def ulysses_forward(
     """
     if impl not in ULYSSES_IMPLS:
         raise ValueError(f"ulysses impl must be one of {ULYSSES_IMPLS}, got {impl!r}")
-    if chunks < 0:
-        raise ValueError(f"ulysses chunks must be >= 0 (0 = auto), got {chunks}")
+    if chunks < 1:
+        raise ValueError(f"ulysses chunks must be >= 1, got {chunks}")
     if impl == "auto":
         impl = "ce" if compute_streams == 1 and ce_usable(comm.group, q.device) else "p2p"
-    if chunks == 0:
-        chunks = auto_chunks(impl, q.shape[2] // comm.size)
     if impl == "packed":
         return packed_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
     if impl == "ce":
@@ -205,7 +196,7 @@ def ulysses_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    chunks: int = 0,
+    chunks: int = 1,
     impl: str = "auto",
     compute_streams: int = 1,
     block_mask: BlockSparseMask | None = None,
@@ -222,7 +213,7 @@ def ulysses_attention(
         kv_shard: the key sequence's shard; ``None`` = ``shard`` (self-attention).
         scale: softmax scale, ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE.
-        chunks: head groups pipelined against the all-to-alls (1 = none, 0 = per implementation).
+        chunks: head groups pipelined against the all-to-alls (1 = none).
         impl: ``"auto"``, ``"ce"``, ``"p2p"`` or ``"packed"`` (see the module docstring).
         compute_streams: 1, or 2 to alternate the head groups' kernels over two CUDA streams.
         block_mask: mask over the global unpadded ``S_q x S_k`` (a kernel with ``caps.block_mask``):
