@@ -188,7 +188,7 @@ def _bench_world4(rank, world, out):
     parser = argparse.ArgumentParser()
     sp_attention.add_arguments(parser)
     args = parser.parse_args(["--seq-len", "203", "--heads", "6", "--head-dim", "8", "--dtype", "fp32",
-                              "--warmup", "0", "--iters", "1", "--no-yunchang", "--out", out])
+                              "--warmup", "0", "--iters", "1", "--rounds", "2", "--no-yunchang", "--out", out])
     assert sp_attention.run(args, init_distributed()) == 0
     if rank == 0:
         report = json.loads(open(out).read())
@@ -202,6 +202,7 @@ def _bench_world4(rank, world, out):
                     assert "symmetric memory" in e["skipped"] and ("ce" in name or "pull" in name), (mode, name, e)
                     continue
                 assert "error" not in e and e["rel_l2_vs_1gpu"] <= TOL, (mode, name, e)
+                assert len(e["rounds_ms"]) == 2 and e["ms"] == round(sum(e["rounds_ms"]) / 2, 3), (mode, name, e)
             assert "breakdown_ms" in mres, mres.get("breakdown_error")
     return True
 
