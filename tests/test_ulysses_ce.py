@@ -38,9 +38,12 @@ class ThreadLinks:
 
 class RankLink:
     def __init__(self, shared: ThreadLinks, rank: int):
-        self.s, self.me, self.epoch = shared, rank, 0
+        self.s, self.me, self.epoch, self.layout = shared, rank, 0, None
 
-    def begin(self, nbytes: int) -> int:
+    def begin(self, nbytes: int, layout=None) -> int:
+        if self.epoch and layout != self.layout:  # as CudaLink: everyone's earlier work done first
+            self.s.grow.wait(timeout=WAIT_S)
+        self.layout = layout
         buf = self.s.bufs.get(self.me)
         if buf is None or buf.numel() < nbytes:  # growing is collective, as symmetric memory's rendezvous
             self.s.grow.wait(timeout=WAIT_S)
@@ -151,6 +154,53 @@ def test_ulysses_ce_equals_float64(u, b, s_q, s_k, heads, chunks, lse):
         want[:, :n_groups] = 3
         want[:, :, r] = 0
         assert torch.equal(f, want)
+
+
+def test_shapes_changing_between_calls_wait_for_every_reader():
+    """Large, small, large: the large call's inbox covers the small call's outbox. A rank still copying its
+    outbox (made slow here) must not see the peer's next pushes there: the link synchronizes when the
+    layout changes (without that, this fails: rel L2 ~2)."""
+    import time
+
+    u, d, heads = 2, 8, 4
+    backend = resolve("torch_sdpa", site="test", device="cpu", dtype=torch.float32).backend
+    shared = ThreadLinks(u)
+    out_flags = shared.flags[1][FLAG_GROUPS * u:]
+
+    class SlowReader(RankLink):
+        def wait(self, flag, value):
+            super().wait(flag, value)
+            if self.me == 1 and value == 2 and flag.data_ptr() >= out_flags.data_ptr():
+                time.sleep(0.3)  # rank 1 is slow to copy its outbox of call 2 (the small one)
+
+    g = torch.Generator().manual_seed(0)
+    calls = [tuple(torch.randn(1, s, heads, d, generator=g) for _ in range(3)) for s in (400, 50, 400)]
+    res = [[None] * u for _ in calls]
+    errors = []
+
+    def rank_main(r):
+        try:
+            link = SlowReader(shared, r)
+            comm = type("Comm", (), {"size": u, "rank": r, "group": None})()
+            for c, (q, k, v) in enumerate(calls):
+                s = q.shape[1] // u
+                sl = slice(r * s, (r + 1) * s)
+                res[c][r] = ulysses_ce_forward(
+                    q[:, sl], k[:, sl], v[:, sl], comm=comm, return_lse=False, chunks=1, link=link,
+                    attend=lambda qf, kv, want, _h: backend(qf, kv[0], kv[1], scale=d ** -0.5, return_lse=want))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            shared.grow.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(u)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c, (q, k, v) in enumerate(calls):
+        out = torch.cat([o for o, _ in res[c]], 1)
+        assert rel_l2(out, reference_attention(q, k, v)[0]) <= 1e-5, c
 
 
 def test_unknown_ulysses_impl_is_refused():

@@ -374,7 +374,8 @@ def _mesh_options_record(opts: dict, device) -> dict:
 
 def _run_variant(entry: dict, fn, mesh, shard, ref, base_ms, target, args, device, rank, check: bool = True) -> None:
     """Time ``fn`` (slowest rank) into ``entry["rounds_ms"]``, ``ms`` = their median; with ``check``, compare its
-    output against ``ref``; errors are recorded."""
+    output against ``ref``. An error on any rank is recorded on every rank (so all skip later rounds alike)."""
+    ok = True
     try:
         ms = _slowest(_time(fn, args, device), device)
         entry.setdefault("rounds_ms", []).append(round(ms, 3))
@@ -388,9 +389,11 @@ def _run_variant(entry: dict, fn, mesh, shard, ref, base_ms, target, args, devic
         if target is not None:
             entry.update(target=target, target_met=bool(base_ms / ms >= target))
     except Exception as e:  # noqa: BLE001 - recorded, the other measurements go on
-        entry["error"] = _err(e)
+        entry["error"], ok = _err(e), False
         if rank == 0:
             traceback.print_exc()
+    if not _all_ok(ok, device) and ok:
+        entry["error"] = "failed on another rank"
 
 
 def main(args) -> int:
@@ -510,7 +513,7 @@ def run(args, env) -> int:
                     if "error" not in entry:
                         _run_variant(entry, fn, vmesh, shard, ref, base_ms, target, args, device, rank, check=rnd == 0)
                 save()
-            timed = {n: e for n, e in mres["ditfleet"].items() if "ms" in e}
+            timed = {n: e for n, e in mres["ditfleet"].items() if "ms" in e and "error" not in e}
             if timed:
                 best = min(timed, key=lambda n: timed[n]["ms"])
                 mres["best"] = {"variant": best, "ms": timed[best]["ms"], "speedup": timed[best].get("speedup")}

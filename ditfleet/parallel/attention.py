@@ -107,7 +107,7 @@ def sequence_parallel_attention(
         ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap, the default).
         ulysses_impl: ``"auto"`` (the default: ``"ce"`` where the Ulysses group is on one host with
             CUDA symmetric memory and peer access, else ``"p2p"``), ``"ce"`` (CUDA: copy-engine pushes
-            into symmetric memory, flags instead of barriers, no kernel beside attention), ``"p2p"``
+            into symmetric memory, flags instead of barriers: no SM spent on transfers), ``"p2p"``
             (direct receives into the kernel's buffers) or ``"packed"`` (``all_to_all_single`` +
             unpack); see :mod:`ditfleet.parallel.ulysses`.
         ring_impl: ``"auto"`` (the default: ``"pull"`` where the ring group is on one host with CUDA

@@ -2,12 +2,13 @@
 
 NCCL moves data with kernels, and those kernels take SMs from the attention kernel they are meant
 to hide behind (measured: every NCCL overlap variant of Ulysses was slower than none, and the
-rotating ring's kernel runs ~10 % slower while K/V travel). Here each rank's outgoing data sits in
+rotating ring's kernel runs ~10 % slower while K/V travel). Here one side of every transfer is
 *symmetric memory* (``torch.distributed._symmetric_memory``: every peer's buffer mapped into each
-process through CUDA IPC; NVLink multicast is never used) and moves by ``copy_`` of contiguous
-slices between a peer's buffer and a local one, i.e. ``cudaMemcpyAsync``, which the driver runs on
-copy engines: no SM is taken. Ranks order their accesses with the symmetric-memory barrier (a
-one-block kernel on the issuing stream that waits for every peer's matching barrier).
+process through CUDA IPC; NVLink multicast is never used) -- the ring's outgoing chunks, Ulysses'
+inboxes and outboxes -- and data moves between a peer's buffer and a local one by
+``cudaMemcpyAsync`` / ``cuMemcpy2DAsync``, which the driver runs on copy engines: no SM is taken. The ring orders its accesses with the symmetric-memory barrier (a one-block kernel on
+the issuing stream that waits for every peer's matching barrier); Ulysses with int32 flags written
+and awaited by stream memory operations (:class:`CudaLink`, :mod:`ditfleet.parallel.cuda_driver`).
 
 * Ulysses ``"ce"`` (:mod:`ditfleet.parallel.ulysses_ce`): the owner pushes each head group's rows
   into every peer's symmetric inbox by strided copy-engine copies and raises a flag there; no
@@ -198,6 +199,7 @@ class CudaLink:
         self.data = SymmBuffer.get(group, "ulysses_ce.data")
         self.flags = SymmBuffer.get(group, "ulysses_ce.flags")
         self.epoch = 0
+        self.layout = None
         self._bases: tuple = (None, [], [])  # (data handle, per-rank byte views, per-rank flag views)
 
     @classmethod
@@ -208,11 +210,21 @@ class CudaLink:
             cls._all[key] = cls(group, size, rank, device)
         return cls._all[key]
 
-    def begin(self, nbytes: int) -> int:
-        """Buffers of at least ``nbytes`` on every rank (collective when they grow); this call's epoch."""
-        if self.flags.handle is None:  # first call: zeroed flags on every rank before anyone writes one
-            import torch.distributed as dist
+    def begin(self, nbytes: int, layout=None) -> int:
+        """Buffers of at least ``nbytes`` on every rank (collective when they grow); this call's epoch.
 
+        ``layout``: where the regions start; when it differs from the last call's, every rank's work so
+        far completes before anyone goes on (a host sync and a barrier: only when shapes change).
+        """
+        import torch.distributed as dist
+
+        if self.layout is not None and layout != self.layout:
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.group, device_ids=[self.device.index if self.device.index is not None
+                                                       else torch.cuda.current_device()])
+            torch.cuda.synchronize(self.device)
+        self.layout = layout
+        if self.flags.handle is None:  # first call: zeroed flags on every rank before anyone writes one
             from .ulysses_ce import flag_count
 
             self.flags.ensure(flag_count(self.size) * 4, self.device)

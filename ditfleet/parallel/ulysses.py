@@ -10,7 +10,7 @@ Implementations (``impl``):
 
 * ``"auto"`` (default): ``"ce"`` where the group is on one host with CUDA symmetric memory and
   peer access (:func:`~ditfleet.parallel.copy_engine.ce_usable`, agreed by every rank), else ``"p2p"``.
-* ``"ce"`` (CUDA): no NCCL and no kernel on any side stream: each rank pushes its rows of every
+* ``"ce"`` (CUDA): no NCCL, and transfers and synchronization take no SM: each rank pushes its rows of every
   head group into the owners' symmetric inboxes by strided copy-engine copies and raises flags
   there (stream memory operations); kernels wait for the flags, outputs are pushed home the same
   way (:mod:`ditfleet.parallel.ulysses_ce`). Head groups overlap the kernel without taking SMs.
@@ -30,6 +30,8 @@ copy-engine one included (see the README's benchmark section).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +176,8 @@ def ulysses_forward(
     if impl == "ce":
         if compute_streams != 1:
             raise ValueError(f"ulysses impl 'ce' runs its kernels on one stream (compute_streams=1), got {compute_streams}")
-        return ulysses_ce_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # the driver calls use it
+            return ulysses_ce_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks)
     return _p2p_forward(q, k, v, comm=comm, attend=attend, return_lse=return_lse, chunks=chunks,
                         compute_streams=compute_streams)
 

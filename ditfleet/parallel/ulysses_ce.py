@@ -3,16 +3,16 @@
 Every communication step of the NCCL paths is a kernel (NCCL's own, packing/unpacking copies, the
 symmetric-memory barrier), and a kernel queued beside a running attention kernel gets no SM until
 that kernel's last wave -- measured: head-group pipelining over NCCL, or over copy engines with
-packing kernels and barriers on the side stream, serialized and lost. Here nothing on a side
-stream is a kernel:
+packing kernels and barriers on the side stream, serialized and lost. Here the transfers and the
+synchronization take no SM; the only kernels besides attention are local copies:
 
 * **in**: for each head group ``g`` and each peer ``p``, rank ``me`` pushes the rows of its
   sequence chunk for ``p``'s heads of group ``g`` straight into ``p``'s *inbox* (symmetric
   memory), at the position of chunk ``me`` in the kernel's ``[B, U*S, hg, D]`` inputs: one
   strided copy-engine copy per (tensor, batch) (:func:`~ditfleet.parallel.cuda_driver.copy_rows`
   reads rows of ``hg * D`` out of ``[S, H_pad * D]``), then a flag write in ``p``'s flags
-  (``cuStreamWriteValue32``). All groups are pushed back to back on one side stream, group 0 first.
-  One side stream per peer, so the transfers to different peers run in parallel.
+  (``cuStreamWriteValue32``). One side stream per peer, so the transfers to different peers run
+  in parallel; group 0 is issued first, each later group right after the previous kernel is queued.
 * **kernel**: the caller's stream copies this rank's own rows into its inbox (SM copies, while
   group 0 travels), then per group waits for the peers' flags (``cuStreamWaitValue32``: no kernel)
   and runs the kernel on the inbox views; group ``g + 1`` arrives while group ``g`` computes.
@@ -25,11 +25,17 @@ stream is a kernel:
   group's columns are copied after the last kernel.
 
 Flags hold the call's *epoch* (1, 2, ... identical on every rank: calls are collective), so they
-are never reset. No "buffer free" handshake is needed between calls: a peer ``p`` pushes call
-``e + 1`` only after its caller's stream saw all of this rank's outputs of call ``e``, which were
-pushed after this rank's last kernel of call ``e`` (the last reader of its inbox); and ``p``'s
-outputs of call ``e + 1`` need this rank's inputs of call ``e + 1``, pushed only after this rank's
-stream finished reading its outbox of call ``e``. The transport (buffers, copies, flags) is a *link*: :class:`~ditfleet.parallel.
+are never reset. While the buffer layout stays the same, no "buffer free" handshake is needed
+between calls: a peer ``p`` pushes call ``e + 1`` only after its caller's stream saw all of this
+rank's outputs of call ``e``, which were pushed after this rank's last kernel of call ``e`` (the
+last reader of its inbox); and ``p``'s outputs of call ``e + 1`` need this rank's inputs of call
+``e + 1``, pushed only after this rank's stream finished reading its outbox of call ``e``. When the
+layout changes (other shapes: the new inbox may cover the old outbox, still being read), the link
+synchronizes every rank first (``begin(..., layout=...)``).
+
+A rank that fails in the middle of a call leaves its peers' streams waiting on flags that never
+come (a stream wait has no timeout): as after a failed NCCL collective, the process group must be
+torn down (the engine rebuilds its workers). The transport (buffers, copies, flags) is a *link*: :class:`~ditfleet.parallel.
 copy_engine.CudaLink` on GPUs; the CPU tests pass a thread stand-in with the same methods.
 """
 
@@ -96,7 +102,7 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         from .copy_engine import CudaLink
 
         link = CudaLink.get(comm.group, u, me, q.device)
-    epoch = link.begin(nbytes)
+    epoch = link.begin(nbytes, layout=(out_off, lse_off))
 
     def inbox(rank: int, gi: int):
         w = (groups[gi][1] - groups[gi][0]) * d
