@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -91,3 +92,26 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 240.0
         first = min(errors)
         raise AssertionError(f"{fn.__name__} failed on rank(s) {sorted(errors)}; rank {first}:\n{errors[first]}")
     return [values[r] for r in range(world_size)]
+
+
+def run_threads(n: int, fn: Callable[[int], object], abort: Callable[[], None] = lambda: None) -> list:
+    """Run ``fn(rank)`` for ranks ``0..n-1`` on ``n`` threads of this process (ranks that share in-process
+    stand-ins for symmetric memory) and return the results by rank. The first error calls ``abort()``
+    (to release ranks blocked on the failed one) and is raised once every thread has ended."""
+    results, errors = [None] * n, []
+
+    def main(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            abort()
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

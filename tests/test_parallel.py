@@ -435,6 +435,7 @@ def test_pull_ring_step_logic_on_threads():
     the cross-GPU barrier are only exercised on GPUs: tests/gpu/test_sp_gpu.py)."""
     import threading
 
+    from dist_utils import run_threads
     from ditfleet.attention.blockmask import BlockSparseMask
     from ditfleet.attention.radial import RadialFlex
     from ditfleet.parallel.copy_engine import ring_pull_forward
@@ -468,29 +469,20 @@ def test_pull_ring_step_logic_on_threads():
 
     for name, mask in masks.items():
         sched = RingSchedule.from_mask(mask, chunk, chunk, r)
-        buf, outs, errors = SharedBuffer(), [None] * r, []
+        buf = SharedBuffer()
 
         def rank_main(rank):
-            try:
-                comm = type("Comm", (), {"size": r, "rank": rank, "group": None})()
-                sl = slice(rank * chunk, (rank + 1) * chunk)
-                attend = block_attend(backend, None, mask, q_start=rank * chunk, k_chunk=chunk)
+            comm = type("Comm", (), {"size": r, "rank": rank, "group": None})()
+            sl = slice(rank * chunk, (rank + 1) * chunk)
+            attend = block_attend(backend, None, mask, q_start=rank * chunk, k_chunk=chunk)
 
-                def merge(out, lse, bo, bl, last):
-                    return merge_step(out, lse, bo, bl, out_dtype=q.dtype if last else torch.float32, impl="torch")
+            def merge(out, lse, bo, bl, last):
+                return merge_step(out, lse, bo, bl, out_dtype=q.dtype if last else torch.float32, impl="torch")
 
-                outs[rank] = ring_pull_forward(qp[:, sl], kp[:, sl], vp[:, sl], comm=comm, attend=attend,
-                                               chunk_valid=valid, computes=sched.computes, merge=merge, buffer=buf)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-                buf.bar.abort()
+            return ring_pull_forward(qp[:, sl], kp[:, sl], vp[:, sl], comm=comm, attend=attend,
+                                     chunk_valid=valid, computes=sched.computes, merge=merge, buffer=buf)
 
-        threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(r)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        outs = run_threads(r, rank_main, buf.bar.abort)
         out = torch.cat([o for o, _ in outs], 1)[:, :s]
         lse = torch.cat([l for _, l in outs], 2)[..., :s]
         ref, ref_lse = reference_attention(q, k, v, mask=mask.to_dense())

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from dist_utils import run_threads
 from ditfleet.attention import reference_attention, resolve
 from ditfleet.bench.common import rel_l2
 from ditfleet.parallel.cuda_driver import rows_layout
@@ -34,6 +35,12 @@ class ThreadLinks:
 
     def rank(self, r: int) -> RankLink:
         return RankLink(self, r)
+
+    def abort(self) -> None:
+        """Release every rank blocked on a barrier or a flag (a thread failed)."""
+        self.grow.abort()
+        with self.cond:
+            self.cond.notify_all()
 
 
 class RankLink:
@@ -97,8 +104,6 @@ def _run(u, calls, *, b, s_q, s_k, heads, chunks, lse):
         return x
 
     shared = ThreadLinks(u)
-    results = [[None] * u for _ in range(calls)]
-    errors = []
 
     def rank_main(r):
         link = shared.rank(r)
@@ -107,24 +112,15 @@ def _run(u, calls, *, b, s_q, s_k, heads, chunks, lse):
         def attend(qf, kv, want_lse, heads_):
             return backend(qf, kv[0], kv[1], scale=d ** -0.5, kv_lens=[s_k] * b, return_lse=want_lse)
 
-        try:
-            for c, (q, k, v) in enumerate(inputs):
-                ql = prep(q, cq)[:, r * cq:(r + 1) * cq]
-                kl, vl = (prep(x, ck)[:, r * ck:(r + 1) * ck] for x in (k, v))
-                results[c][r] = ulysses_ce_forward(ql, kl, vl, comm=comm, attend=attend, return_lse=lse, chunks=chunks,
-                                                   link=link)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            shared.grow.abort()
-            with shared.cond:
-                shared.cond.notify_all()
+        res = []
+        for q, k, v in inputs:
+            ql = prep(q, cq)[:, r * cq:(r + 1) * cq]
+            kl, vl = (prep(x, ck)[:, r * ck:(r + 1) * ck] for x in (k, v))
+            res.append(ulysses_ce_forward(ql, kl, vl, comm=comm, attend=attend, return_lse=lse, chunks=chunks, link=link))
+        return res
 
-    threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(u)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    by_rank = run_threads(u, rank_main, shared.abort)
+    results = [[by_rank[r][c] for r in range(u)] for c in range(calls)]
     outs = []
     for c in range(calls):
         out = torch.cat([o for o, _ in results[c]], 1)[:, :s_q, :heads]
@@ -175,29 +171,21 @@ def test_shapes_changing_between_calls_wait_for_every_reader():
 
     g = torch.Generator().manual_seed(0)
     calls = [tuple(torch.randn(1, s, heads, d, generator=g) for _ in range(3)) for s in (400, 50, 400)]
-    res = [[None] * u for _ in calls]
-    errors = []
 
     def rank_main(r):
-        try:
-            link = SlowReader(shared, r)
-            comm = type("Comm", (), {"size": u, "rank": r, "group": None})()
-            for c, (q, k, v) in enumerate(calls):
-                s = q.shape[1] // u
-                sl = slice(r * s, (r + 1) * s)
-                res[c][r] = ulysses_ce_forward(
-                    q[:, sl], k[:, sl], v[:, sl], comm=comm, return_lse=False, chunks=1, link=link,
-                    attend=lambda qf, kv, want, _h: backend(qf, kv[0], kv[1], scale=d ** -0.5, return_lse=want))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            shared.grow.abort()
+        link = SlowReader(shared, r)
+        comm = type("Comm", (), {"size": u, "rank": r, "group": None})()
+        res = []
+        for q, k, v in calls:
+            s = q.shape[1] // u
+            sl = slice(r * s, (r + 1) * s)
+            res.append(ulysses_ce_forward(
+                q[:, sl], k[:, sl], v[:, sl], comm=comm, return_lse=False, chunks=1, link=link,
+                attend=lambda qf, kv, want, _h: backend(qf, kv[0], kv[1], scale=d ** -0.5, return_lse=want)))
+        return res
 
-    threads = [threading.Thread(target=rank_main, args=(i,)) for i in range(u)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    by_rank = run_threads(u, rank_main, shared.abort)
+    res = [[by_rank[r][c] for r in range(u)] for c in range(len(calls))]
     for c, (q, k, v) in enumerate(calls):
         out = torch.cat([o for o, _ in res[c]], 1)
         assert rel_l2(out, reference_attention(q, k, v)[0]) <= 1e-5, c
