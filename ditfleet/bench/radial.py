@@ -270,8 +270,8 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
     """Radial vs dense under sequence parallelism on an initialised process group; returns 0 if a radial kernel ran."""
     import torch.distributed as dist
 
-    from ..parallel import SeqShard, gather_sequence, init_parallel, sequence_parallel_attention, shard_sequence, sp_schedule
-    from .sp_attention import _all_ok, _err, _mode_sizes, _slowest, _time
+    from ..parallel import SeqShard, gather_sequence, sequence_parallel_attention, shard_sequence, sp_schedule
+    from .sp_attention import MeshCache, _all_ok, _err, _mode_sizes, _slowest, _time
 
     device, rank, world = env.device, env.rank, env.world_size
     dtype = DTYPES[args.dtype]
@@ -295,7 +295,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
             report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             write_json(out_path, report)
 
-    meshes: dict = {}
+    meshes = MeshCache()
     ok_any = False
     for name, frames, tpf in cases:
         heads, s, d = args.heads or 40, frames * tpf, args.head_dim
@@ -315,9 +315,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
                 rec["modes"][mode] = {"skipped": sizes}
                 continue
             u, r = sizes
-            if sizes not in meshes:
-                meshes[sizes] = init_parallel(ulysses_size=u, ring_size=r)
-            mesh = meshes[sizes]
+            mesh = meshes.get(u, r)
             local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
             shard = SeqShard.for_length(s, mesh)
             m = rec["modes"][mode] = {"ulysses": u, "ring": r}

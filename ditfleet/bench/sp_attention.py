@@ -195,6 +195,20 @@ def _all_ok(ok: bool, device) -> bool:
     return int(t.item()) == 0
 
 
+class MeshCache:
+    """The benches' meshes: one :class:`~ditfleet.parallel.ParallelMesh` per (Ulysses size, ring size, NCCL
+    options), built on first use (a collective: every rank asks for the same meshes in the same order)."""
+
+    def __init__(self):
+        self._meshes: dict = {}
+
+    def get(self, ulysses: int, ring: int, **opts):
+        key = (ulysses, ring, tuple(sorted(opts.items())))
+        if key not in self._meshes:
+            self._meshes[key] = init_parallel(ulysses_size=ulysses, ring_size=ring, **opts)
+        return self._meshes[key]
+
+
 def _mode_sizes(mode: str, world: int) -> tuple[int, int] | str:
     """``(ulysses, ring)`` of a mode on ``world`` GPUs, or why it does not run."""
     if mode == "ulysses":
@@ -433,13 +447,7 @@ def run(args, env) -> int:
             report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             write_json(out_path, report)
 
-    meshes: dict = {}
-
-    def mesh_for(u, r, opts):
-        key = (u, r, tuple(sorted(opts.items())))
-        if key not in meshes:
-            meshes[key] = init_parallel(ulysses_size=u, ring_size=r, **opts)
-        return meshes[key]
+    meshes = MeshCache()
 
     for key, cls in runnable.items():
         backend = cls(device=device, dtype=dtype)
@@ -481,7 +489,7 @@ def run(args, env) -> int:
             u, r = sizes
             mres = kres["modes"][mode] = {"ulysses": u, "ring": r, "ditfleet": {}}
             target = TARGETS_4GPU.get(mode) if world == 4 else None
-            mesh = mesh_for(u, r, {})
+            mesh = meshes.get(u, r)
             q_l, shard = shard_sequence(q, mesh)
             k_l, _ = shard_sequence(k, mesh)
             v_l, _ = shard_sequence(v, mesh)
@@ -498,7 +506,7 @@ def run(args, env) -> int:
                     entry["skipped"] = ce_unavailable(device)
                     continue
                 try:
-                    vmesh = mesh_for(u, r, opts)
+                    vmesh = meshes.get(u, r, **opts)
                 except Exception as e:  # noqa: BLE001
                     entry["error"] = f"mesh with {opts}: {_err(e)}"
                     continue

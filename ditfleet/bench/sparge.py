@@ -371,8 +371,8 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
     """Sparge vs dense under sequence parallelism on an initialised process group; 0 if a Sparge timing succeeded."""
     import torch.distributed as dist
 
-    from ..parallel import SeqShard, gather_sequence, init_parallel, sequence_parallel_attention, shard_sequence, sp_schedule
-    from .sp_attention import _err, _mode_sizes, _time
+    from ..parallel import SeqShard, gather_sequence, sequence_parallel_attention, shard_sequence, sp_schedule
+    from .sp_attention import MeshCache, _err, _mode_sizes, _time
 
     device, rank, world = env.device, env.rank, env.world_size
     dtype = DTYPES[args.dtype]
@@ -408,7 +408,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
             report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             write_json(out_path, report)
 
-    meshes: dict = {}
+    meshes = MeshCache()
     ok_any = False
     for name, grid in cases:
         s, h, d = math.prod(grid), args.heads, args.head_dim
@@ -443,9 +443,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                             r["modes"][mode] = {"skipped": sizes}
                             continue
                         u, rr = sizes
-                        if sizes not in meshes:
-                            meshes[sizes] = init_parallel(ulysses_size=u, ring_size=rr)
-                        mesh = meshes[sizes]
+                        mesh = meshes.get(u, rr)
                         shard = SeqShard.for_length(s, mesh)
                         local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
                         m = r["modes"][mode] = {"ulysses": u, "ring": rr}
