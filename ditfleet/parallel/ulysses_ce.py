@@ -141,8 +141,10 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
     out = q.new_empty((b, s_q, h_pad, d))
     out_rows = out.view(b, s_q, h_pad * d)
     lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    ob = link.view(me, (b, s_q, h_pad * d), dt, out_off)
-    lb = link.view(me, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None
+    # every rank's outbox (mine is read here, the peers' are written), viewed once per call
+    obs = [link.view(p, (b, s_q, h_pad * d), dt, out_off) for p in range(u)]
+    lbs = [link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None for p in range(u)]
+    ob, lb = obs[me], lbs[me]
 
     def unpack_group(gi: int) -> None:
         """Copy the peers' columns of head group ``gi`` out of my outbox (on the current stream)."""
@@ -176,8 +178,7 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
             with pout.on_comm(i):
                 pout.comm_wait(done, i)
                 pout.used_here(o, l)
-                pob = link.view(p, (b, s_q, h_pad * d), dt, out_off)
-                plb = link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if l is not None else None
+                pob, plb = obs[p], lbs[p]
                 cols = slice((me * h + h0) * d, (me * h + h1) * d)
                 for bi in range(b):
                     link.copy(pob[bi][:, cols], o[bi, p * s_q:(p + 1) * s_q])
