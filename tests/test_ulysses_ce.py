@@ -46,6 +46,7 @@ class ThreadLinks:
 class RankLink:
     def __init__(self, shared: ThreadLinks, rank: int):
         self.s, self.me, self.epoch, self.layout = shared, rank, 0, None
+        self.memo: dict = {}
 
     def begin(self, nbytes: int, layout=None) -> int:
         if self.epoch and layout != self.layout:  # as CudaLink: everyone's earlier work done first
@@ -56,6 +57,7 @@ class RankLink:
             self.s.grow.wait(timeout=WAIT_S)
             # NaN bytes: a row nobody wrote poisons the result
             self.s.bufs[self.me] = torch.full((-(-nbytes // 16) * 16,), 0xFF, dtype=torch.uint8)
+            self.memo.clear()  # as CudaLink: plans hold views of the old buffers
             self.s.grow.wait(timeout=WAIT_S)
         self.epoch += 1
         return self.epoch
@@ -69,17 +71,26 @@ class RankLink:
     def flag(self, rank, index):
         return self.s.flags[rank][index:index + 1]
 
-    def copy(self, dst, src):
-        assert rows_layout(dst)[:2] == rows_layout(src)[:2]  # one 2-D copy: same rows, same width
-        dst.copy_(src)
-        self.s.copies += 1
+    def copier(self, dst):
+        """As :class:`~ditfleet.parallel.cuda_driver.Copy2D`: the same checks, then one 2-D copy."""
+        rows, width, _ = rows_layout(dst)  # dst rows must be contiguous, as the driver needs
+        cols = dst.shape[1]
 
-    def signal(self, flag, value):
+        def copy(src, offset, pitch, stream=None):
+            assert src.dtype == dst.dtype and src.is_contiguous()
+            assert offset >= 0 and pitch >= cols and offset + (rows - 1) * pitch + cols <= src.numel()
+            dst.copy_(src.reshape(-1).as_strided((rows, cols), (pitch, 1), src.storage_offset() + offset))
+            with self.s.cond:
+                self.s.copies += 1
+
+        return copy
+
+    def signal(self, flag, value, stream=None):
         with self.s.cond:
             flag.fill_(value)
             self.s.cond.notify_all()
 
-    def wait(self, flag, value):
+    def wait(self, flag, value, stream=None):
         with self.s.cond:
             if not self.s.cond.wait_for(lambda: int(flag) >= value, timeout=WAIT_S):
                 raise TimeoutError(f"flag stuck at {int(flag)} < {value}")
@@ -143,7 +154,8 @@ def test_ulysses_ce_equals_float64(u, b, s_q, s_k, heads, chunks, lse):
         if lse:
             assert rel_l2(l, ref_lse) <= 1e-5
     n_groups = min(chunks, padded_heads(heads, u) // u)
-    assert shared.copies == 3 * (b * (3 + 1 + lse) * (u - 1) * u * n_groups)  # 2-D copies only, none to itself
+    # per call, rank and group: q, k, v into every peer's inbox, outputs and LSE into every peer's outbox
+    assert shared.copies == 3 * u * n_groups * b * (3 + 1 + lse) * (u - 1)  # 2-D copies only, none to itself
     for r in range(u):  # every peer's in/out flag of every group reached the last epoch; own slots and unused groups 0
         f = shared.flags[r].view(2, FLAG_GROUPS, u)
         want = torch.zeros_like(f)
@@ -164,7 +176,7 @@ def test_shapes_changing_between_calls_wait_for_every_reader():
     out_flags = shared.flags[1][FLAG_GROUPS * u:]
 
     class SlowReader(RankLink):
-        def wait(self, flag, value):
+        def wait(self, flag, value, stream=None):
             super().wait(flag, value)
             if self.me == 1 and value == 2 and flag.data_ptr() >= out_flags.data_ptr():
                 time.sleep(0.3)  # rank 1 is slow to copy its outbox of call 2 (the small one)

@@ -6,7 +6,9 @@ Run under torchrun, one process per GPU::
 
 For each kernel (default ``sdpa_cudnn``, plus ``fa4`` when it can run) it measures, in one run:
 
-* the one-GPU time of the kernel on the full sequence (rank 0, same inputs);
+* the one-GPU time of the kernel on the full sequence (rank 0, same inputs), once at the start of
+  the run (``single_gpu_ms``, with the reference output) and again in each mode's rounds (the mode's
+  ``single_gpu``: its speedups are computed from that one);
 * ditfleet's ``sequence_parallel_attention`` for each mode (``ulysses``: U = N; ``ring``: R = N;
   ``usp``: U = 2, R = N / 2, from 4 GPUs) and each implementation *variant* of that mode (see
   :func:`variants`; ``ulysses_chunks=N`` entries are the original packed all-to-all / rotating
@@ -23,8 +25,12 @@ For each kernel (default ``sdpa_cudnn``, plus ``fa4`` when it can run) it measur
 * yunchang's ``LongContextAttention`` on the same local shards (when yunchang imports; else why
   not), with its own one-GPU kernel time.
 
-Times are the median over iterations of the slowest rank. Rank 0 writes the JSON after every
-mode (a later failure keeps earlier numbers) and prints a table with every variant and the winner.
+Times are the median over iterations of the slowest rank. Everything a mode compares (its one-GPU
+baseline, every variant, yunchang's one-GPU kernel and its sequence-parallel call) is timed in the
+same ``--rounds`` rounds, the order reversed every other round, so that the GPUs' slow drift over a
+run weighs on all of them alike; each reports the median of its rounds. Rank 0 writes the JSON
+after every round (a later failure keeps earlier numbers) and prints a table with every variant,
+the mode's one-GPU rows and the winner.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import inspect
 import statistics
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +74,8 @@ YUNCHANG_TYPES = {"sdpa_cudnn": ["torch_cudnn", "torch_flash"], "sdpa_flash": ["
                   "sdpa_efficient": ["torch_efficient"], "fa2": ["fa"], "fa3": ["fa3"]}
 # The original implementation, kept as the baseline of every mode ("ulysses_chunks=N" entries).
 LEGACY = {"ulysses_impl": "packed", "ring_impl": "rotate", "merge_impl": "torch"}
+# What the kernel's ``single_gpu_ms`` is (its label in the JSON): the speedups use each mode's own.
+START_OF_RUN = "start of run (the reference output); speedups use each mode's single_gpu, timed in its rounds"
 # Implementation keywords of sequence_parallel_attention.
 SP_KEYWORDS = ("ulysses_impl", "ulysses_chunks", "ring_impl", "ring_chunks", "merge_impl", "compute_streams")
 
@@ -95,9 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="time every variant of a mode this many times, in turn, the order reversed every other "
-                             "round (slow drift of the GPUs' clocks then weighs on every variant alike); each entry "
-                             "reports the median of its rounds and lists them (default: %(default)s)")
+                        help="time everything a mode compares this many times, in turn, the order reversed every other "
+                             "round: the one-GPU baseline (rank 0), every variant, yunchang's one-GPU kernel and its "
+                             "sequence-parallel call (slow drift of the GPUs' clocks then weighs on all alike); each "
+                             "reports the median of its rounds and lists them, and the mode's speedups use its "
+                             "one-GPU medians (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/sp_attention_<card>_<n>gpu.json)")
@@ -330,16 +342,39 @@ def _diagnostics(backend: AttentionBackend, q, k, v, world: int, scale, args, de
 
 
 # ---------------------------------------------------------------- yunchang
-def _yunchang_single(attn_type: str, q, k, v, scale, args, device) -> dict:
+def _yunchang_record(args, key: str, yc_types) -> dict:
+    """The kernel's yunchang record: why it is skipped (``--no-yunchang``, no matching type, does not import), or
+    the attn types each mode times."""
+    if args.no_yunchang:
+        return {"skipped": "--no-yunchang"}
+    if not yc_types:
+        return {"skipped": f"no yunchang attention type matches kernel {key}"}
+    try:
+        import yunchang  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return {"skipped": f"yunchang does not import: {_err(e)}"}
+    return {"attn_types": list(yc_types)}
+
+
+def _yunchang_skip(yc: dict, s: int, h: int, world: int, u: int) -> str | None:
+    """Why yunchang does not run a mode (``yc``: the kernel's yunchang record), or None."""
+    if "skipped" in yc:
+        return yc["skipped"]
+    if s % world or h % u:
+        return f"yunchang needs S % {world} == 0 and H % {u} == 0 (no padding)"
+    return None
+
+
+def _yunchang_single_fn(attn_type: str, q, k, v, scale) -> Callable:
+    """yunchang's one-GPU kernel of ``attn_type`` on the full sequence."""
     from yunchang.kernels import AttnType, select_flash_attn_impl
 
     fn = select_flash_attn_impl(AttnType.from_string(attn_type), stage="fwd-only")
-    return {"single_gpu_ms": round(_time(lambda: fn(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False),
-                                         args, device), 3)}
+    return lambda: fn(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False)
 
 
-def _yunchang_mode(attn_type, u, r, env, mesh, shard, q_l, k_l, v_l, scale, ref, args, device) -> dict:
-    import yunchang
+def _yunchang_sp_fn(attn_type: str, u: int, r: int, env, q_l, k_l, v_l, scale) -> Callable:
+    """yunchang's ``LongContextAttention`` (U = ``u``, R = ``r``) on the local shards (builds its groups: a collective)."""
     from yunchang import LongContextAttention, set_seq_parallel_pg
     from yunchang.kernels import AttnType
 
@@ -348,16 +383,24 @@ def _yunchang_mode(attn_type, u, r, env, mesh, shard, q_l, k_l, v_l, scale, ref,
         attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.from_string(attn_type))
     except TypeError:  # older yunchang: no attn_type argument
         attn = LongContextAttention(ring_impl_type="basic")
+    return lambda: attn(q_l, k_l, v_l, dropout_p=0.0, softmax_scale=scale, causal=False)
 
-    def fn():
-        return attn(q_l, k_l, v_l, dropout_p=0.0, softmax_scale=scale, causal=False)
 
-    res = {"version": getattr(yunchang, "__version__", "?"), "attn_type": attn_type}
-    res["ms"] = round(_slowest(_time(fn, args, device), device), 3)
-    out = gather_sequence(fn(), mesh, shard)
-    if ref is not None:
-        res["rel_l2_vs_1gpu"] = rel_l2(out, ref)
-    return res
+def _yunchang_plan(mres: dict, yc_types, u, r, env, mesh, shard, qkv, qkv_l, scale, ref, device) -> list:
+    """Per yunchang attn type, into ``mres["yunchang"][type]``: its one-GPU kernel (rank 0, prefix ``single_gpu_``)
+    and its sequence-parallel call. A type whose setup fails on any rank records why and is not timed."""
+    import yunchang
+
+    plan = []
+    for t in yc_types:
+        res = mres["yunchang"][t] = {"version": getattr(yunchang, "__version__", "?"), "attn_type": t}
+        ok, fn = _guarded(res, "single_gpu_error", lambda t=t: _yunchang_single_fn(t, *qkv, scale), device, env.rank)
+        if ok:
+            plan.append(_Timed(res, fn, prefix="single_gpu_", solo=True))
+        ok, fn = _guarded(res, "error", lambda t=t: _yunchang_sp_fn(t, u, r, env, *qkv_l, scale), device, env.rank)
+        if ok:
+            plan.append(_Timed(res, fn, check=_compare(mesh, shard, ref, lambda out: out)))
+    return plan
 
 
 # ---------------------------------------------------------------- main
@@ -386,28 +429,118 @@ def _mesh_options_record(opts: dict, device) -> dict:
     return {**opts, "applied": applied}
 
 
-def _run_variant(entry: dict, fn, mesh, shard, ref, base_ms, target, args, device, rank, check: bool = True) -> None:
-    """Time ``fn`` (slowest rank) into ``entry["rounds_ms"]``, ``ms`` = their median; with ``check``, compare its
-    output against ``ref``. An error on any rank is recorded on every rank (so all skip later rounds alike)."""
-    ok = True
+@dataclass
+class _Timed:
+    """One thing a mode's rounds time: ``fn``, its numbers into ``entry`` as ``<prefix>rounds_ms``, ``<prefix>ms``
+    (their median) or ``<prefix>error``. ``solo``: a one-GPU baseline, timed on rank 0 alone. ``check(fn, entry)``:
+    after the first round's timing (gather the output, compare it against one GPU)."""
+
+    entry: dict
+    fn: Callable
+    prefix: str = ""
+    solo: bool = False
+    check: Callable | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.prefix + "error" in self.entry
+
+
+def _guarded(entry: dict, key: str, call: Callable, device, rank: int) -> tuple[bool, object]:
+    """``(ok, call())``; an error on any rank is recorded as ``entry[key]`` on every rank (so all go on alike)."""
+    ok, res = True, None
     try:
-        ms = _slowest(_time(fn, args, device), device)
-        entry.setdefault("rounds_ms", []).append(round(ms, 3))
-        ms = statistics.median(entry["rounds_ms"])
-        entry.update(ms=round(ms, 3), speedup=round(base_ms / ms, 3) if base_ms else None)
-        if check:
-            out = gather_sequence(fn()[0], mesh, shard)
-            if ref is not None:
-                entry["rel_l2_vs_1gpu"] = rel_l2(out, ref)
-            del out
-        if target is not None:
-            entry.update(target=target, target_met=bool(base_ms / ms >= target))
+        res = call()
     except Exception as e:  # noqa: BLE001 - recorded, the other measurements go on
-        entry["error"], ok = _err(e), False
+        entry[key], ok = _err(e), False
         if rank == 0:
             traceback.print_exc()
-    if not _all_ok(ok, device) and ok:
-        entry["error"] = "failed on another rank"
+    if not _all_ok(ok, device):
+        entry.setdefault(key, "failed on another rank")
+        ok = False
+    return ok, res
+
+
+def _time_round(item: _Timed, args, device, rank: int, first: bool) -> None:
+    """One round of ``item``: its time appended to its ``rounds_ms`` (slowest rank; a solo item's is rank 0's, the
+    other ranks wait in the error agreement), then on the ``first`` round its check."""
+    key = item.prefix + "error"
+    ok, ms = _guarded(item.entry, key, lambda: _time(item.fn, args, device) if rank == 0 or not item.solo else 0.0,
+                      device, rank)
+    if not ok:
+        return
+    rounds = item.entry.setdefault(item.prefix + "rounds_ms", [])
+    rounds.append(round(_slowest(ms, device), 3))
+    item.entry[item.prefix + "ms"] = round(statistics.median(rounds), 3)
+    if first and item.check is not None:
+        _guarded(item.entry, key, lambda: item.check(item.fn, item.entry), device, rank)
+
+
+def _run_rounds(plan: list[_Timed], args, device, rank: int, after_round: Callable) -> None:
+    """Every item of ``plan`` once per round, ``--rounds`` rounds, the order reversed every other round; an item that
+    failed (on any rank: all ranks agree) is skipped from then on. ``after_round()`` after each round."""
+    for rnd in range(max(1, args.rounds)):
+        for item in plan if rnd % 2 == 0 else plan[::-1]:
+            if not item.failed:
+                _time_round(item, args, device, rank, first=rnd == 0)
+        after_round()
+
+
+def _compare(mesh, shard, ref, output: Callable) -> Callable:
+    """A check for :class:`_Timed`: one call, ``output(result)`` gathered over ``mesh``, its rel L2 vs ``ref``."""
+
+    def check(fn, entry):
+        out = gather_sequence(output(fn()), mesh, shard)
+        if ref is not None:
+            entry["rel_l2_vs_1gpu"] = rel_l2(out, ref)
+
+    return check
+
+
+def _speedups(mres: dict, target) -> None:
+    """Each timed entry of a mode against the mode's one-GPU medians: ditfleet's against the kernel's
+    (``speedup``), yunchang's against its own kernel's (``speedup_vs_own_1gpu``; the kernel's when that failed,
+    said in ``speedup_base``); with ``target``, whether it is met."""
+    base = mres["single_gpu"].get("ms")
+    yc = mres.get("yunchang", {})
+    entries = [(e, "speedup", base) for e in mres["ditfleet"].values()]
+    entries += [(e, "speedup_vs_own_1gpu", e.get("single_gpu_ms") or base) for t, e in yc.items() if t != "skipped"]
+    for e, name, b in entries:
+        if "ms" not in e:
+            continue
+        e[name] = round(b / e["ms"], 3) if b else None
+        if name != "speedup" and not e.get("single_gpu_ms"):
+            e["speedup_base"] = "ditfleet's kernel, one GPU (yunchang's own failed)"
+        if target is not None and b:
+            e.update(target=target, target_met=bool(b / e["ms"] >= target))
+
+
+def _ditfleet_plan(mres: dict, mode: str, u: int, r: int, meshes: MeshCache, backend, qkv_l, shard, scale, ref,
+                   args, device) -> tuple[list, str]:
+    """The mode's variants, each recorded in ``mres["ditfleet"]`` (skipped ones say why), and the default's name."""
+    vs, default_name = _with_default(mode, variants(mode, args))
+    plan = []
+    for name, kwargs, opts in vs:
+        entry = mres["ditfleet"][name] = {"kwargs": kwargs}
+        if opts:
+            entry["mesh_options"] = _mesh_options_record(opts, device)
+        if name == default_name:
+            entry["is_default"] = True
+        needs_ce = "ce" in (kwargs.get("ulysses_impl"), kwargs.get("ring_impl")) or kwargs.get("ring_impl") == "pull"
+        if needs_ce and ce_unavailable(device):
+            entry["skipped"] = ce_unavailable(device)
+            continue
+        try:
+            vmesh = meshes.get(u, r, **opts)
+        except Exception as e:  # noqa: BLE001
+            entry["error"] = f"mesh with {opts}: {_err(e)}"
+            continue
+
+        def fn(kwargs=kwargs, vmesh=vmesh):
+            return sequence_parallel_attention(*qkv_l, backend=backend, mesh=vmesh, shard=shard, scale=scale, **kwargs)
+
+        plan.append(_Timed(entry, fn, check=_compare(vmesh, shard, ref, lambda out: out[0])))
+    return plan, default_name
 
 
 def main(args) -> int:
@@ -456,25 +589,10 @@ def run(args, env) -> int:
         if rank == 0:
             ref = backend(q, k, v, scale=scale)[0]
             kres["single_gpu_ms"] = round(_time(lambda: backend(q, k, v, scale=scale), args, device), 3)
+        kres["single_gpu_ms_is"] = START_OF_RUN
         yc_types = args.yunchang_attn_types or YUNCHANG_TYPES.get(key)
-        yc = kres["yunchang"] = {}
-        if args.no_yunchang:
-            yc["skipped"] = "--no-yunchang"
-        elif not yc_types:
-            yc["skipped"] = f"no yunchang attention type matches kernel {key}"
-        else:
-            try:
-                import yunchang  # noqa: F401
-            except Exception as e:  # noqa: BLE001
-                yc["skipped"] = f"yunchang does not import: {_err(e)}"
-            for t in yc_types if "skipped" not in yc and rank == 0 else []:
-                try:
-                    yc[t] = _yunchang_single(t, q, k, v, scale, args, device)
-                except Exception as e:  # noqa: BLE001
-                    yc[t] = {"single_gpu_error": _err(e)}
+        kres["yunchang"] = yc = _yunchang_record(args, key, yc_types)
         dist.barrier()
-        base_ms = _slowest(kres.get("single_gpu_ms", 0.0), device)
-        yc_base = {t: _slowest(yc.get(t, {}).get("single_gpu_ms", 0.0), device) or base_ms for t in yc_types or []}
         if not args.no_diagnostics:
             try:
                 kres["diagnostics_ms"] = _diagnostics(backend, q, k, v, world, scale, args, device)
@@ -487,40 +605,28 @@ def run(args, env) -> int:
                 kres["modes"][mode] = {"skipped": sizes}
                 continue
             u, r = sizes
-            mres = kres["modes"][mode] = {"ulysses": u, "ring": r, "ditfleet": {}}
+            mres = kres["modes"][mode] = {"ulysses": u, "ring": r, "single_gpu": {}, "ditfleet": {}}
             target = TARGETS_4GPU.get(mode) if world == 4 else None
             mesh = meshes.get(u, r)
             q_l, shard = shard_sequence(q, mesh)
             k_l, _ = shard_sequence(k, mesh)
             v_l, _ = shard_sequence(v, mesh)
-            vs, default_name = _with_default(mode, variants(mode, args))
-            plan = []
-            for name, kwargs, opts in vs:
-                entry = mres["ditfleet"][name] = {"kwargs": kwargs}
-                if opts:
-                    entry["mesh_options"] = _mesh_options_record(opts, device)
-                if name == default_name:
-                    entry["is_default"] = True
-                needs_ce = "ce" in (kwargs.get("ulysses_impl"), kwargs.get("ring_impl")) or kwargs.get("ring_impl") == "pull"
-                if needs_ce and ce_unavailable(device):
-                    entry["skipped"] = ce_unavailable(device)
-                    continue
-                try:
-                    vmesh = meshes.get(u, r, **opts)
-                except Exception as e:  # noqa: BLE001
-                    entry["error"] = f"mesh with {opts}: {_err(e)}"
-                    continue
+            plan = [_Timed(mres["single_gpu"], lambda backend=backend: backend(q, k, v, scale=scale), solo=True)]
+            ours, default_name = _ditfleet_plan(mres, mode, u, r, meshes, backend, (q_l, k_l, v_l), shard, scale, ref,
+                                                args, device)
+            plan += ours
+            why = _yunchang_skip(yc, s, h, world, u)
+            mres["yunchang"] = {"skipped": why} if why else {}
+            if not why:  # a yunchang failure is recorded in its entry and never loses ditfleet's numbers
+                plan += _yunchang_plan(mres, yc_types, u, r, env, mesh, shard, (q, k, v), (q_l, k_l, v_l), scale, ref,
+                                       device)
 
-                def fn(kwargs=kwargs, vmesh=vmesh):
-                    return sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=vmesh, shard=shard,
-                                                       scale=scale, **kwargs)
-
-                plan.append((entry, fn, vmesh))
-            for rnd in range(max(1, args.rounds)):
-                for entry, fn, vmesh in plan if rnd % 2 == 0 else plan[::-1]:
-                    if "error" not in entry:
-                        _run_variant(entry, fn, vmesh, shard, ref, base_ms, target, args, device, rank, check=rnd == 0)
+            def after_round(mres=mres, target=target):
+                _speedups(mres, target)
                 save()
+
+            _run_rounds(plan, args, device, rank, after_round)
+            del plan, ours
             timed = {n: e for n, e in mres["ditfleet"].items() if "ms" in e and "error" not in e}
             if timed:
                 best = min(timed, key=lambda n: timed[n]["ms"])
@@ -533,26 +639,6 @@ def run(args, env) -> int:
                 if rank == 0:
                     traceback.print_exc()
             save()
-            if "skipped" in yc:
-                mres["yunchang"] = {"skipped": yc["skipped"]}
-            elif s % world or h % u:
-                mres["yunchang"] = {"skipped": f"yunchang needs S % {world} == 0 and H % {u} == 0 (no padding)"}
-            else:
-                mres["yunchang"] = {}
-                for t in yc_types:
-                    res, ok = {}, True
-                    try:
-                        res = _yunchang_mode(t, u, r, env, mesh, shard, q_l, k_l, v_l, scale, ref, args, device)
-                        res["speedup_vs_own_1gpu"] = round(yc_base[t] / res["ms"], 3) if yc_base[t] else None
-                        if target is not None:
-                            res.update(target=target, target_met=bool(res["speedup_vs_own_1gpu"] >= target))
-                    except Exception as e:  # noqa: BLE001 - a yunchang failure never loses ditfleet's numbers
-                        res, ok = {"error": _err(e)}, False
-                    if not _all_ok(ok, device) and ok:
-                        res["error"] = "failed on another rank"
-                    mres["yunchang"][t] = res
-                    save()
-            save()
             del q_l, k_l, v_l
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -562,36 +648,56 @@ def run(args, env) -> int:
     return 0
 
 
+def _row(key: str, mode: str, name: str, e: dict, prefix: str = "", speedup: str | None = "speedup") -> tuple:
+    """A table row of one timed entry: its ``<prefix>ms`` and the speedup under key ``speedup`` (None: a one-GPU
+    baseline, 1.00)."""
+    if prefix + "ms" not in e:
+        return key, mode, name, (e.get(prefix + "error") or e.get("skipped") or "?")[:60], "", "", ""
+    if speedup is None:
+        sp = "1.00"
+    else:
+        sp = f"{e[speedup]:.2f}" if e.get(speedup) else ""
+        sp += " (vs kernel)" if sp and "speedup_base" in e else ""
+    tgt = "" if e.get("target") is None or prefix else f">={e['target']} {'ok' if e['target_met'] else 'MISSED'}"
+    err = None if prefix else e.get("rel_l2_vs_1gpu")
+    return key, mode, name, f"{e[prefix + 'ms']:.2f}", sp, f"{err:.1e}" if err is not None else "", tgt
+
+
+def _mode_rows(key: str, mode: str, mres: dict) -> list[tuple]:
+    """A mode's rows: its one-GPU median, every variant, yunchang's one-GPU median and run per type, the breakdown."""
+    best = mres.get("best", {}).get("variant")
+    rows = [_row(key, mode, "1 GPU kernel", mres.get("single_gpu", {}), speedup=None)]
+    rows += [_row(key, mode, ("* " if e.get("is_default") else "") + f"ditfleet {i}" + ("  <==" if i == best else ""), e)
+             for i, e in mres["ditfleet"].items()]
+    yc = mres.get("yunchang", {})
+    if "skipped" in yc:
+        rows.append((key, mode, "yunchang", yc["skipped"][:60], "", "", ""))
+    for t, e in yc.items() if "skipped" not in yc else []:
+        rows += [_row(key, mode, f"yunchang {t} 1 GPU", e, prefix="single_gpu_", speedup=None),
+                 _row(key, mode, f"yunchang {t}", e, speedup="speedup_vs_own_1gpu")]
+    if "breakdown_ms" in mres:
+        rows.append((key, mode, "breakdown", ", ".join(f"{k} {v:.2f}" for k, v in mres["breakdown_ms"].items()), "", "", ""))
+    return rows
+
+
 def _print_table(report: dict, world: int, path: Path) -> None:
     env, shape = report["environment"], report["shape"]
     print(f"sp-attention on {world} x {env['card']}: S={shape['seq_len']} H={shape['heads']} D={shape['head_dim']} "
-          f"{shape['dtype']}  (median ms, slowest rank; * = code default, <== fastest of the mode)")
+          f"{shape['dtype']}  (median ms, slowest rank; speedups vs the mode's 1 GPU rows, timed in the same rounds; "
+          "* = code default, <== fastest of the mode)")
     rows = [("kernel", "mode", "impl", "ms", "speedup", "rel L2", "target")]
     winners = []
     for key, kres in report["kernels"].items():
         if "skipped" in kres:
             rows.append((key, "-", "skipped", "; ".join(kres["skipped"])[:60], "", "", ""))
             continue
-        rows.append((key, "1 GPU", "kernel", f"{kres.get('single_gpu_ms', float('nan')):.2f}", "1.00", "", ""))
+        rows.append((key, "1 GPU", "kernel, start of run", f"{kres.get('single_gpu_ms', float('nan')):.2f}", "", "", ""))
         for mode, mres in kres["modes"].items():
             if "skipped" in mres:
                 rows.append((key, mode, "skipped", mres["skipped"][:60], "", "", ""))
                 continue
+            rows += _mode_rows(key, mode, mres)
             best = mres.get("best", {}).get("variant")
-            yc = mres.get("yunchang", {})
-            yc_rows = [("yunchang", yc)] if "skipped" in yc else [(f"yunchang {t}", e) for t, e in yc.items()]
-            ours = [(("* " if e.get("is_default") else "") + f"ditfleet {i}" + ("  <==" if i == best else ""), e)
-                    for i, e in mres["ditfleet"].items()]
-            for name, e in ours + yc_rows:
-                if "ms" not in e:
-                    rows.append((key, mode, name, (e.get("error") or e.get("skipped") or "?")[:60], "", "", ""))
-                    continue
-                sp = e.get("speedup", e.get("speedup_vs_own_1gpu"))
-                tgt = "" if e.get("target") is None else f">={e['target']} {'ok' if e['target_met'] else 'MISSED'}"
-                err = e.get("rel_l2_vs_1gpu")
-                rows.append((key, mode, name, f"{e['ms']:.2f}", f"{sp:.2f}" if sp else "", f"{err:.1e}" if err is not None else "", tgt))
-            if "breakdown_ms" in mres:
-                rows.append((key, mode, "breakdown", ", ".join(f"{k} {v:.2f}" for k, v in mres["breakdown_ms"].items()), "", "", ""))
             if best:
                 e = mres["ditfleet"][best]
                 winners.append(f"{key} {mode}: {best} {e['ms']:.2f} ms ({e.get('speedup') or 0:.2f}x"

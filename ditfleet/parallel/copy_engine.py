@@ -201,6 +201,7 @@ class CudaLink:
         self.epoch = 0
         self.layout = None
         self._bases: tuple = (None, [], [])  # (data handle, per-rank byte views, per-rank flag views)
+        self.memo: dict = {}  # the caller's per-shape plans (views of these buffers): emptied when they move
 
     @classmethod
     def get(cls, group, size: int, rank: int, device: torch.device) -> CudaLink:
@@ -235,6 +236,7 @@ class CudaLink:
             self.epoch = 0
         self.data.ensure(nbytes, self.device)
         if self._bases[0] is not self.data.handle:  # every rank's buffers as flat views, made once per allocation
+            self.memo.clear()
             n = self.data.nbytes
             self._bases = (self.data.handle, [self.data.view(r, (n,), torch.uint8) for r in range(self.size)],
                            [self.flags.view(r, (self.flags.nbytes // 4,), torch.int32) for r in range(self.size)])
@@ -249,22 +251,24 @@ class CudaLink:
         return self._bases[2][rank][index:index + 1]
 
     @staticmethod
-    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-        from .cuda_driver import copy_rows
+    def copier(dst: torch.Tensor):
+        """A prepared copy into ``dst`` (:class:`~ditfleet.parallel.cuda_driver.Copy2D`):
+        ``copier(dst)(src, offset, pitch, stream)``."""
+        from .cuda_driver import Copy2D
 
-        copy_rows(dst, src)
+        return Copy2D(dst)
 
     @staticmethod
-    def signal(flag: torch.Tensor, value: int) -> None:
+    def signal(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
         from .cuda_driver import write_flag
 
-        write_flag(flag, value)
+        write_flag(flag, value, stream)
 
     @staticmethod
-    def wait(flag: torch.Tensor, value: int) -> None:
+    def wait(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
         from .cuda_driver import wait_flag
 
-        wait_flag(flag, value)
+        wait_flag(flag, value, stream)
 
 
 # ---------------------------------------------------------------- ring over copy engines

@@ -1,6 +1,6 @@
 """The three CUDA driver calls the copy-engine transports need, through ``ctypes`` (no build step).
 
-* :func:`copy_rows`: ``cuMemcpy2DAsync`` -- a strided 2-D copy (rows of ``width`` bytes, each side
+* :func:`copy_rows` / :class:`Copy2D`: ``cuMemcpy2DAsync`` -- a strided 2-D copy (rows of ``width`` bytes, each side
   with its own pitch) that the driver runs on a copy engine, between this GPU's memory and a
   peer's memory mapped into this process (symmetric memory). No SM is used, so it runs beside an
   attention kernel that fills every SM; and it packs/unpacks heads on the fly, so no copy kernel
@@ -11,7 +11,11 @@
   reaches a value, handled by the stream's front end: no kernel, so a wait queued beside a running
   kernel costs nothing and cannot be starved of SMs (the symmetric-memory barrier is a kernel).
 
-All three act on the current CUDA stream of the tensors' device. CUDA only.
+Each acts on the current CUDA stream of the tensors' device, or on the stream whose raw handle
+(``torch.cuda.Stream.cuda_stream``) is passed. :class:`Copy2D` prepares a copy into a fixed
+destination once and patches only the source at each call: a few microseconds of host time per
+copy instead of tens (the copies of a Ulysses call are issued before its first kernel can start,
+so their host time is on the critical path). CUDA only.
 """
 
 from __future__ import annotations
@@ -112,14 +116,56 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     _check(_driver().memcpy2d(ctypes.byref(p), stream), f"cuMemcpy2DAsync ({rows} rows of {width} bytes)")
 
 
-def write_flag(flag: torch.Tensor, value: int) -> None:
-    """The current stream sets the int32 ``flag`` (one element; may be a peer's, mapped here) to ``value``
-    once its earlier work is done and visible."""
-    stream = torch.cuda.current_stream(flag.device).cuda_stream
+class Copy2D:
+    """A 2-D copy-engine copy into a fixed destination, prepared once; each call names the source.
+
+    Args:
+        dst: ``[R, W]`` CUDA tensor with contiguous rows (this GPU's memory or a peer's mapped here);
+            kept alive by this object.
+
+    Calling ``copy(src, offset, pitch, stream=None)`` copies the ``R`` rows of ``W`` elements that start
+    ``offset`` elements into the contiguous tensor ``src`` (dst's dtype), ``pitch`` elements apart, on
+    the stream with raw handle ``stream`` (``None``: the current stream). The rows must lie inside
+    ``src``.
+    """
+
+    def __init__(self, dst: torch.Tensor):
+        rows, width, dpitch = rows_layout(dst)
+        self.dst, self.rows, self.cols = dst, rows, dst.shape[1]
+        self.dtype, self.esz = dst.dtype, dst.element_size()
+        self.params = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, dstMemoryType=_MEMORYTYPE_DEVICE,
+                                dstDevice=dst.data_ptr(), dstPitch=dpitch, WidthInBytes=width, Height=rows)
+        self._ref = ctypes.byref(self.params)
+        self._fn = _driver().memcpy2d
+
+    def __call__(self, src: torch.Tensor, offset: int, pitch: int, stream: int | None = None) -> None:
+        if src.dtype != self.dtype or not src.is_contiguous():
+            raise ValueError(f"Copy2D: source must be a contiguous {self.dtype} tensor, got {src.dtype} "
+                             f"(contiguous: {src.is_contiguous()})")
+        if self.rows == 0 or self.cols == 0:
+            return
+        if offset < 0 or pitch < self.cols or offset + (self.rows - 1) * pitch + self.cols > src.numel():
+            raise ValueError(f"Copy2D: {self.rows} rows of {self.cols} from offset {offset}, pitch {pitch}, "
+                             f"fall outside a source of {src.numel()} elements")
+        self.params.srcDevice = src.data_ptr() + offset * self.esz
+        self.params.srcPitch = pitch * self.esz
+        if stream is None:
+            stream = torch.cuda.current_stream(self.dst.device).cuda_stream
+        # the driver reads the parameters when the copy is queued: the struct may change afterwards
+        _check(self._fn(self._ref, stream), f"cuMemcpy2DAsync ({self.rows} rows of {self.cols * self.esz} bytes)")
+
+
+def write_flag(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
+    """The stream (handle ``stream``; ``None``: the current one) sets the int32 ``flag`` (one element; may be
+    a peer's, mapped here) to ``value`` once its earlier work is done and visible."""
+    if stream is None:
+        stream = torch.cuda.current_stream(flag.device).cuda_stream
     _check(_driver().write(stream, flag.data_ptr(), value & 0xFFFFFFFF, _WRITE_DEFAULT), "cuStreamWriteValue32")
 
 
-def wait_flag(flag: torch.Tensor, value: int) -> None:
-    """The current stream waits (no kernel) until the int32 ``flag`` (one element, this GPU's) is at least ``value``."""
-    stream = torch.cuda.current_stream(flag.device).cuda_stream
+def wait_flag(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
+    """The stream (handle ``stream``; ``None``: the current one) waits (no kernel) until the int32 ``flag``
+    (one element, this GPU's) is at least ``value``."""
+    if stream is None:
+        stream = torch.cuda.current_stream(flag.device).cuda_stream
     _check(_driver().wait(stream, flag.data_ptr(), value & 0xFFFFFFFF, _WAIT_GEQ), "cuStreamWaitValue32")

@@ -81,6 +81,21 @@ class Pipeline:
                 if t is not None and t.is_cuda:
                     t.record_stream(stream)
 
+    def used_on_comm(self, index: int, *tensors) -> None:
+        """Declare that comm stream ``index`` uses ``tensors`` (``record_stream``; no-op on CPU)."""
+        if self.cuda:
+            for t in tensors:
+                if t is not None and t.is_cuda:
+                    t.record_stream(self.comms[index])
+
+    def comm_handle(self, index: int = 0) -> int | None:
+        """Raw handle of comm stream ``index`` (for driver calls; ``None`` on CPU)."""
+        return self.comms[index].cuda_stream if self.cuda else None
+
+    def caller_handle(self) -> int | None:
+        """Raw handle of the caller's stream (``None`` on CPU)."""
+        return self.caller.cuda_stream if self.cuda else None
+
     def on_comm(self, index: int = 0):
         """Context: make comm stream ``index`` current (no-op on CPU)."""
         return torch.cuda.stream(self.comms[index]) if self.cuda else contextlib.nullcontext()

@@ -7,18 +7,19 @@ packing kernels and barriers on the side stream, serialized and lost. Here the t
 synchronization take no SM; the only kernels besides attention are local copies:
 
 * **in**: for each head group ``g`` and each peer ``p``, rank ``me`` pushes the rows of its
-  sequence chunk for ``p``'s heads of group ``g`` straight into ``p``'s *inbox* (symmetric
-  memory), at the position of chunk ``me`` in the kernel's ``[B, U*S, hg, D]`` inputs: one
-  strided copy-engine copy per (tensor, batch) (:func:`~ditfleet.parallel.cuda_driver.copy_rows`
+  sequence chunk for ``p``'s heads of group ``g`` straight into ``p``'s *inbox*
+  (symmetric memory), at the position of chunk ``me`` in the kernel's ``[B, U*S, hg, D]`` inputs:
+  one strided copy-engine copy per (tensor, batch) (:class:`~ditfleet.parallel.cuda_driver.Copy2D`
   reads rows of ``hg * D`` out of ``[S, H_pad * D]``), then a flag write in ``p``'s flags
-  (``cuStreamWriteValue32``). One side stream per peer, so the transfers to different peers run
-  in parallel; group 0 is issued first, each later group right after the previous kernel is queued.
-* **kernel**: the caller's stream copies this rank's own rows into its inbox (SM copies, while
-  group 0 travels), then per group waits for the peers' flags (``cuStreamWaitValue32``: no kernel)
-  and runs the kernel on the inbox views; group ``g + 1`` arrives while group ``g`` computes.
-* **out**: after kernel ``g``, per-peer side streams push the output rows of each peer's tokens
-  into that peer's *outbox* ``[B, S, H_pad * D]`` at this rank's head columns (and the LSE into
-  ``[B, H_pad, S]``), then flag them.
+  (``cuStreamWriteValue32``). One side stream per peer, so the transfers run in parallel; group 0
+  is issued before anything else, each later group right after the previous kernel is queued.
+* **kernel**: the caller's stream copies this rank's own rows of every group into its inbox (SM
+  copies, while group 0 travels), then per group waits for the peers' flags
+  (``cuStreamWaitValue32``: no kernel) and runs the kernel on the inbox views; group ``g + 1``
+  arrives while group ``g`` computes.
+* **out**: after kernel ``g``, the same per-peer streams (behind group ``g + 1``'s inputs) push the
+  output rows of each peer's tokens into that peer's *outbox* ``[B, S, H_pad * D]`` at this rank's
+  head columns (and the LSE into ``[B, H_pad, S]``), then flag them.
 * **unpack**: an SM side stream copies this rank's own output rows of group ``g`` and, once their
   flags are up, the peers' columns of group ``g - 1`` out of the outbox into the result. Queued
   beside kernel ``g + 1``, these small copies run as its last wave frees SMs; only the last
@@ -37,9 +38,18 @@ A rank that fails in the middle of a call leaves its peers' streams waiting on f
 come (a stream wait has no timeout): as after a failed NCCL collective, the process group must be
 torn down (the engine rebuilds its workers). The transport (buffers, copies, flags) is a *link*: :class:`~ditfleet.parallel.
 copy_engine.CudaLink` on GPUs; the CPU tests pass a thread stand-in with the same methods.
+
+Host time matters: a call's first kernel can start only once every rank has *issued* its group-0
+pushes, and issuing them tensor op by tensor op (views, slices, a driver struct per copy) cost
+~0.16 ms per destination, ~1.5 ms before the first kernel (measured on 4 x H100,
+``benchmarks/probe_ulysses.py``). Everything that depends only on the call's shapes -- views of
+every rank's buffers, flags, prepared copies -- is therefore built once per shape (:class:`_Plan`,
+kept in ``link.memo``), and a call only patches source addresses into prepared copies.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
@@ -62,6 +72,80 @@ def _flag_out(g: int, src: int, u: int) -> int:
     return (FLAG_GROUPS + g) * u + src
 
 
+@lru_cache(maxsize=64)
+def _layout(b: int, u: int, s_q: int, s_k: int, h_pad: int, d: int, esz: int, groups: tuple, lse: bool):
+    """Element offsets in one rank's buffer: per head group the inbox (the kernel's q ``[B, U*S_q, hg*D]``
+    and kv ``[2, B, U*S_k, hg*D]``), then the outbox ``[B, S_q, H_pad*D]``, then the LSE box
+    ``[B, H_pad, S_q]`` (float32 elements, 16-byte aligned). Returns ``(in_offsets, out_off, lse_off, nbytes)``."""
+    in_off, off = [], 0
+    for h0, h1 in groups:
+        in_off.append(off)
+        off += b * u * (s_q + 2 * s_k) * (h1 - h0) * d
+    out_off = off
+    off += b * s_q * h_pad * d
+    lse_off = -(-off * esz // 16) * 4
+    return tuple(in_off), out_off, lse_off, lse_off * 4 + (b * h_pad * s_q * 4 if lse else 0)
+
+
+class _Plan:
+    """Everything about one call shape that does not depend on the call's tensors, built once per shape
+    (and again when the link's buffers move): the views of every rank's inbox and outbox, the flags,
+    and a prepared copy (``link.copier``) per destination, with the source offset and pitch each call
+    applies to its own q, k, v and outputs. A call then costs a few microseconds of host time per copy.
+    """
+
+    def __init__(self, link, u: int, me: int, b: int, s_q: int, s_k: int, h_pad: int, d: int, dt, groups, lse: bool):
+        h = h_pad // u
+        in_off, out_off, lse_off, _ = _layout(b, u, s_q, s_k, h_pad, d, torch.empty((), dtype=dt).element_size(),
+                                              tuple(groups), lse)
+        self.peers = [(me + i) % u for i in range(1, u)]
+        self.kernel_in, self.wait_in, self.push, self.own, self.out_push, self.wait_out, self.unpack = ([] for _ in range(7))
+        w_row = h_pad * d  # elements per token row of q, k, v and of the outbox
+        obs = [link.view(p, (b, s_q, w_row), dt, out_off) for p in range(u)]
+        lbs = [link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if lse else None for p in range(u)]
+        for gi, (h0, h1) in enumerate(groups):
+            hg = h1 - h0
+            w = hg * d
+
+            def inbox(rank: int):
+                return (link.view(rank, (b, u * s_q, w), dt, in_off[gi]),
+                        link.view(rank, (2, b, u * s_k, w), dt, in_off[gi] + b * u * s_q * w))
+
+            qb, kvb = inbox(me)
+            self.kernel_in.append((qb.view(b, u * s_q, hg, d), kvb.view(2, b, u * s_k, hg, d)))
+            self.wait_in.append([link.flag(me, _flag_in(gi, p, u)) for p in self.peers])
+            # my own rows of q, k, v for my heads (SM copies, see ulysses_ce_forward): (dst, which, bi, col)
+            self.own.append([(dst, j, bi, (me * h + h0) * d) for bi in range(b)
+                             for j, dst in enumerate((qb[bi, me * s_q:(me + 1) * s_q], kvb[0, bi, me * s_k:(me + 1) * s_k],
+                                                      kvb[1, bi, me * s_k:(me + 1) * s_k]))])
+            pushes = []
+            for t in self.peers:  # my rows of q, k, v for t's heads [h0, h1) -> my chunk's rows of t's inbox
+                tq, tkv = inbox(t)
+                col = (t * h + h0) * d
+                ops = []
+                for bi in range(b):
+                    ops.append((link.copier(tq[bi, me * s_q:(me + 1) * s_q]), 0, bi * s_q * w_row + col, w_row))
+                    for j in (1, 2):
+                        ops.append((link.copier(tkv[j - 1, bi, me * s_k:(me + 1) * s_k]), j, bi * s_k * w_row + col, w_row))
+                pushes.append((link.flag(t, _flag_in(gi, me, u)), ops))
+            self.push.append(pushes)
+            cols = slice((me * h + h0) * d, (me * h + h1) * d)
+            outs = []
+            for p in self.peers:  # the output rows of p's tokens -> my head columns of p's outbox (and LSE rows)
+                ops = []
+                for bi in range(b):
+                    ops.append((link.copier(obs[p][bi][:, cols]), 0, (bi * u * s_q + p * s_q) * w, w))
+                    if lse:
+                        ops.append((link.copier(lbs[p][bi, me * h + h0:me * h + h1]), 1,
+                                    bi * hg * u * s_q + p * s_q, u * s_q))
+                outs.append((link.flag(p, _flag_out(gi, me, u)), ops))
+            self.out_push.append(outs)
+            self.wait_out.append([link.flag(me, _flag_out(gi, p, u)) for p in self.peers])
+            self.unpack.append([((p * h + h0) * d, (p * h + h1) * d, p * h + h0, p * h + h1,
+                                 obs[me][:, :, (p * h + h0) * d:(p * h + h1) * d],
+                                 lbs[me][:, p * h + h0:p * h + h1] if lse else None) for p in self.peers])
+
+
 def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int, link=None):
     """The ``"ce"`` implementation of :func:`~ditfleet.parallel.ulysses.ulysses_forward` (same contract).
 
@@ -72,8 +156,8 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         attend: the kernel on the gathered sequence of one head group.
         return_lse: also return the float32 LSE.
         chunks: head groups (at most ``FLAG_GROUPS``); group ``g + 1`` travels while ``g`` computes.
-        link: the transport (``begin``, ``view``, ``flag``, ``copy``, ``signal``, ``wait``); ``None``:
-            the group's :class:`~ditfleet.parallel.copy_engine.CudaLink` (CUDA).
+        link: the transport (``begin``, ``memo``, ``view``, ``flag``, ``copier``, ``signal``, ``wait``);
+            ``None``: the group's :class:`~ditfleet.parallel.copy_engine.CudaLink` (CUDA).
 
     Returns:
         ``(out [B, S_q, H_pad, D] in q's dtype, lse float32 [B, H_pad, S_q] or None)``.
@@ -82,123 +166,91 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
     b, s_q, h_pad, d = q.shape
     s_k = k.shape[1]
     h = h_pad // u
-    groups = head_groups(h, chunks)
+    groups = tuple(head_groups(h, chunks))
     if len(groups) > FLAG_GROUPS:
         raise ValueError(f"ulysses 'ce' takes at most {FLAG_GROUPS} head groups, got {len(groups)}")
     q, k, v = (t.contiguous() for t in (q, k, v))
-    dt, esz = q.dtype, q.element_size()
-
-    # One buffer per rank: the inbox (per head group, the kernel's q [B, U*S_q, hg*D] and
-    # kv [2, B, U*S_k, hg*D]), then the outbox [B, S_q, H_pad*D], then the LSE box [B, H_pad, S_q].
-    in_off, off = [], 0
-    for h0, h1 in groups:
-        in_off.append(off)
-        off += b * u * (s_q + 2 * s_k) * (h1 - h0) * d
-    out_off = off
-    off += b * s_q * h_pad * d
-    lse_off = -(-off * esz // 16) * 4  # in float32 elements, 16-byte aligned
-    nbytes = lse_off * 4 + (b * h_pad * s_q * 4 if return_lse else 0)
+    dt = q.dtype
+    _, out_off, lse_off, nbytes = _layout(b, u, s_q, s_k, h_pad, d, q.element_size(), groups, return_lse)
     if link is None:
         from .copy_engine import CudaLink
 
         link = CudaLink.get(comm.group, u, me, q.device)
     epoch = link.begin(nbytes, layout=(out_off, lse_off))
+    key = (b, s_q, s_k, h_pad, d, dt, groups, return_lse)
+    plan = link.memo.get(key)
+    if plan is None:
+        plan = link.memo[key] = _Plan(link, u, me, b, s_q, s_k, h_pad, d, dt, groups, return_lse)
 
-    def inbox(rank: int, gi: int):
-        w = (groups[gi][1] - groups[gi][0]) * d
-        return (link.view(rank, (b, u * s_q, w), dt, in_off[gi]),
-                link.view(rank, (2, b, u * s_k, w), dt, in_off[gi] + b * u * s_q * w))
-
-    def slots(box, bi: int, owner: int):
-        """The rows of ``owner``'s chunk in an inbox, for q, k, v of batch ``bi`` (each ``[S, hg*D]``)."""
-        qb, kvb = box
-        return (qb[bi, owner * s_q:(owner + 1) * s_q], kvb[0, bi, owner * s_k:(owner + 1) * s_k],
-                kvb[1, bi, owner * s_k:(owner + 1) * s_k])
-
-    rows = [t.view(b, t.shape[1], h_pad * d) for t in (q, k, v)]
-
-    def mine_for(bi: int, p: int, h0: int, h1: int):
-        """My rows of q, k, v for rank ``p``'s heads ``[h0, h1)`` (each ``[S, hg*D]``, pitch ``H_pad*D``)."""
-        return [x[bi][:, (p * h + h0) * d:(p * h + h1) * d] for x in rows]
-
-    peers = [(me + i) % u for i in range(1, u)]
-    n_side = max(1, len(peers))
-    pin = Pipeline(q, "ulysses_ce.in", comm_streams=n_side)  # one push stream per peer: transfers run in parallel
-    pout = Pipeline(q, "ulysses_ce.out", comm_streams=n_side)
-    unpack = Pipeline(q, "ulysses_ce.unpack")  # SM copies of finished groups, queued behind the running kernel
-    pin.keep(q, k, v)
+    # One stream per peer carries both directions: group g + 1's inputs are queued on it before group
+    # g's outputs (which wait for kernel g), so a push never sits behind a wait for a kernel that
+    # has not finished. (With separate in and out streams, or with streams that share one of the
+    # GPU's hardware queues, measured: inputs held back until the previous kernel ended, then
+    # 0.3-0.6 ms gaps between kernels.) Group 0 goes out before anything else is issued.
+    pipe = Pipeline(q, "ulysses_ce.peers", comm_streams=max(1, u - 1))
+    hs = [pipe.comm_handle(i) for i in range(u - 1)]
+    srcs = (q, k, v)
 
     def push_in(gi: int) -> None:
-        h0, h1 = groups[gi]
-        for i, p in enumerate(peers):
-            with pin.on_comm(i):
-                box = inbox(p, gi)
-                for bi in range(b):
-                    for dst, src in zip(slots(box, bi, me), mine_for(bi, p, h0, h1)):
-                        link.copy(dst, src)
-                link.signal(link.flag(p, _flag_in(gi, me, u)), epoch)
+        for i, (flag, ops) in enumerate(plan.push[gi]):
+            for op, which, offset, pitch in ops:
+                op(srcs[which], offset, pitch, hs[i])
+            link.signal(flag, epoch, hs[i])
 
+    push_in(0)
+    pipe.keep(q, k, v)
+    # My own rows of every group, by SM copies on the caller's stream while group 0 travels. (Not
+    # by copy engine: a 2-D copy within one GPU runs as a kernel, which gets no SM behind a running
+    # attention kernel and holds up the copies queued behind it on the same engine -- measured.)
+    rows = [t.view(b, t.shape[1], h_pad * d) for t in srcs]
+    for gi, (h0, h1) in enumerate(groups):
+        w = (h1 - h0) * d
+        for dst, which, bi, col in plan.own[gi]:
+            dst.copy_(rows[which][bi, :, col:col + w])
     out = q.new_empty((b, s_q, h_pad, d))
     out_rows = out.view(b, s_q, h_pad * d)
     lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    # every rank's outbox (mine is read here, the peers' are written), viewed once per call
-    obs = [link.view(p, (b, s_q, h_pad * d), dt, out_off) for p in range(u)]
-    lbs = [link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if return_lse else None for p in range(u)]
-    ob, lb = obs[me], lbs[me]
+    caller = pipe.caller_handle()
+    unpack = None
 
     def unpack_group(gi: int) -> None:
         """Copy the peers' columns of head group ``gi`` out of my outbox (on the current stream)."""
-        h0, h1 = groups[gi]
-        for p in peers:
-            link.wait(link.flag(me, _flag_out(gi, p, u)), epoch)
-        for p in peers:
-            cols = slice((p * h + h0) * d, (p * h + h1) * d)
-            out_rows[:, :, cols].copy_(ob[:, :, cols])
-            if lb is not None:
-                lse[:, p * h + h0:p * h + h1].copy_(lb[:, p * h + h0:p * h + h1])
+        for flag in plan.wait_out[gi]:
+            link.wait(flag, epoch)
+        for c0, c1, l0, l1, ob_cols, lb_rows in plan.unpack[gi]:
+            out_rows[:, :, c0:c1].copy_(ob_cols)
+            if lb_rows is not None:
+                lse[:, l0:l1].copy_(lb_rows)
 
-    # The order of issue matters only for the host: group 0's pushes go out first, each later group's
-    # right after the previous kernel is queued (the kernel runs for milliseconds; issuing takes less).
-    push_in(0)
-    for gi, (h0, h1) in enumerate(groups):  # my own rows, on this GPU, while group 0 travels
-        box = inbox(me, gi)
-        for bi in range(b):
-            for dst, src in zip(slots(box, bi, me), mine_for(bi, me, h0, h1)):
-                dst.copy_(src)
     for gi, (h0, h1) in enumerate(groups):
-        for p in peers:
-            link.wait(link.flag(me, _flag_in(gi, p, u)), epoch)
-        hg = h1 - h0
-        qb, kvb = inbox(me, gi)
-        o, l = attend(qb.view(b, u * s_q, hg, d), kvb.view(2, b, u * s_k, hg, d), return_lse, (h0, h1))
-        o = o.contiguous().view(b, u * s_q, hg * d)
+        for flag in plan.wait_in[gi]:
+            link.wait(flag, epoch, caller)
+        qb, kvb = plan.kernel_in[gi]
+        o, l = attend(qb, kvb, return_lse, (h0, h1))
+        o = o.contiguous().view(b, u * s_q, (h1 - h0) * d)
         l = l.float().contiguous() if return_lse else None
-        done = pout.mark()
-        for i, p in enumerate(peers):  # outputs home, behind the kernel
-            with pout.on_comm(i):
-                pout.comm_wait(done, i)
-                pout.used_here(o, l)
-                pob, plb = obs[p], lbs[p]
-                cols = slice((me * h + h0) * d, (me * h + h1) * d)
-                for bi in range(b):
-                    link.copy(pob[bi][:, cols], o[bi, p * s_q:(p + 1) * s_q])
-                    if plb is not None:
-                        link.copy(plb[bi, me * h + h0:me * h + h1], l[bi, :, p * s_q:(p + 1) * s_q])
-                link.signal(link.flag(p, _flag_out(gi, me, u)), epoch)
         if gi + 1 < len(groups):
             push_in(gi + 1)
+        if unpack is None:  # made after the first kernel is queued: its set-up is off the critical path
+            unpack = Pipeline(q, "ulysses_ce.unpack")  # SM copies of finished groups, behind the running kernel
+        done = pipe.mark()
+        outs = (o, l)
+        for i, (flag, ops) in enumerate(plan.out_push[gi]):  # outputs home, behind the kernel
+            pipe.comm_wait(done, i)
+            pipe.used_on_comm(i, o, l)
+            for op, which, offset, pitch in ops:
+                op(outs[which], offset, pitch, hs[i])
+            link.signal(flag, epoch, hs[i])
         with unpack.on_comm():  # my own rows of this group, and the peers' columns of the previous one
             unpack.comm_wait(done)
             unpack.used_here(o, l)
-            cols = slice((me * h + h0) * d, (me * h + h1) * d)
-            out_rows[:, :, cols].copy_(o[:, me * s_q:(me + 1) * s_q])
+            out_rows[:, :, (me * h + h0) * d:(me * h + h1) * d].copy_(o[:, me * s_q:(me + 1) * s_q])
             if l is not None:
                 lse[:, me * h + h0:me * h + h1].copy_(l[:, :, me * s_q:(me + 1) * s_q])
             if gi > 0:
                 unpack_group(gi - 1)
-        del o, l
+        del o, l, outs
     unpack_group(len(groups) - 1)  # the last group's columns: the only copy after the last kernel
-    pin.finish()
-    pout.finish()
+    pipe.finish()
     unpack.finish()
     return out, lse
