@@ -79,7 +79,7 @@ def sequence_parallel_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    ulysses_chunks: int = 1,
+    ulysses_chunks: int | None = None,
     ulysses_impl: str = "auto",
     ring_impl: str = "auto",
     ring_chunks: int = 5,
@@ -104,7 +104,10 @@ def sequence_parallel_attention(
         kv_shard: the key sequence's shard; ``None`` means ``shard`` (self-attention).
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
-        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap, the default).
+        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap). ``None``
+            (the default): Ulysses picks by implementation (:func:`~ditfleet.parallel.ulysses.default_chunks`:
+            groups of two heads on ``"ce"``, one group on NCCL); USP takes one group (each group
+            would run a whole ring).
         ulysses_impl: ``"auto"`` (the default: ``"ce"`` where the Ulysses group is on one host with
             CUDA symmetric memory and peer access, else ``"p2p"``), ``"ce"`` (CUDA: copy-engine pushes
             into symmetric memory, flags instead of barriers: no SM spent on transfers), ``"p2p"``
@@ -170,7 +173,7 @@ def sequence_parallel_attention(
             block_mask=block_mask,
         )
     return _usp(q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale,
-                return_lse=return_lse, chunks=ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl,
+                return_lse=return_lse, chunks=1 if ulysses_chunks is None else ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl,
                 ring_chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl, block_mask=block_mask)
 
 

@@ -144,6 +144,21 @@ class _Plan:
             self.unpack.append([((p * h + h0) * d, (p * h + h1) * d, p * h + h0, p * h + h1,
                                  obs[me][:, :, (p * h + h0) * d:(p * h + h1) * d],
                                  lbs[me][:, p * h + h0:p * h + h1] if lse else None) for p in self.peers])
+        # Equal groups lie equally spaced in the inbox: my own rows of all groups are then one strided
+        # view per tensor ([G, B, S, hg*D]), filled by one copy each instead of one per group.
+        self.own_all = None
+        sizes = {h1 - h0 for h0, h1 in groups}
+        if len(groups) > 1 and len(sizes) == 1:
+            w = sizes.pop() * d
+            span = in_off[1] - in_off[0]
+            base = link.view(me, (in_off[-1] + span,), dt, 0)
+            o0 = base.storage_offset() + in_off[0]
+
+            def rows_of(offset: int, s: int):
+                return base.as_strided((len(groups), b, s, w), (span, u * s * w, w, 1), o0 + offset)
+
+            self.own_all = (rows_of(me * s_q * w, s_q), rows_of(b * u * s_q * w + me * s_k * w, s_k),
+                            rows_of(b * u * s_q * w + b * u * s_k * w + me * s_k * w, s_k))
 
 
 def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int, link=None):
@@ -203,15 +218,17 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
     # by copy engine: a 2-D copy within one GPU runs as a kernel, which gets no SM behind a running
     # attention kernel and holds up the copies queued behind it on the same engine -- measured.)
     rows = [t.view(b, t.shape[1], h_pad * d) for t in srcs]
-    for gi, (h0, h1) in enumerate(groups):
-        w = (h1 - h0) * d
-        for dst, which, bi, col in plan.own[gi]:
-            dst.copy_(rows[which][bi, :, col:col + w])
-    out = q.new_empty((b, s_q, h_pad, d))
-    out_rows = out.view(b, s_q, h_pad * d)
-    lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
+    if plan.own_all is not None:
+        mine = slice(me * h * d, (me + 1) * h * d)
+        for dst, x in zip(plan.own_all, rows):
+            dst.copy_(x[:, :, mine].view(b, x.shape[1], len(groups), -1).permute(2, 0, 1, 3))
+    else:
+        for gi, (h0, h1) in enumerate(groups):
+            w = (h1 - h0) * d
+            for dst, which, bi, col in plan.own[gi]:
+                dst.copy_(rows[which][bi, :, col:col + w])
     caller = pipe.caller_handle()
-    unpack = None
+    out = lse = out_rows = unpack = None
 
     def unpack_group(gi: int) -> None:
         """Copy the peers' columns of head group ``gi`` out of my outbox (on the current stream)."""
@@ -231,8 +248,11 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         l = l.float().contiguous() if return_lse else None
         if gi + 1 < len(groups):
             push_in(gi + 1)
-        if unpack is None:  # made after the first kernel is queued: its set-up is off the critical path
+        if unpack is None:  # made after the first kernel is queued: their set-up is off the critical path
             unpack = Pipeline(q, "ulysses_ce.unpack")  # SM copies of finished groups, behind the running kernel
+            out = q.new_empty((b, s_q, h_pad, d))
+            out_rows = out.view(b, s_q, h_pad * d)
+            lse = torch.empty((b, h_pad, s_q), dtype=torch.float32, device=q.device) if return_lse else None
         done = pipe.mark()
         outs = (o, l)
         for i, (flag, ops) in enumerate(plan.out_push[gi]):  # outputs home, behind the kernel
