@@ -98,6 +98,7 @@ def _world2(rank, world):
         check_case(mesh, s_q=64, s_k=64, h=4, label=name)                  # divisible
         check_case(mesh, s_q=1001, s_k=515, h=6, seed=1, label=name)       # q length != kv length
     check_case(u, s_q=301, s_k=301, h=6, chunks=2, label="ulysses overlap")
+    check_case(u, s_q=301, s_k=301, h=6, chunks=None, label="ulysses default chunks")  # None: per implementation
     # every variant, batch 1 (direct receives into the kernel's buffers) and batch 2 (staging)
     for b in (1, 2):
         for impl in ("p2p", "packed"):

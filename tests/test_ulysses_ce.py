@@ -16,7 +16,7 @@ from dist_utils import run_threads
 from ditfleet.attention import reference_attention, resolve
 from ditfleet.bench.common import rel_l2
 from ditfleet.parallel.cuda_driver import rows_layout
-from ditfleet.parallel.ulysses import padded_heads, ulysses_forward
+from ditfleet.parallel.ulysses import default_chunks, padded_heads, ulysses_forward
 from ditfleet.parallel.ulysses_ce import FLAG_GROUPS, flag_count, ulysses_ce_forward
 
 WAIT_S = 60
@@ -206,3 +206,9 @@ def test_shapes_changing_between_calls_wait_for_every_reader():
 def test_unknown_ulysses_impl_is_refused():
     with pytest.raises(ValueError, match="ulysses impl must be one of"):
         ulysses_forward(*(torch.zeros(1, 4, 2, 8),) * 3, comm=None, attend=None, return_lse=False, impl="nccl")
+
+
+def test_default_chunks_pairs_heads_on_ce_only():
+    assert [default_chunks("ce", h) for h in (1, 2, 3, 10, 20)] == [1, 1, 2, 5, 10]
+    assert default_chunks("p2p", 10) == default_chunks("packed", 10) == 1
+

@@ -24,10 +24,10 @@ Implementations (``impl``):
 
 ``chunks > 1`` splits each rank's heads into groups and pipelines them: group ``g + 1``'s
 exchange (and group ``g - 1``'s return) run while the kernel computes group ``g``
-(:mod:`ditfleet.parallel.pipeline` holds the stream rules). The default is one group: measured on
-4 x H100 (S = 75,600, H = 40), pipelined head groups did not beat one group consistently on any
-path (copy engines: five groups 53.2-53.6 ms vs one group 53.0-53.2 ms over three runs; see the
-README's benchmark section).
+(:mod:`ditfleet.parallel.pipeline` holds the stream rules). ``chunks=None`` (the default) picks
+per implementation (:func:`default_chunks`): two-head groups on ``"ce"``, whose transfers take no
+SM, and one group on the NCCL paths, where every pipelined variant measured slower (4 x H100,
+S = 75,600, H = 40; see the README's benchmark section).
 """
 
 from __future__ import annotations
