@@ -57,6 +57,7 @@ from .pipeline import Pipeline
 from .ulysses_packed import Attend, head_groups
 
 FLAG_GROUPS = 64  # head groups one call may use: the flags are allocated once per process group
+MAX_PLANS = 32  # call shapes whose plans a link keeps
 
 
 def flag_count(size: int) -> int:
@@ -96,8 +97,7 @@ class _Plan:
 
     def __init__(self, link, u: int, me: int, b: int, s_q: int, s_k: int, h_pad: int, d: int, dt, groups, lse: bool):
         h = h_pad // u
-        in_off, out_off, lse_off, _ = _layout(b, u, s_q, s_k, h_pad, d, torch.empty((), dtype=dt).element_size(),
-                                              tuple(groups), lse)
+        in_off, out_off, lse_off, _ = _layout(b, u, s_q, s_k, h_pad, d, dt.itemsize, tuple(groups), lse)
         self.peers = [(me + i) % u for i in range(1, u)]
         self.kernel_in, self.wait_in, self.push, self.own, self.out_push, self.wait_out, self.unpack = ([] for _ in range(7))
         w_row = h_pad * d  # elements per token row of q, k, v and of the outbox
@@ -195,6 +195,8 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
     key = (b, s_q, s_k, h_pad, d, dt, groups, return_lse)
     plan = link.memo.get(key)
     if plan is None:
+        if len(link.memo) >= MAX_PLANS:  # many shapes (a server changing resolutions): start over
+            link.memo.clear()
         plan = link.memo[key] = _Plan(link, u, me, b, s_q, s_k, h_pad, d, dt, groups, return_lse)
 
     # One stream per peer carries both directions: group g + 1's inputs are queued on it before group
