@@ -201,9 +201,9 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
 
     # One stream per peer carries both directions: group g + 1's inputs are queued on it before group
     # g's outputs (which wait for kernel g), so a push never sits behind a wait for a kernel that
-    # has not finished. (With separate in and out streams, or with streams that share one of the
-    # GPU's hardware queues, measured: inputs held back until the previous kernel ended, then
-    # 0.3-0.6 ms gaps between kernels.) Group 0 goes out before anything else is issued.
+    # has not finished. (Measured with separate in and out streams: some inputs held back until the
+    # previous kernel ended, then 0.3-0.6 ms gaps between kernels.) Group 0 goes out before anything
+    # else is issued.
     pipe = Pipeline(q, "ulysses_ce.peers", comm_streams=max(1, u - 1))
     hs = [pipe.comm_handle(i) for i in range(u - 1)]
     srcs = (q, k, v)
