@@ -54,6 +54,15 @@ def _require_ce(device: torch.device) -> None:
 _USABLE: dict[tuple[int, str], bool] = {}
 
 
+def _quiesce(group, device: torch.device) -> None:
+    """Every rank of ``group`` has finished all its queued work on ``device`` (host sync, barrier, host sync)."""
+    import torch.distributed as dist
+
+    torch.cuda.synchronize(device)
+    dist.barrier(group=group, device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    torch.cuda.synchronize(device)
+
+
 def _group_key(group) -> tuple[int, str]:
     # the object and its name: torch reuses group names after destroy_process_group
     return (id(group), group.group_name)
@@ -159,11 +168,7 @@ class SymmBuffer:
         if enable is not None:
             enable(self.group.group_name)
         if self.handle is not None:  # growing: no rank may still read or write the old buffers
-            import torch.distributed as dist
-
-            torch.cuda.synchronize(device)
-            dist.barrier(group=self.group, device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
-            torch.cuda.synchronize(device)
+            _quiesce(self.group, device)
         self.handle = None
         self.storage = None
         self.storage = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
@@ -217,22 +222,15 @@ class CudaLink:
         ``layout``: where the regions start; when it differs from the last call's, every rank's work so
         far completes before anyone goes on (a host sync and a barrier: only when shapes change).
         """
-        import torch.distributed as dist
-
         if self.layout is not None and layout != self.layout:
-            torch.cuda.synchronize(self.device)
-            dist.barrier(group=self.group, device_ids=[self.device.index if self.device.index is not None
-                                                       else torch.cuda.current_device()])
-            torch.cuda.synchronize(self.device)
+            _quiesce(self.group, self.device)
         self.layout = layout
         if self.flags.handle is None:  # first call: zeroed flags on every rank before anyone writes one
             from .ulysses_ce import flag_count
 
             self.flags.ensure(flag_count(self.size) * 4, self.device)
             self.flags.view(self.rank, (flag_count(self.size),), torch.int32).zero_()
-            torch.cuda.synchronize(self.device)
-            dist.barrier(group=self.group, device_ids=[self.device.index if self.device.index is not None
-                                                       else torch.cuda.current_device()])
+            _quiesce(self.group, self.device)
             self.epoch = 0
         self.data.ensure(nbytes, self.device)
         if self._bases[0] is not self.data.handle:  # every rank's buffers as flat views, made once per allocation
