@@ -43,6 +43,13 @@ def side_stream(device: torch.device, name: str, priority: int = 0) -> torch.cud
     return stream
 
 
+def _record(stream: torch.cuda.Stream, tensors) -> None:
+    """``record_stream`` of every CUDA tensor in ``tensors`` (``None`` entries skipped) on ``stream``."""
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            t.record_stream(stream)
+
+
 class Pipeline:
     """Streams, events and buffer lifetimes of one pipelined call (see the module docstring).
 
@@ -76,17 +83,12 @@ class Pipeline:
     def used_here(self, *tensors) -> None:
         """Declare that the current stream uses ``tensors`` (allocated on another stream): ``record_stream``."""
         if self.cuda:
-            stream = torch.cuda.current_stream()
-            for t in tensors:
-                if t is not None and t.is_cuda:
-                    t.record_stream(stream)
+            _record(torch.cuda.current_stream(), tensors)
 
     def used_on_comm(self, index: int, *tensors) -> None:
         """Declare that comm stream ``index`` uses ``tensors`` (``record_stream``; no-op on CPU)."""
         if self.cuda:
-            for t in tensors:
-                if t is not None and t.is_cuda:
-                    t.record_stream(self.comms[index])
+            _record(self.comms[index], tensors)
 
     def comm_handle(self, index: int = 0) -> int | None:
         """Raw handle of comm stream ``index`` (for driver calls; ``None`` on CPU)."""
