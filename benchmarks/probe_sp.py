@@ -90,7 +90,7 @@ def main() -> None:
     ms = time_cuda(pull_all, warmup=2, iters=args.iters)["median_ms"]
     res[f"ce pull GB/s ({len(peers)} x 96 MiB, one stream)"] = len(peers) * (96 << 20) / (ms * 1e-3) / 1e9
     # strided 2-D pushes (cuMemcpy2DAsync) into every peer, rows of `width` bytes out of 10240-byte rows
-    from ditfleet.parallel.cuda_driver import copy_rows
+    from ditfleet.parallel.cuda_driver import Copy2D
 
     src = torch.empty(18900 * 10240, dtype=torch.uint8, device=dev).view(18900, 10240)
     dist.barrier()
@@ -98,7 +98,7 @@ def main() -> None:
         def push_all(width=width):
             for p in peers:
                 dst = buf.view(p, (18900 * width,), torch.uint8).view(18900, width)
-                copy_rows(dst, src[:, :width])
+                Copy2D(dst)(src, 0, 10240)  # the first `width` bytes of each 10240-byte row
 
         ms = time_cuda(push_all, warmup=2, iters=args.iters)["median_ms"]
         res[f"ce 2-D push GB/s, rows of {width} B ({len(peers)} peers x 18900 rows, one stream)"] = (

@@ -1,6 +1,6 @@
 """The three CUDA driver calls the copy-engine transports need, through ``ctypes`` (no build step).
 
-* :func:`copy_rows` / :class:`Copy2D`: ``cuMemcpy2DAsync`` -- a strided 2-D copy (rows of ``width`` bytes, each side
+* :class:`Copy2D`: ``cuMemcpy2DAsync`` -- a strided 2-D copy (rows of ``width`` bytes, each side
   with its own pitch) that the driver runs on a copy engine, between this GPU's memory and a
   peer's memory mapped into this process (symmetric memory). No SM is used, so it runs beside an
   attention kernel that fills every SM; and it packs/unpacks heads on the fly, so no copy kernel
@@ -94,26 +94,6 @@ def rows_layout(t: torch.Tensor) -> tuple[int, int, int]:
     if pitch < cols * esz:
         raise ValueError(f"rows overlap: pitch {pitch} < width {cols * esz} bytes")
     return rows, cols * esz, pitch
-
-
-def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for 2-D views with contiguous rows, as one copy-engine transfer on the current stream.
-
-    Args:
-        dst: ``[R, C]`` CUDA tensor (this GPU's memory or a peer's mapped here), ``dst.stride(1) == 1``.
-        src: ``[R, C]`` same dtype, same condition.
-    """
-    if dst.shape != src.shape or dst.dtype != src.dtype:
-        raise ValueError(f"copy_rows: {tuple(dst.shape)} {dst.dtype} <- {tuple(src.shape)} {src.dtype}")
-    if dst.numel() == 0:
-        return
-    rows, width, dpitch = rows_layout(dst)
-    _, _, spitch = rows_layout(src)
-    p = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, srcDevice=src.data_ptr(), srcPitch=spitch,
-                  dstMemoryType=_MEMORYTYPE_DEVICE, dstDevice=dst.data_ptr(), dstPitch=dpitch,
-                  WidthInBytes=width, Height=rows)
-    stream = torch.cuda.current_stream(dst.device).cuda_stream
-    _check(_driver().memcpy2d(ctypes.byref(p), stream), f"cuMemcpy2DAsync ({rows} rows of {width} bytes)")
 
 
 class Copy2D:
