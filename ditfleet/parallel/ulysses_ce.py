@@ -101,6 +101,20 @@ class _Plan:
         self.peers = [(me + i) % u for i in range(1, u)]
         self.kernel_in, self.wait_in, self.push, self.own, self.out_push, self.wait_out, self.unpack = ([] for _ in range(7))
         w_row = h_pad * d  # elements per token row of q, k, v and of the outbox
+        # Equal groups lie equally spaced in the inbox: my own rows of all groups are then one strided
+        # view per tensor ([G, B, S, hg*D]), filled by one copy each; unequal groups, per group and batch.
+        sizes = {h1 - h0 for h0, h1 in groups}
+        self.own_all = None
+        if len(sizes) == 1:
+            w = sizes.pop() * d
+            span = b * u * (s_q + 2 * s_k) * w  # one group's inbox
+            base = link.view(me, (len(groups) * span,), dt, in_off[0])
+
+            def rows_of(offset: int, s: int):
+                return base.as_strided((len(groups), b, s, w), (span, u * s * w, w, 1), base.storage_offset() + offset)
+
+            self.own_all = (rows_of(me * s_q * w, s_q), rows_of(b * u * s_q * w + me * s_k * w, s_k),
+                            rows_of(b * u * s_q * w + b * u * s_k * w + me * s_k * w, s_k))
         obs = [link.view(p, (b, s_q, w_row), dt, out_off) for p in range(u)]
         lbs = [link.view(p, (b, h_pad, s_q), torch.float32, lse_off) if lse else None for p in range(u)]
         for gi, (h0, h1) in enumerate(groups):
@@ -114,10 +128,10 @@ class _Plan:
             qb, kvb = inbox(me)
             self.kernel_in.append((qb.view(b, u * s_q, hg, d), kvb.view(2, b, u * s_k, hg, d)))
             self.wait_in.append([link.flag(me, _flag_in(gi, p, u)) for p in self.peers])
-            # my own rows of q, k, v for my heads (SM copies, see ulysses_ce_forward): (dst, which, bi, col)
-            self.own.append([(dst, j, bi, (me * h + h0) * d) for bi in range(b)
-                             for j, dst in enumerate((qb[bi, me * s_q:(me + 1) * s_q], kvb[0, bi, me * s_k:(me + 1) * s_k],
-                                                      kvb[1, bi, me * s_k:(me + 1) * s_k]))])
+            if self.own_all is None:  # my own rows of q, k, v for my heads (SM copies): (dst, which, bi, col)
+                self.own.append([(dst, j, bi, (me * h + h0) * d) for bi in range(b)
+                                 for j, dst in enumerate((qb[bi, me * s_q:(me + 1) * s_q], kvb[0, bi, me * s_k:(me + 1) * s_k],
+                                                          kvb[1, bi, me * s_k:(me + 1) * s_k]))])
             pushes = []
             for t in self.peers:  # my rows of q, k, v for t's heads [h0, h1) -> my chunk's rows of t's inbox
                 tq, tkv = inbox(t)
@@ -144,21 +158,6 @@ class _Plan:
             self.unpack.append([((p * h + h0) * d, (p * h + h1) * d, p * h + h0, p * h + h1,
                                  obs[me][:, :, (p * h + h0) * d:(p * h + h1) * d],
                                  lbs[me][:, p * h + h0:p * h + h1] if lse else None) for p in self.peers])
-        # Equal groups lie equally spaced in the inbox: my own rows of all groups are then one strided
-        # view per tensor ([G, B, S, hg*D]), filled by one copy each instead of one per group.
-        self.own_all = None
-        sizes = {h1 - h0 for h0, h1 in groups}
-        if len(groups) > 1 and len(sizes) == 1:
-            w = sizes.pop() * d
-            span = in_off[1] - in_off[0]
-            base = link.view(me, (in_off[-1] + span,), dt, 0)
-            o0 = base.storage_offset() + in_off[0]
-
-            def rows_of(offset: int, s: int):
-                return base.as_strided((len(groups), b, s, w), (span, u * s * w, w, 1), o0 + offset)
-
-            self.own_all = (rows_of(me * s_q * w, s_q), rows_of(b * u * s_q * w + me * s_k * w, s_k),
-                            rows_of(b * u * s_q * w + b * u * s_k * w + me * s_k * w, s_k))
 
 
 def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunks: int, link=None):
