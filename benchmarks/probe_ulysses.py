@@ -74,8 +74,9 @@ class TracingLink:
 
     def wait(self, flag, value, stream=None):
         self.link.wait(flag, value, stream)
-        if self._label(flag).startswith("out"):
-            self.mark("got " + self._label(flag), stream)
+        label = self._label(flag)
+        if label.startswith("out"):
+            self.mark("got " + label, stream)
 
 
 def main() -> None:
