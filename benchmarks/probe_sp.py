@@ -98,7 +98,7 @@ def main() -> None:
         def push_all(width=width):
             for p in peers:
                 dst = buf.view(p, (18900 * width,), torch.uint8).view(18900, width)
-                Copy2D(dst)(src, 0, 10240)  # the first `width` bytes of each 10240-byte row
+                Copy2D(dst, 0, 10240, src.numel())(src)  # the first `width` bytes of each 10240-byte row
 
         ms = time_cuda(push_all, warmup=2, iters=args.iters)["median_ms"]
         res[f"ce 2-D push GB/s, rows of {width} B ({len(peers)} peers x 18900 rows, one stream)"] = (

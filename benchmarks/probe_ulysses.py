@@ -65,8 +65,8 @@ class TracingLink:
     def flag(self, rank, index):
         return self.link.flag(rank, index)
 
-    def copier(self, dst):
-        return self.link.copier(dst)
+    def copier(self, *a):
+        return self.link.copier(*a)
 
     def signal(self, flag, value, stream=None):
         self.link.signal(flag, value, stream)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_utils import run_distributed
 from ditfleet.attention import Capabilities, reference_attention, resolve
@@ -41,7 +43,9 @@ from ditfleet.parallel import (
     shard_sequence,
 )
 from ditfleet.parallel.merge import merge_step
+from ditfleet.parallel.ring import RingComm
 from ditfleet.parallel.ulysses import head_groups
+from ditfleet.parallel.ulysses_packed import UlyssesComm
 
 TOL = 1e-5
 
@@ -141,6 +145,12 @@ def _world4(rank, world):
     usp = meshes["usp2x2"]
     assert (usp.ring_rank, usp.ulysses_rank, usp.sp_rank) == (rank // 2, rank % 2, rank)
     assert usp.axis_ranks("ulysses") == [rank - rank % 2, rank - rank % 2 + 1]
+    # coordinates, groups and comms are asked of the DeviceMesh once per mesh, then served from its cache
+    usp.axis_ranks("ulysses").append(99)  # a caller's copy: the cache is not touched
+    assert usp.axis_ranks("ring") == [rank % 2, rank % 2 + 2] and usp.axis_ranks("ulysses")[-1] != 99
+    assert UlyssesComm.from_mesh(usp) is UlyssesComm.from_mesh(usp) and RingComm.from_mesh(usp) is RingComm.from_mesh(usp)
+    assert dist.get_process_group_ranks(usp.group("ring")) == usp.axis_ranks("ring")
+    assert UlyssesComm.from_mesh(meshes["ulysses4"]).rank == rank and RingComm.from_mesh(meshes["ring4"]).rank == rank
     for name, mesh in meshes.items():
         check_case(mesh, s_q=1001, s_k=1001, h=6, label=name)              # 6 heads on Ulysses 4: padded to 8
         check_case(mesh, s_q=256, s_k=256, h=4, label=name)
@@ -258,6 +268,9 @@ def test_mesh_product_must_match_world():
         ParallelMesh(ring_size=0, world_size=0)
     mesh = ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=8)
     assert mesh.sp_size == 4 and mesh.sp_rank == 0
+    assert mesh.cached("k", lambda: [1]) is mesh.cached("k", lambda: [2])  # made once per key
+    copy = pickle.loads(pickle.dumps(mesh))  # a copy starts with an empty cache
+    assert copy == mesh and copy.cached("k", lambda: [2]) == [2]
 
 
 def test_nccl_device_comes_from_local_rank(monkeypatch):

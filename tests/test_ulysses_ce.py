@@ -71,14 +71,14 @@ class RankLink:
     def flag(self, rank, index):
         return self.s.flags[rank][index:index + 1]
 
-    def copier(self, dst):
+    def copier(self, dst, offset, pitch, src_numel):
         """As :class:`~ditfleet.parallel.cuda_driver.Copy2D`: the same checks, then one 2-D copy."""
         rows, width, _ = rows_layout(dst)  # dst rows must be contiguous, as the driver needs
         cols = dst.shape[1]
+        assert offset >= 0 and pitch >= cols and offset + (rows - 1) * pitch + cols <= src_numel
 
-        def copy(src, offset, pitch, stream=None):
-            assert src.dtype == dst.dtype and src.is_contiguous()
-            assert offset >= 0 and pitch >= cols and offset + (rows - 1) * pitch + cols <= src.numel()
+        def copy(src, stream=None):
+            assert src.dtype == dst.dtype and src.is_contiguous() and src.numel() == src_numel
             dst.copy_(src.reshape(-1).as_strided((rows, cols), (pitch, 1), src.storage_offset() + offset))
             with self.s.cond:
                 self.s.copies += 1

@@ -249,12 +249,12 @@ class CudaLink:
         return self._bases[2][rank][index:index + 1]
 
     @staticmethod
-    def copier(dst: torch.Tensor):
-        """A prepared copy into ``dst`` (:class:`~ditfleet.parallel.cuda_driver.Copy2D`):
-        ``copier(dst)(src, offset, pitch, stream)``."""
+    def copier(dst: torch.Tensor, offset: int, pitch: int, src_numel: int):
+        """A prepared copy into ``dst`` of the rows at ``offset``, ``pitch`` apart, of sources of ``src_numel``
+        elements (:class:`~ditfleet.parallel.cuda_driver.Copy2D`): ``copier(...)(src, stream)``."""
         from .cuda_driver import Copy2D
 
-        return Copy2D(dst)
+        return Copy2D(dst, offset, pitch, src_numel)
 
     @staticmethod
     def signal(flag: torch.Tensor, value: int, stream: int | None = None) -> None:

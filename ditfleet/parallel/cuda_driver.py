@@ -13,7 +13,7 @@
 
 Each acts on the current CUDA stream of the tensors' device, or on the stream whose raw handle
 (``torch.cuda.Stream.cuda_stream``) is passed. :class:`Copy2D` prepares a copy into a fixed
-destination once and patches only the source at each call: a few microseconds of host time per
+destination from a fixed place of its source once and patches only the source address at each call: a few microseconds of host time per
 copy instead of tens (the copies of a Ulysses call are issued before its first kernel can start,
 so their host time is on the critical path). CUDA only.
 """
@@ -97,42 +97,48 @@ def rows_layout(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 class Copy2D:
-    """A 2-D copy-engine copy into a fixed destination, prepared once; each call names the source.
+    """A 2-D copy-engine copy into a fixed destination from a fixed place of a source, prepared (and its
+    bounds checked) once; each call names the source tensor.
 
     Args:
         dst: ``[R, W]`` CUDA tensor with contiguous rows (this GPU's memory or a peer's mapped here);
             kept alive by this object.
+        offset: where the first row starts in the source, in elements.
+        pitch: elements from one source row to the next (``>= W``).
+        src_numel: the number of elements of the sources this copy will be called with.
 
-    Calling ``copy(src, offset, pitch, stream=None)`` copies the ``R`` rows of ``W`` elements that start
-    ``offset`` elements into the contiguous tensor ``src`` (dst's dtype), ``pitch`` elements apart, on
-    the stream with raw handle ``stream`` (``None``: the current stream). The rows must lie inside
-    ``src``.
+    Calling ``copy(src, stream=None)`` copies the ``R`` rows of ``W`` elements that start ``offset``
+    elements into the contiguous tensor ``src`` (dst's dtype, ``src_numel`` elements), ``pitch``
+    elements apart, on the stream with raw handle ``stream`` (``None``: the current stream).
     """
 
-    def __init__(self, dst: torch.Tensor):
+    def __init__(self, dst: torch.Tensor, offset: int, pitch: int, src_numel: int):
         rows, width, dpitch = rows_layout(dst)
-        self.dst, self.rows, self.cols = dst, rows, dst.shape[1]
+        self.dst, self.rows, self.cols, self.src_numel = dst, rows, dst.shape[1], src_numel
         self.dtype, self.esz = dst.dtype, dst.element_size()
-        self.params = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, dstMemoryType=_MEMORYTYPE_DEVICE,
+        if rows and self.cols and (offset < 0 or pitch < self.cols or offset + (rows - 1) * pitch + self.cols > src_numel):
+            raise ValueError(f"Copy2D: {rows} rows of {self.cols} from offset {offset}, pitch {pitch}, "
+                             f"fall outside a source of {src_numel} elements")
+        self.empty = rows == 0 or self.cols == 0
+        self.offset_bytes = offset * self.esz
+        self.params = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, dstMemoryType=_MEMORYTYPE_DEVICE, srcPitch=pitch * self.esz,
                                 dstDevice=dst.data_ptr(), dstPitch=dpitch, WidthInBytes=width, Height=rows)
         self._ref = ctypes.byref(self.params)
         self._fn = _driver().memcpy2d
 
-    def __call__(self, src: torch.Tensor, offset: int, pitch: int, stream: int | None = None) -> None:
-        if src.dtype != self.dtype or not src.is_contiguous():
-            raise ValueError(f"Copy2D: source must be a contiguous {self.dtype} tensor, got {src.dtype} "
-                             f"(contiguous: {src.is_contiguous()})")
-        if self.rows == 0 or self.cols == 0:
+    def __call__(self, src: torch.Tensor, stream: int | None = None) -> None:
+        if src.dtype != self.dtype or src.numel() != self.src_numel or not src.is_contiguous():
+            raise ValueError(f"Copy2D: source must be a contiguous {self.dtype} tensor of {self.src_numel} elements, "
+                             f"got {src.dtype}, {src.numel()} elements (contiguous: {src.is_contiguous()})")
+        if self.empty:
             return
-        if offset < 0 or pitch < self.cols or offset + (self.rows - 1) * pitch + self.cols > src.numel():
-            raise ValueError(f"Copy2D: {self.rows} rows of {self.cols} from offset {offset}, pitch {pitch}, "
-                             f"fall outside a source of {src.numel()} elements")
-        self.params.srcDevice = src.data_ptr() + offset * self.esz
-        self.params.srcPitch = pitch * self.esz
+        self.params.srcDevice = src.data_ptr() + self.offset_bytes
         if stream is None:
             stream = torch.cuda.current_stream(self.dst.device).cuda_stream
         # the driver reads the parameters when the copy is queued: the struct may change afterwards
-        _check(self._fn(self._ref, stream), f"cuMemcpy2DAsync ({self.rows} rows of {self.cols * self.esz} bytes)")
+        rc = self._fn(self._ref, stream)
+        if rc:
+            _check(rc, f"cuMemcpy2DAsync ({self.rows} rows of {self.cols * self.esz} bytes)")
 
 
 def write_flag(flag: torch.Tensor, value: int, stream: int | None = None) -> None:

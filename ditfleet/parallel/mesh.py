@@ -146,6 +146,19 @@ class ParallelMesh:
             )
         if self.device_mesh is not None and tuple(self.device_mesh.mesh_dim_names) != MESH_AXES:
             raise ValueError(f"device mesh axes must be {MESH_AXES}, got {self.device_mesh.mesh_dim_names}")
+        object.__setattr__(self, "_cache", {})
+
+    def __getstate__(self):  # a copy starts with an empty cache (it holds process groups)
+        return {**self.__dict__, "_cache": {}}
+
+    def cached(self, key, make):
+        """``make()`` the first time per ``key``, then the same object: this process's coordinates, groups
+        and what is built on them never change for a mesh, and asking the ``DeviceMesh`` again costs
+        tens of microseconds of host time per question -- on every attention call, before its first kernel."""
+        cache = self._cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -157,7 +170,7 @@ class ParallelMesh:
     def _local(self, axis: str) -> int:
         if self.device_mesh is None:
             return 0
-        return self.device_mesh.get_local_rank(axis)
+        return self.cached(("rank", axis), lambda: self.device_mesh.get_local_rank(axis))
 
     @property
     def cfg_rank(self) -> int:
@@ -187,10 +200,14 @@ class ParallelMesh:
         if axis == "sp":
             self._need_mesh("the sp group")
             return self.sp_group
-        return self._need_mesh(f"the {axis} group").get_group(axis)
+        mesh = self._need_mesh(f"the {axis} group")
+        return self.cached(("group", axis), lambda: mesh.get_group(axis))
 
     def axis_ranks(self, axis: str) -> list[int]:
         """Global ranks of this process's group along ``axis``, in axis order."""
+        return list(self.cached(("ranks", axis), lambda: tuple(self._axis_ranks(axis))))
+
+    def _axis_ranks(self, axis: str) -> list[int]:
         mesh = self._need_mesh(f"ranks of {axis}").mesh
         c, r, u = self.cfg_rank, self.ring_rank, self.ulysses_rank
         if axis == "cfg":

@@ -73,8 +73,10 @@ class Pipeline:
             self.comms = [side_stream(dev, f"{role}.comm" + (f"{i}" if i else ""), priority=-1) for i in range(comm_streams)]
             self.comm = self.comms[0]
             self.compute = [self.caller] + [side_stream(dev, f"{role}.compute{i}") for i in range(1, compute_streams)]
+            start = torch.cuda.Event()  # one event for every side stream (wait_stream would record one each)
+            start.record(self.caller)
             for s in (*self.comms, *self.compute[1:]):
-                s.wait_stream(self.caller)
+                s.wait_event(start)
 
     def keep(self, *tensors) -> None:
         """Hold references until :meth:`finish` (``None`` entries are ignored)."""

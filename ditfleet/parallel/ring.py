@@ -70,7 +70,8 @@ class RingComm:
 
     @classmethod
     def from_mesh(cls, mesh: ParallelMesh) -> RingComm:
-        return cls(mesh.group("ring"), mesh.axis_ranks("ring"), mesh.ring_rank)
+        """The mesh's ring group (built once per mesh)."""
+        return mesh.cached(cls, lambda: cls(mesh.group("ring"), mesh.axis_ranks("ring"), mesh.ring_rank))
 
     def start(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> list:
         """Start sending ``send`` to the next rank and receiving ``recv`` from the previous one."""

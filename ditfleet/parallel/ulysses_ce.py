@@ -91,8 +91,8 @@ def _layout(b: int, u: int, s_q: int, s_k: int, h_pad: int, d: int, esz: int, gr
 class _Plan:
     """Everything about one call shape that does not depend on the call's tensors, built once per shape
     (and again when the link's buffers move): the views of every rank's inbox and outbox, the flags,
-    and a prepared copy (``link.copier``) per destination, with the source offset and pitch each call
-    applies to its own q, k, v and outputs. A call then costs a few microseconds of host time per copy.
+    and a prepared copy (``link.copier``) per destination from its place (offset, pitch) in this rank's
+    q, k, v or outputs. A call then costs a few microseconds of host time per copy.
     """
 
     def __init__(self, link, u: int, me: int, b: int, s_q: int, s_k: int, h_pad: int, d: int, dt, groups, lse: bool):
@@ -133,14 +133,16 @@ class _Plan:
                                  for j, dst in enumerate((qb[bi, me * s_q:(me + 1) * s_q], kvb[0, bi, me * s_k:(me + 1) * s_k],
                                                           kvb[1, bi, me * s_k:(me + 1) * s_k]))])
             pushes = []
+            n_q, n_kv = b * s_q * w_row, b * s_k * w_row  # elements of this rank's q and of its k, v
             for t in self.peers:  # my rows of q, k, v for t's heads [h0, h1) -> my chunk's rows of t's inbox
                 tq, tkv = inbox(t)
                 col = (t * h + h0) * d
                 ops = []
                 for bi in range(b):
-                    ops.append((link.copier(tq[bi, me * s_q:(me + 1) * s_q]), 0, bi * s_q * w_row + col, w_row))
+                    ops.append((link.copier(tq[bi, me * s_q:(me + 1) * s_q], bi * s_q * w_row + col, w_row, n_q), 0))
                     for j in (1, 2):
-                        ops.append((link.copier(tkv[j - 1, bi, me * s_k:(me + 1) * s_k]), j, bi * s_k * w_row + col, w_row))
+                        ops.append((link.copier(tkv[j - 1, bi, me * s_k:(me + 1) * s_k], bi * s_k * w_row + col, w_row,
+                                                n_kv), j))
                 pushes.append((link.flag(t, _flag_in(gi, me, u)), ops))
             self.push.append(pushes)
             cols = slice((me * h + h0) * d, (me * h + h1) * d)
@@ -148,10 +150,10 @@ class _Plan:
             for p in self.peers:  # the output rows of p's tokens -> my head columns of p's outbox (and LSE rows)
                 ops = []
                 for bi in range(b):
-                    ops.append((link.copier(obs[p][bi][:, cols]), 0, (bi * u * s_q + p * s_q) * w, w))
+                    ops.append((link.copier(obs[p][bi][:, cols], (bi * u * s_q + p * s_q) * w, w, b * u * s_q * w), 0))
                     if lse:
-                        ops.append((link.copier(lbs[p][bi, me * h + h0:me * h + h1]), 1,
-                                    bi * hg * u * s_q + p * s_q, u * s_q))
+                        ops.append((link.copier(lbs[p][bi, me * h + h0:me * h + h1], bi * hg * u * s_q + p * s_q, u * s_q,
+                                                b * hg * u * s_q), 1))
                 outs.append((link.flag(p, _flag_out(gi, me, u)), ops))
             self.out_push.append(outs)
             self.wait_out.append([link.flag(me, _flag_out(gi, p, u)) for p in self.peers])
@@ -209,8 +211,8 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
 
     def push_in(gi: int) -> None:
         for i, (flag, ops) in enumerate(plan.push[gi]):
-            for op, which, offset, pitch in ops:
-                op(srcs[which], offset, pitch, hs[i])
+            for op, which in ops:
+                op(srcs[which], hs[i])
             link.signal(flag, epoch, hs[i])
 
     push_in(0)
@@ -259,8 +261,8 @@ def ulysses_ce_forward(q, k, v, *, comm, attend: Attend, return_lse: bool, chunk
         for i, (flag, ops) in enumerate(plan.out_push[gi]):  # outputs home, behind the kernel
             pipe.comm_wait(done, i)
             pipe.used_on_comm(i, o, l)
-            for op, which, offset, pitch in ops:
-                op(outs[which], offset, pitch, hs[i])
+            for op, which in ops:
+                op(outs[which], hs[i])
             link.signal(flag, epoch, hs[i])
         with unpack.on_comm():  # my own rows of this group, and the peers' columns of the previous one
             unpack.comm_wait(done)

@@ -46,7 +46,9 @@ class UlyssesComm:
 
     @classmethod
     def from_mesh(cls, mesh: ParallelMesh) -> UlyssesComm:
-        return cls(mesh.group("ulysses"), mesh.ulysses_size, mesh.axis_ranks("ulysses"), mesh.ulysses_rank)
+        """The mesh's Ulysses group (built once per mesh)."""
+        return mesh.cached(cls, lambda: cls(mesh.group("ulysses"), mesh.ulysses_size, mesh.axis_ranks("ulysses"),
+                                             mesh.ulysses_rank))
 
     @property
     def ranks(self) -> list[int]:
