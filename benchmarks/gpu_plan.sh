@@ -40,6 +40,7 @@ for s in $steps; do case $s in
   spargetests) step spargetests python3 -m pytest -q -x tests/gpu/test_sparge_gpu.py -p no:cacheprovider;;
   sparge4) [ "$ngpu" -ge 4 ] && step sparge4 torchrun --nproc-per-node 4 -m ditfleet bench sparge --sp ulysses ring usp --out "$out/sparge_sp_h100_4gpu.json";;
   probeu) [ "$ngpu" -ge 4 ] && step probeu torchrun --nproc-per-node 4 benchmarks/probe_ulysses.py "$out/probeu";;
+  probeh) [ "$ngpu" -ge 4 ] && step probeh torchrun --nproc-per-node 4 benchmarks/probe_host.py "$out/probeh";;
   probe) [ "$ngpu" -ge 4 ] && step probe torchrun --nproc-per-node 4 benchmarks/probe_sp.py "$out/probe" --variants "ulysses p2p g1" "ulysses ce g5" "ulysses ce g10";;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
   *) echo "unknown step $s";;
