@@ -255,6 +255,21 @@ def test_ulysses_12_heads_on_8_ranks():
 
 
 # ------------------------------------------------------------------ single-process units
+def test_bench_variant_filter_whole_names_and_text():
+    """``--variants``: a whole name picks that variant alone, other text every name containing it."""
+    from types import SimpleNamespace
+
+    from ditfleet.bench.sp_attention import variants
+
+    def names(*texts):
+        return [n for n, _, _ in variants("ulysses", SimpleNamespace(ulysses_chunks=[1], variants=list(texts)))]
+
+    assert names("p2p g1") == ["ulysses_chunks=1", "p2p g1"]
+    assert names("ce g") == ["ulysses_chunks=1", "ce g1", "ce g2", "ce g5", "ce g10"]
+    assert names("p2p g1", "ce g1") == ["ulysses_chunks=1", "p2p g1", "ce g1"]
+    assert names("g10") == ["ulysses_chunks=1", "p2p g10", "ce g10"]
+
+
 def test_mesh_product_must_match_world():
     with pytest.raises(ConfigError) as info:
         ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=4)

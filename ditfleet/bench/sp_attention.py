@@ -94,8 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head groups of the original (packed) Ulysses path, each timed as the baseline "
                              "entry 'ulysses_chunks=G' (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
-                        help="run only variants whose name contains one of these strings (the baseline and the "
-                             "default always run); default: all")
+                        help="run only these variants: a variant's whole name selects it alone ('p2p g1', not "
+                             "'p2p g10'), other text every variant whose name contains it ('ce g'); the baseline "
+                             "and the default always run; default: all")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the kernel-alone diagnostics")
     parser.add_argument("--yunchang-attn-types", nargs="+", default=None, metavar="TYPE",
                         help="yunchang AttnType values to run (default: the kernel's match; for sdpa_cudnn "
@@ -154,7 +155,10 @@ def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
         out += [(f"ce g{g} + pull fused-merge", {"ulysses_impl": "ce", "ulysses_chunks": g, "ring_impl": "pull",
                                                  "merge_impl": "auto"}, {}) for g in (1, 2, 5, 10)]
     if args.variants:
-        out = [v for v in out if v[0].startswith("ulysses_chunks=") or any(t in v[0] for t in args.variants)]
+        names = {v[0] for v in out}
+        exact = {t for t in args.variants if t in names}  # a whole name selects that variant only
+        out = [v for v in out if v[0].startswith("ulysses_chunks=") or v[0] in exact
+               or any(t in v[0] for t in args.variants if t not in exact)]
     return out
 
 

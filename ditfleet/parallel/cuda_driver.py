@@ -13,9 +13,9 @@
 
 Each acts on the current CUDA stream of the tensors' device, or on the stream whose raw handle
 (``torch.cuda.Stream.cuda_stream``) is passed. :class:`Copy2D` prepares a copy into a fixed
-destination from a fixed place of its source once and patches only the source address at each call: a few microseconds of host time per
-copy instead of tens (the copies of a Ulysses call are issued before its first kernel can start,
-so their host time is on the critical path). CUDA only.
+destination from a fixed place of its source once and patches only the source address at each
+call: a few microseconds of host time per copy instead of tens (the copies of a Ulysses call are
+issued before its first kernel can start, so their host time is on the critical path). CUDA only.
 """
 
 from __future__ import annotations
