@@ -31,12 +31,56 @@ from ditfleet.parallel.copy_engine import CudaLink
 from ditfleet.parallel.ulysses import UlyssesComm, ulysses_forward
 
 
-class TracingLink:
+class LinkProxy:
+    """A :class:`CudaLink` stand-in that passes every call through and tells the hooks :meth:`begun`,
+    :meth:`signalled` and :meth:`waited` (no-ops here) after a ``begin``, a flag write and a flag wait."""
+
+    def __init__(self, link: CudaLink):
+        self.link = link
+        self.marks: list = []
+
+    @property
+    def memo(self):
+        return self.link.memo
+
+    def begin(self, nbytes, layout=None):
+        epoch = self.link.begin(nbytes, layout=layout)
+        self.begun()
+        return epoch
+
+    def view(self, *a, **kw):
+        return self.link.view(*a, **kw)
+
+    def flag(self, rank, index):
+        return self.link.flag(rank, index)
+
+    def copier(self, *a):
+        return self.link.copier(*a)
+
+    def signal(self, flag, value, stream=None):
+        self.link.signal(flag, value, stream)
+        self.signalled(flag, stream)
+
+    def wait(self, flag, value, stream=None):
+        self.link.wait(flag, value, stream)
+        self.waited(flag, stream)
+
+    def begun(self) -> None:
+        pass
+
+    def signalled(self, flag, stream) -> None:
+        pass
+
+    def waited(self, flag, stream) -> None:
+        pass
+
+
+class TracingLink(LinkProxy):
     """A :class:`CudaLink` that records an event after every flag write and wait (see the docstring)."""
 
     def __init__(self, link: CudaLink, u: int, me: int):
-        self.link, self.u, self.me = link, u, me
-        self.marks: list = []
+        super().__init__(link)
+        self.u, self.me = u, me
 
     def _label(self, flag) -> str:
         for r, base in enumerate(self.link._bases[2]):
@@ -52,28 +96,10 @@ class TracingLink:
         ev.record(None if stream is None else torch.cuda.ExternalStream(stream))
         self.marks.append((label, ev, time.perf_counter()))
 
-    @property
-    def memo(self):
-        return self.link.memo
-
-    def begin(self, nbytes, layout=None):
-        return self.link.begin(nbytes, layout=layout)
-
-    def view(self, *a, **kw):
-        return self.link.view(*a, **kw)
-
-    def flag(self, rank, index):
-        return self.link.flag(rank, index)
-
-    def copier(self, *a):
-        return self.link.copier(*a)
-
-    def signal(self, flag, value, stream=None):
-        self.link.signal(flag, value, stream)
+    def signalled(self, flag, stream) -> None:
         self.mark("sent " + self._label(flag), stream)
 
-    def wait(self, flag, value, stream=None):
-        self.link.wait(flag, value, stream)
+    def waited(self, flag, stream) -> None:
         label = self._label(flag)
         if label.startswith("out"):
             self.mark("got " + label, stream)
