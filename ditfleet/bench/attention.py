@@ -115,10 +115,30 @@ def resolve_types(device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     return types
 
 
-def make_inputs(b: int, s: int, h: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """Random normal q, k, v, each ``[b, s, h, d]`` in ``dtype`` on ``device``; same seed -> same tensors."""
+INPUT_KINDS = ("randn", "video")
+
+
+def make_inputs(b: int, s: int, h: int, d: int, dtype: torch.dtype, device: torch.device, seed: int,
+                kind: str = "randn"):
+    """q, k, v, each ``[b, s, h, d]`` in ``dtype`` on ``device``; same seed and kind -> same tensors.
+
+    ``kind="randn"``: independent N(0, 1). ``kind="video"``: the statistics that make quantised attention
+    hard in video DiTs: keys share a large per-(head, channel) mean (N(0, 4^2), the same for every token),
+    ``max(1, d // 32)`` outlier channels are 4x larger in q and k (peaky scores), and values share a
+    per-(head, channel) mean N(0, 1).
+    """
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(INPUT_KINDS)}")
     g = torch.Generator(device=device).manual_seed(seed)
-    return tuple(torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    if kind == "randn":
+        return tuple(torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(b, s, h, d, generator=g, device=device) for _ in range(3))
+    n_out = max(1, d // 32)
+    q[..., :n_out] *= 4
+    k[..., :n_out] *= 4
+    k += 4 * torch.randn(h, d, generator=g, device=device)
+    v += torch.randn(h, d, generator=g, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def sample_rows(s: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
