@@ -9,6 +9,9 @@ that a baseline that happens to be tiny does not make the test flaky.
 The Sage kernels (``sage_triton``, ``sageattention2``, ``sageattention1``) quantise Q and K to
 INT8 (SageAttention 2 also P.V to FP8): their error is set by quantisation, not bf16 rounding,
 so they get a fixed bound instead: rel L2 <= ``SAGE_REL_L2`` (and LSE error <= ``SAGE_LSE``).
+
+Layer-bound kernels (Sparge) run bound to a layer with every block computed: dense attention through
+their own predictor and block-sparse kernel (:func:`build_kernel`).
 """
 
 from __future__ import annotations
@@ -62,13 +65,41 @@ def make_case(name: str, device: torch.device, seed: int = 0):
     }
 
 
+def build_kernel(cls, device: torch.device, num_heads: int):
+    """An instance of ``cls`` ready to run: layer-bound kernels (Sparge, ``per_layer``) are bound to a layer
+    whose every block is computed (``cdfthreshd = 1``), so their whole sparse path (predictor, block
+    map, block-sparse kernel) runs and must equal dense attention."""
+    be = cls(device=device, dtype=DTYPE)
+    if getattr(cls, "per_layer", False):
+        from ditfleet.attention.sparge import SpargeParams
+
+        be = be.for_layer(SpargeParams.thresholds(num_heads, cdfthreshd=1.0, simthreshd1=0.1))
+    return be
+
+
+def run_kernel(be, q, k, v, kv_lens, return_lse):
+    """``be``'s forward; a layer-bound (self-attention) kernel takes one key length per call, so a batch with
+    different ``kv_lens`` runs one batch element at a time."""
+    if not getattr(be, "per_layer", False) or kv_lens is None or len(set(kv_lens)) == 1:
+        return be(q, k, v, kv_lens=kv_lens, return_lse=return_lse)
+    parts = [be(q[b : b + 1], k[b : b + 1], v[b : b + 1], kv_lens=[n], return_lse=return_lse) for b, n in enumerate(kv_lens)]
+    return torch.cat([o for o, _ in parts]), (torch.cat([lse for _, lse in parts]) if return_lse else None)
+
+
 def check_kernel(cls, case: dict, device: torch.device) -> None:
     """Run ``cls`` on ``case`` and assert its output (and LSE, when it has one) is within tolerance."""
     q, k, v, kv_lens = case["q"], case["k"], case["v"], case["kv_lens"]
-    out, lse = cls(device=device, dtype=DTYPE)(q, k, v, kv_lens=kv_lens, return_lse=cls.caps.lse)
+    out, lse = run_kernel(build_kernel(cls, device, q.shape[2]), q, k, v, kv_lens, cls.caps.lse)
     assert out.shape == q.shape and out.dtype == DTYPE
-    assert bool(torch.isfinite(out).all()), f"{cls.key}: non-finite output"
     ref_out, ref_lse = case["ref_out"], case["ref_lse"]
+    if getattr(cls, "per_layer", False) and kv_lens is not None and q.shape[1] == k.shape[1]:
+        # self-attention padding bounds the queries too: padded rows attend no key (out 0, lse -inf);
+        # the rest is compared below
+        pad = torch.arange(q.shape[1], device=device)[None, :] >= torch.tensor(kv_lens, device=device)[:, None]  # [B, S]
+        assert bool((out[pad] == 0).all()) and bool(torch.isneginf(lse.transpose(1, 2)[pad]).all()), cls.key
+        out = torch.where(pad[:, :, None, None], ref_out.to(out.dtype), out)
+        lse = torch.where(pad[:, None, :], ref_lse, lse)
+    assert bool(torch.isfinite(out).all()), f"{cls.key}: non-finite output"
     err_rel = rel_l2(out, ref_out)
     err_max = float((out.float() - ref_out).abs().max())
     if cls.key in SAGE:
