@@ -34,8 +34,8 @@ Kernels (both ``caps.block_mask``, both return the LSE, both dense when given no
 - :class:`RadialFlex`: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` made by
   ``BlockMask.from_kv_blocks`` from :meth:`BlockSparseMask.kernel_blocks` (full tiles run without
   ``mask_mod``, partial tiles with the exact token predicate); compiled on CUDA, eager on CPU.
-- :class:`RadialFA4`: FlashAttention-4's block-sparse forward (Hopper / Blackwell) on the full
-  tiles; partial tiles (unaligned ring windows, Blackwell's 256-row tiles) go to flex and merge
+- :class:`RadialFA4`: FlashAttention-4's block-sparse forward (Hopper / Blackwell; the call lives in
+  :mod:`ditfleet.attention.fa4_sparse`, shared with Sparge) on the full tiles; partial tiles (unaligned ring windows, Blackwell's 256-row tiles) go to flex and merge
   by LSE, so no CuTe ``mask_mod`` is needed.
 """
 
@@ -52,6 +52,7 @@ import torch
 
 from .base import LOW_PRECISION, AttentionBackend, Capabilities
 from .blockmask import BlockSparseMask, allowed_tokens
+from .fa4_sparse import fa4_block_sparse_attention, fa4_block_sparse_reasons
 
 if TYPE_CHECKING:  # config imports the attention registry; avoid a cycle at runtime
     from ..config import RadialAttnSetting
@@ -321,28 +322,6 @@ class RadialFlex(AttentionBackend):
 
 
 # ------------------------------------------------------------------------------ FlashAttention-4
-@functools.lru_cache(maxsize=None)
-def _fa4_api() -> tuple[str | None, str]:
-    """How the installed ``flash_attn.cute.flash_attn_func`` takes block sparsity: ``("tensors"|"kwargs"|None, why)``."""
-    try:
-        from flash_attn.cute import flash_attn_func
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason
-        return None, f"cannot import flash_attn.cute: {type(e).__name__}: {e}"
-    params = inspect.signature(flash_attn_func).parameters
-    if "block_sparse_tensors" in params:
-        return "tensors", ""
-    if "full_block_cnt" in params and "mask_block_cnt" in params:
-        return "kwargs", ""
-    return None, "installed flash_attn.cute.flash_attn_func has no block-sparse arguments"
-
-
-@functools.lru_cache(maxsize=None)
-def _fa4_params() -> frozenset[str]:
-    from flash_attn.cute import flash_attn_func
-
-    return frozenset(inspect.signature(flash_attn_func).parameters)
-
-
 def merge_partials(o1, l1, o2, l2) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact union of two attention results over disjoint key sets (``[B, S, H, D]`` outs, float32 ``[B, H, S]`` LSEs).
 
@@ -378,12 +357,7 @@ class RadialFA4(AttentionBackend):
     def unavailable_reasons(cls, device, dtype):
         reasons = super().unavailable_reasons(device, dtype)
         if not reasons:
-            if torch.cuda.get_device_capability(device)[0] not in (9, 10, 11):
-                reasons.append("FlashAttention-4 block sparsity runs on sm90 / sm100 / sm110 only")
-            else:
-                api, why = _fa4_api()
-                if api is None:
-                    reasons.append(why)
+            reasons.extend(fa4_block_sparse_reasons(device))
         return reasons
 
     @functools.cached_property
@@ -419,8 +393,7 @@ class RadialFA4(AttentionBackend):
             full, partial = mask.kernel_blocks(bq, bk, device)
             full_cnt, full_idx = _lists(full)
             no_tile = (full.sum(-1) == 0).repeat_interleave(bq)[: mask.q_len]  # rows FA4 computes nothing for
-            return {"full_cnt": full_cnt, "full_idx": full_idx, "mask_cnt": torch.zeros_like(full_cnt),
-                    "mask_idx": torch.zeros_like(full_idx), "has_partial": bool(partial.any()),
+            return {"full_cnt": full_cnt, "full_idx": full_idx, "has_partial": bool(partial.any()),
                     "no_tile": no_tile if bool(no_tile.any()) else None}
 
         return mask._grid.cached(("fa4", mask.key, bq, bk, str(device)), build)
@@ -449,27 +422,5 @@ class RadialFA4(AttentionBackend):
         return out, (lse if return_lse else None)
 
     def _fa4(self, q, k, v, plan: dict, block: tuple[int, int], scale: float, need_lse: bool):
-        from flash_attn.cute import flash_attn_func
-
-        from .flash import _split_result
-
-        api, why = _fa4_api()
-        if api is None:
-            raise NotImplementedError(f"{self.key}: {why}")
-        lists = {"mask_block_cnt": plan["mask_cnt"], "mask_block_idx": plan["mask_idx"],
-                 "full_block_cnt": plan["full_cnt"], "full_block_idx": plan["full_idx"]}
-        kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": False}
-        params = _fa4_params()
-        if api == "tensors":
-            from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-            if "block_size" in BlockSparseTensorsTorch._fields:
-                lists["block_size"] = block
-            kwargs["block_sparse_tensors"] = BlockSparseTensorsTorch(**lists)
-        else:
-            kwargs.update(lists)
-            if "block_size" in params:
-                kwargs["block_size"] = block
-        if "return_lse" in params:
-            kwargs["return_lse"] = need_lse
-        return _split_result(flash_attn_func(q, k, v, **kwargs), need_lse, self.key)
+        return fa4_block_sparse_attention(q, k, v, full_cnt=plan["full_cnt"], full_idx=plan["full_idx"], block=block,
+                                          scale=scale, return_lse=need_lse, key=self.key)
