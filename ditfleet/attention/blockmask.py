@@ -23,8 +23,8 @@ windows (offsets and tile sizes multiples of ``bs``) have no partial tiles at al
 Per-(batch, head) masks (Sparge attention predicts one per head): the grid may carry two
 leading dims, ``[B, H, NA, NB]``, and the blocks may be rectangular, ``(block_q, block_k)`` tokens
 (Sparge: 128 x 64). Windows, counting and tile classification work the same, per leading index;
-:meth:`BlockSparseMask.chunk_occupancy` (what a ring schedule reads) reduces over them ("any
-head needs it"). The 2-D square case is unchanged: one mask for every batch element and head.
+:meth:`BlockSparseMask.chunk_occupancy` (what a ring schedule reads, for grids in host memory
+only: a predicted grid stays on its device) reduces over them ("any head needs it"). The 2-D square case is unchanged: one mask for every batch element and head.
 
 All counting uses a 2-D prefix sum over the grid (``F(x, y)`` = allowed pairs in
 ``[0, x) x [0, y)`` at token level), so densities, emptiness tests and tile classifications are
@@ -198,6 +198,11 @@ class BlockSparseMask:
         return (self._grid.block_q, self._grid.block_k)
 
     @property
+    def on_host(self) -> bool:
+        """The grid lives in host memory (masks built once, e.g. radial): reading it costs no device sync."""
+        return self._grid.home.type == "cpu"
+
+    @property
     def lead_shape(self) -> tuple[int, ...]:
         """``()`` for one mask shared by every batch element and head, else ``(B, H)``."""
         return self._grid.lead
@@ -286,7 +291,8 @@ class BlockSparseMask:
         """Which (query chunk, key chunk) pairs hold any allowed pair (for any batch element and head):
         bool ``[ceil(q_len/q_chunk), ceil(k_len/k_chunk)]`` on the CPU.
 
-        For ring schedules: a key chunk that no query chunk downstream needs need not be sent.
+        For ring schedules: a key chunk that no query chunk downstream needs need not be sent. For a
+        grid on a GPU (a predicted mask) this reads the device: a host sync (see :attr:`on_host`).
         """
         counts, _ = self._rect_counts(q_chunk, k_chunk, self._grid.home)
         occ = counts > 0
@@ -323,7 +329,8 @@ class BlockSparseMask:
         """
         device = torch.device(device)
         _, padded = self._grid.tables(device)
-        t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        # a fill kernel, not a host-to-device copy (which would wait for the stream on CUDA)
+        t = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731
         bq, bk = self.block_shape
         return {"padded": padded, "block_size": bq if bq == bk else (bq, bk), "q_off": t(self.q_start),
                 "k_off": t(self.k_start), "q_lim": t(self.q_lim), "k_lim": t(self.k_lim)}

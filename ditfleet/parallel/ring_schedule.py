@@ -19,6 +19,14 @@ rank, so every decision below is taken identically by the two ends of each trans
 
 Without a mask ``needs[a][c]`` is "chunk ``c`` holds a valid (non-padding) key", which is the
 ring's earlier rule for padding-only chunks.
+
+``needs`` must be known on the host of every rank before the first step. A mask whose grid is in
+host memory (radial: built once on the CPU) is read for it at no cost. A mask whose grid lives on a
+GPU (Sparge: predicted every layer from q and k) is *not* read: that would be a device-to-host sync
+per layer. Its schedule is the padding-only one (every real (query chunk, key chunk) pair runs, every
+needed-by-padding rule holds), and a step whose window is empty costs what the kernel costs on an
+empty tile list (FA4: no key tile is loaded; flex: none either), on the device, without the host
+waiting. :func:`sp_schedule` with ``exact=True`` reads the device anyway (reports, not the forward).
 """
 
 from __future__ import annotations
@@ -46,12 +54,19 @@ class RingSchedule:
         return cls(tuple(row for _ in row))
 
     @classmethod
-    def from_mask(cls, mask: BlockSparseMask, q_chunk: int, k_chunk: int, size: int) -> RingSchedule:
+    def from_mask(cls, mask: BlockSparseMask, q_chunk: int, k_chunk: int, size: int, *, exact: bool = False) -> RingSchedule:
         """From ``mask`` (over the global unpadded sequences) cut into ``size`` query chunks of ``q_chunk``
-        tokens and ``size`` key chunks of ``k_chunk`` tokens (chunks past the end are padding: needed by none)."""
+        tokens and ``size`` key chunks of ``k_chunk`` tokens (chunks past the end are padding: needed by none).
+
+        The mask's occupancy is read only when its grid is in host memory (or ``exact``: a host sync for a
+        grid on a GPU); otherwise every real pair is needed (see the module docstring)."""
+        if not (exact or mask.on_host):
+            q_len, k_len = mask.shape
+            return cls(tuple(tuple(a * q_chunk < q_len and c * k_chunk < k_len for c in range(size))
+                             for a in range(size)))
 
         def build():
-            occ = mask.chunk_occupancy(q_chunk, k_chunk).cpu().tolist()  # rows / columns past the end: padding
+            occ = mask.chunk_occupancy(q_chunk, k_chunk).tolist()  # rows / columns past the end: padding
             return tuple(tuple(a < len(occ) and c < len(occ[a]) and bool(occ[a][c]) for c in range(size))
                          for a in range(size))
 
@@ -80,7 +95,9 @@ class RingSchedule:
                 "sends": sends, "sends_skipped": r * (r - 1) - sends}
 
 
-def sp_schedule(mask: BlockSparseMask, chunk_q: int, chunk_k: int, ulysses_size: int, ring_size: int) -> RingSchedule:
+def sp_schedule(mask: BlockSparseMask, chunk_q: int, chunk_k: int, ulysses_size: int, ring_size: int, *,
+                exact: bool = False) -> RingSchedule:
     """The ring schedule of ring / USP attention under ``mask``: chunks are the Ulysses groups' super-chunks
-    (``ulysses_size`` SP chunks of ``chunk_q`` / ``chunk_k`` tokens)."""
-    return RingSchedule.from_mask(mask, chunk_q * ulysses_size, chunk_k * ulysses_size, ring_size)
+    (``ulysses_size`` SP chunks of ``chunk_q`` / ``chunk_k`` tokens). ``exact``: read a device grid too
+    (what the mask would allow to skip; a host sync, for reports)."""
+    return RingSchedule.from_mask(mask, chunk_q * ulysses_size, chunk_k * ulysses_size, ring_size, exact=exact)
