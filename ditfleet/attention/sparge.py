@@ -33,11 +33,17 @@ the P.V product for key blocks whose scores sit ``pvthreshd`` (log2 units) below
 maximum) is used by the ``spas_sage_attn`` kernel only: the built-in kernel computes every selected
 block exactly.
 
+The predictor lives in :mod:`.sparge_predict`: torch (CPU, float64, the ring's gathered statistics)
+and fused in two Triton kernels on CUDA (statistics; selection straight into FlashAttention-4's tile
+lists), no host sync either way.
+
 Kernels:
 
-- :class:`SpargeFlex` (built in): the predictor plus ``flex_attention`` with a per-(batch, head)
-  ``BlockMask`` (``from_kv_blocks``, 128 x 64 tiles; full tiles without ``mask_mod``, partial ones
-  — only in ring windows — with the exact token predicate); compiled on CUDA, eager on CPU.
+- :class:`SpargeFlex` (built in): the predictor plus a block-sparse kernel with per-(batch, head)
+  masks: FlashAttention-4's block-sparse forward (:mod:`.fa4_sparse`, shared with radial) on sm90 for
+  windows on the mask's grid (128 x 64 blocks are FA4 tiles of 128 x 64), ``flex_attention`` elsewhere
+  (``from_kv_blocks``, 128 x 64 tiles; full tiles without ``mask_mod``, partial ones — only in
+  unaligned ring windows — with the exact token predicate; compiled on CUDA, eager on CPU).
   Returns the LSE, so it runs under Ulysses, ring and USP (the ring computes the mask from
   gathered statistics: :func:`block_stats`, :func:`predict_from_stats`).
 - :class:`SpargeSpas`: ``spas_sage_attn.spas_sage2_attn_meansim_cuda`` (INT8 QK, FP8 PV) with the
@@ -54,6 +60,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -62,12 +69,16 @@ import torch
 
 from .base import LOW_PRECISION, AttentionBackend, Capabilities
 from .blockmask import BlockSparseMask, allowed_tokens
+from .sparge_predict import BlockStats, _acc_dtype, block_counts, block_stats, key_sum, predict_from_stats
 
 BLOCK_Q = 128  # SpargeAttn's query block
 BLOCK_K = 64  # SpargeAttn's key block
 TOPK_SIMTHRESHD1 = -0.1  # SpargeAttn's top-k entry points' default: nearly every block counts as similar
 DEFAULT_PVTHRESHD = 20.0  # SpargeAttn's value when the PV threshold is not tuned
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+PREDICTOR_IMPLS = ("auto", "torch", "triton")
+_TRITON_BROKEN: list[str] = []  # set once the fused predictor failed under impl="auto" (then torch predicts)
+KERNEL_IMPLS = ("auto", "fa4", "flex")
 _NEG_INF = float("-inf")
 
 
@@ -180,6 +191,18 @@ class SpargeParams:
             }
         return self._dev[key]
 
+    def topk_counts(self, n_key_blocks: int, device: torch.device) -> torch.Tensor:
+        """Top-k mode: key blocks each head keeps out of ``n_key_blocks``, int32 ``[H]`` on ``device`` (cached;
+        computed on the CPU, so no device value is read). ``ceil(topk * n)`` with a small slack (a float32 0.3
+        is 0.30000001: without it, 0.3 x 10 blocks would round up to 4), at least 1."""
+        if self.topk is None:
+            raise ValueError("topk_counts: threshold-mode settings have no top-k")
+        key = ("topk_counts", int(n_key_blocks), str(device))
+        if key not in self._dev:
+            n = torch.ceil(self.topk.double() * n_key_blocks - 1e-3).to(torch.int64).clamp(1, n_key_blocks)
+            self._dev[key] = n.to(torch.int32).to(device)
+        return self._dev[key]
+
     def describe(self) -> str:
         sparse = int(self.is_sparse.sum())
         if self.topk is not None:
@@ -188,152 +211,8 @@ class SpargeParams:
                 f"{[round(x, 3) for x in self.simthreshd1.tolist()]} ({sparse}/{self.num_heads} heads sparse)")
 
 
-# ------------------------------------------------------------------------------ block statistics
-@dataclass
-class BlockStats:
-    """Additive statistics of one sequence's blocks over its global block grid.
-
-    Partial statistics (one rank's tokens) of the same grid add up (``a + b``, or an all-reduce
-    SUM of ``total`` and ``unit``) to the statistics of the union of their tokens.
-
-    Attributes:
-        total: ``[B, H, N, D]`` sum of the (smoothed) rows of each block, float32 (float64 for float64 inputs).
-        unit: ``[B, H, N, D]`` sum of the rows normalised to unit length.
-        count: int64 ``[N]`` rows counted per block (same device).
-        block: block size in tokens.
-        length: real tokens of the global sequence (``N = ceil(length / block)``).
-    """
-
-    total: torch.Tensor
-    unit: torch.Tensor
-    count: torch.Tensor
-    block: int
-    length: int
-
-    def __add__(self, other: BlockStats) -> BlockStats:
-        if (self.block, self.length, self.total.shape) != (other.block, other.length, other.total.shape):
-            raise ValueError(f"BlockStats: cannot add grids {self.block}/{self.length}/{tuple(self.total.shape)} and "
-                             f"{other.block}/{other.length}/{tuple(other.total.shape)}")
-        return BlockStats(self.total + other.total, self.unit + other.unit, self.count + other.count, self.block, self.length)
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.total.shape[2])
-
-    def pooled(self) -> torch.Tensor:
-        """Mean (smoothed) row per block ``[B, H, N, D]``."""
-        return self.total / self.count.clamp(min=1).to(self.total.dtype)[:, None]
-
-    def similarity(self) -> torch.Tensor:
-        """Mean pairwise cosine of each block's rows ``[B, H, N]`` (diagonal included)."""
-        n = self.count.clamp(min=1).to(self.unit.dtype)
-        return self.unit.pow(2).sum(-1) / (n * n)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def key_sum(k: torch.Tensor, *, offset: int = 0, length: int | None = None) -> torch.Tensor:
-    """Sum of the valid key rows of a (local) chunk ``[B, S, H, D]`` at global ``offset``: ``[B, H, D]`` float32/64.
-
-    Under ring attention, the all-reduced sum divided by ``length`` is the mean key ``smooth_k`` subtracts.
-    """
-    length = offset + k.shape[1] if length is None else length
-    n = max(0, min(k.shape[1], length - offset))
-    return k[:, :n].to(_acc_dtype(k.dtype)).sum(1)
-
-
-def block_stats(x: torch.Tensor, block: int, *, offset: int = 0, length: int | None = None,
-                mean: torch.Tensor | None = None) -> BlockStats:
-    """Statistics of the blocks of ``x`` over the global block grid of ``length`` tokens.
-
-    Args:
-        x: ``[B, S, H, D]`` tokens at global positions ``[offset, offset + S)`` (a rank's chunk, or the
-            whole sequence); rows at or past ``length`` (padding) are left out.
-        block: block size in tokens.
-        offset: global position of ``x``'s first row (need not be block-aligned).
-        length: real tokens of the global sequence; ``None``: ``offset + S``.
-        mean: ``[B, H, D]`` subtracted from every row first (``smooth_k``), or ``None``.
-
-    Returns:
-        :class:`BlockStats` over all ``ceil(length / block)`` blocks (zero where ``x`` has no row).
-    """
-    b, s, h, d = x.shape
-    length = offset + s if length is None else int(length)
-    if offset < 0 or length < 1 or block < 1:
-        raise ValueError(f"block_stats: need offset >= 0, length >= 1, block >= 1; got {offset}, {length}, {block}")
-    acc = _acc_dtype(x.dtype)
-    nblocks = -(-length // block)
-    n = max(0, min(s, length - offset))  # valid local rows
-    total = x.new_zeros((b, h, nblocks, d), dtype=acc)
-    unit = torch.zeros_like(total)
-    count = torch.zeros(nblocks, dtype=torch.int64, device=x.device)
-    if n == 0:
-        return BlockStats(total, unit, count, block, length)
-    first, lead = offset // block, offset % block
-    nloc = -(-(lead + n) // block)
-    pad = (0, 0, 0, 0, lead, nloc * block - lead - n)
-    hc = max(1, min(h, (1 << 26) // max(1, b * n * d)))  # heads per step: float32 temporaries stay ~256 MiB
-    for h0 in range(0, h, hc):
-        rows = x[:, :n, h0 : h0 + hc].to(acc)
-        if mean is not None:
-            rows = rows - mean[:, h0 : h0 + hc].to(acc)[:, None]
-        norm = rows.norm(dim=-1, keepdim=True)
-        units = torch.where(norm > 0, rows / norm.clamp(min=torch.finfo(acc).tiny), torch.zeros((), dtype=acc, device=x.device))
-        for src, dst in ((rows, total), (units, unit)):  # [B, n, hc, D] -> [B, hc, nloc, D]
-            folded = torch.nn.functional.pad(src, pad).view(b, nloc, block, src.shape[2], d).sum(2).permute(0, 2, 1, 3)
-            dst[:, h0 : h0 + hc, first : first + nloc] = folded
-        del rows, norm, units
-    pos = torch.arange(first, first + nloc, device=x.device)
-    lo = torch.clamp(pos * block, min=offset)
-    hi = torch.clamp((pos + 1) * block, max=offset + n)
-    count[first : first + nloc] = (hi - lo).clamp(min=0)
-    return BlockStats(total, unit, count, block, length)
-
-
-def predict_from_stats(q_stats: BlockStats, k_stats: BlockStats, params: SpargeParams, *, scale: float) -> torch.Tensor:
-    """The block map from (global) block statistics: bool ``[B, H, NQ, NK]``, True = computed.
-
-    Args:
-        q_stats: query statistics (blocks of ``params.block_q``, no smoothing).
-        k_stats: key statistics (blocks of ``params.block_k``, smoothed when ``params.smooth_k``).
-        params: the layer's settings for exactly these ``H`` heads.
-        scale: softmax scale of the block scores (the attention's).
-    """
-    b, h, nq, _ = q_stats.total.shape
-    nk = k_stats.num_blocks
-    if params.num_heads != h or k_stats.total.shape[1] != h:
-        raise ValueError(f"sparge: settings for {params.num_heads} heads, statistics for {h} / {k_stats.total.shape[1]}")
-    dev = q_stats.total.device
-    p = params.on(dev)
-    sim_thr = p["simthreshd1"].to(q_stats.total.dtype)[None, :, None]
-    sim_q = q_stats.similarity() > sim_thr  # [B, H, NQ]
-    sim_k = k_stats.similarity() > sim_thr.to(k_stats.total.dtype)  # [B, H, NK]
-    score = torch.matmul(q_stats.pooled(), k_stats.pooled().transpose(-1, -2)) * scale  # [B, H, NQ, NK]
-    score = score.masked_fill(~sim_k[:, :, None, :], _NEG_INF)
-    prob = torch.softmax(score, dim=-1).nan_to_num_(0.0)  # a row of only non-similar keys: all computed anyway
-    sorted_p, order = torch.sort(prob, dim=-1, descending=True, stable=True)
-    if params.topk is not None:
-        # (a float32 0.3 is 0.30000001: without the slack, 0.3 x 10 blocks would round up to 4)
-        n_sel = torch.ceil(p["topk"].double() * nk - 1e-3).to(torch.int64).clamp(1, nk)[None, :, None].expand(b, h, nq)
-    else:
-        thr = p["cdfthreshd"].to(sorted_p.dtype)[None, :, None]
-        cdf = torch.cumsum(sorted_p, dim=-1)
-        n_sel = (cdf <= thr[..., None]).sum(-1)
-        n_sel = torch.where(thr >= 1, torch.full_like(n_sel, nk), n_sel).clamp(min=1)
-    keep_sorted = torch.arange(nk, device=dev)[None, None, None, :] < n_sel[..., None]
-    sel = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    sel |= ~sim_k[:, :, None, :]
-    sel |= ~sim_q[:, :, :, None]
-    if params.sink:
-        sel[..., 0] = True
-    sel |= ~p["is_sparse"][None, :, None, None]
-    return sel
-
-
 def predict_block_mask(q: torch.Tensor, k: torch.Tensor, params: SpargeParams, *, scale: float | None = None,
-                       kv_lens: Sequence[int] | None = None, q_len: int | None = None) -> BlockSparseMask:
+                       kv_lens: Sequence[int] | None = None, q_len: int | None = None, impl: str = "auto") -> BlockSparseMask:
     """Sparge's mask for whole sequences ``q`` ``[B, S_q, H, D]``, ``k`` ``[B, S_k, H, D]`` (one device / Ulysses).
 
     Args:
@@ -342,6 +221,9 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, params: SpargeParams, *
         kv_lens: valid leading keys, the same for every batch element (self-attention: ``None`` or the
             unpadded length); they also bound the queries when ``S_q == S_k`` (self-attention).
         q_len: valid leading queries (default: as described above).
+        impl: ``"auto"`` (the fused Triton predictor, :mod:`.sparge_predict`, for fp16 / bf16 / fp32 on CUDA;
+            else torch), ``"triton"`` or ``"torch"`` (the statistics below, in float32 / float64). The Triton
+            one also leaves FlashAttention-4's tile lists of the mask in its cache (no second pass).
 
     Returns:
         A root :class:`BlockSparseMask` over the valid ``q_len x k_len`` tokens, per (batch, head), blocks
@@ -351,18 +233,41 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, params: SpargeParams, *
     k_len = _uniform_len(kv_lens, k.shape[1])
     if q_len is None:
         q_len = k_len if q.shape[1] == k.shape[1] else q.shape[1]
+    if impl not in PREDICTOR_IMPLS:
+        raise ValueError(f"sparge: predictor impl must be one of {PREDICTOR_IMPLS}, got {impl!r}")
+    if impl != "torch":
+        from .sparge_predict import predict_lists, triton_predictor_reasons
+
+        why = triton_predictor_reasons(q.device, q.dtype)
+        if impl == "triton" and why and not (q.device.type == "cpu" and _triton_interpreted()):
+            raise ValueError(f"sparge: the Triton predictor cannot run here: {'; '.join(why)}")
+        if impl == "triton" or not (why or _TRITON_BROKEN):
+            from .fa4_sparse import seed_tile_lists
+
+            try:
+                blocks, cnt, idx = predict_lists(q, k, params, scale=scale, q_len=q_len, k_len=k_len)
+            except Exception as e:  # noqa: BLE001 - "auto" never fails where the torch predictor works
+                if impl == "triton":
+                    raise
+                _TRITON_BROKEN.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"sparge: the fused Triton predictor failed, using the torch one from now on: "
+                              f"{_TRITON_BROKEN[0][:500]}", RuntimeWarning, stacklevel=2)
+            else:
+                mask = BlockSparseMask.from_blocks(blocks, (params.block_q, params.block_k), q_len, k_len, device=q.device)
+                seed_tile_lists(mask, q.device, cnt, idx)
+                return mask
     mean = key_sum(k, length=k_len) / k_len if params.smooth_k else None
-    qs = block_stats(q, params.block_q, length=q_len)
-    ks = block_stats(k, params.block_k, length=k_len, mean=mean)
+    qs = block_stats(q, params.block_q, length=q_len, fused=False)
+    ks = block_stats(k, params.block_k, length=k_len, mean=mean, fused=False)
     blocks = predict_from_stats(qs, ks, params, scale=scale)
     return BlockSparseMask.from_blocks(blocks, (params.block_q, params.block_k), q_len, k_len, device=q.device)
 
 
-def block_counts(length: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Rows per block of a ``length``-token sequence in blocks of ``block``: int64 ``[ceil(length / block)]``."""
-    n = -(-length // block)
-    start = torch.arange(n, device=device) * block
-    return torch.clamp(length - start, max=block).to(torch.int64)
+def _triton_interpreted() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: CPU tests of the fused predictor)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def sequence_parallel_mask(backend: _SpargeBase, q: torch.Tensor, k: torch.Tensor, *, q_offset: int, k_offset: int,
@@ -472,16 +377,20 @@ def flex_block_mask(mask: BlockSparseMask, device: torch.device, tile: tuple[int
     return mask._grid.cached(("flex", mask.key, tuple(tile), str(device)), build)
 
 
+def _check_lead(mask: BlockSparseMask, q: torch.Tensor) -> None:
+    if mask.lead_shape:
+        mb, mh = mask.lead_shape
+        if mb not in (1, q.shape[0]) or mh not in (1, q.shape[2]):
+            raise ValueError(f"sparge: mask is per {mb} x {mh} (batch, head), q has {q.shape[0]} x {q.shape[2]}")
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, *, scale: float,
                      return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through flex (compiled on CUDA, eager on CPU): ``[B, S, H, D]`` in,
     ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` out; rows without any key get 0 / ``-inf``."""
     from .radial import run_flex
 
-    if mask.lead_shape:
-        mb, mh = mask.lead_shape
-        if mb not in (1, q.shape[0]) or mh not in (1, q.shape[2]):
-            raise ValueError(f"sparge: mask is per {mb} x {mh} (batch, head), q has {q.shape[0]} x {q.shape[2]}")
+    _check_lead(mask, q)
     return run_flex(q, k, v, flex_block_mask(mask, q.device), scale=scale, return_lse=return_lse)
 
 
@@ -601,9 +510,19 @@ class _SpargeBase(AttentionBackend):
                 block_stats(k, p.block_k, offset=k_offset, length=k_length, mean=mean))
 
 
+_FA4_REFUSED: dict[tuple, str] = {}  # (block_q, block_k, head dim, dtype) -> why FA4 refused it (then flex runs it)
+
+
 @dataclass
 class SpargeFlex(_SpargeBase):
-    """Sparge attention, built in: the mask predictor plus ``flex_attention`` with per-(batch, head) block masks.
+    """Sparge attention, built in: the mask predictor plus a block-sparse kernel with per-(batch, head) masks.
+
+    The kernel is FlashAttention-4's block-sparse forward where it runs (sm90, ``flash_attn.cute``,
+    fp16 / bf16; the mask's ``block_q x block_k`` blocks are FA4's tiles, 128 x 64 by default) and
+    the window falls on the mask's grid (whole sequences, Ulysses, ``kv_lens``); ``flex_attention``
+    elsewhere (CPU, other GPUs, fp32, unaligned ring windows, shapes FA4 refuses). The predictor is the
+    fused Triton one on CUDA (:mod:`.sparge_predict`), the torch one elsewhere. :attr:`runs` says
+    which, and why. ``impl`` (``"auto"``, ``"fa4"``, ``"flex"``) forces a kernel (benchmarks, tests).
 
     Called without ``block_mask``, a bound sparse layer predicts its mask from the q / k it is given,
     which must then be whole sequences (one device, or Ulysses after its all-to-all); ``kv_lens``
@@ -611,13 +530,20 @@ class SpargeFlex(_SpargeBase):
     step's window of the global mask from :meth:`mask_from_stats`), it runs that mask.
     """
 
+    impl: str = "auto"
+
     key: ClassVar[str] = "sparge_flex"
-    description: ClassVar[str] = "Sparge attention, built-in mask predictor + flex_attention block-sparse kernel"
+    description: ClassVar[str] = ("Sparge attention, built-in mask predictor (fused Triton on CUDA) + FlashAttention-4 "
+                                  "block-sparse kernel (sm90, flash_attn.cute), else flex_attention")
     caps: ClassVar[Capabilities] = Capabilities(lse=True, devices=frozenset({"cpu", "cuda"}), dtypes=FLOATS,
                                                 max_head_dim=256, block_mask=True)
     install_hint: ClassVar[str] = "needs torch >= 2.5 (torch.nn.attention.flex_attention)"
     requires_modules: ClassVar[tuple[str, ...]] = ("torch.nn.attention.flex_attention",)
     needs_global_mask: ClassVar[bool] = True  # under ring, the caller predicts on gathered statistics
+
+    def __post_init__(self) -> None:
+        if self.impl not in KERNEL_IMPLS:
+            raise ValueError(f"{self.key}: impl must be one of {KERNEL_IMPLS}, got {self.impl!r}")
 
     @classmethod
     def unavailable_reasons(cls, device, dtype):
@@ -625,6 +551,37 @@ class SpargeFlex(_SpargeBase):
         if device.type == "cuda" and dtype == torch.float64:
             reasons.append("dtype float64 runs on the CPU only")
         return reasons
+
+    @functools.cached_property
+    def fa4_reasons(self) -> list[str]:
+        """Why this instance does not run FA4 (empty when it does, for windows on the mask's grid)."""
+        from .base import module_available
+        from .fa4_sparse import fa4_block_sparse_reasons
+
+        if self.impl == "flex":
+            return ["impl='flex'"]
+        if self.device.type != "cuda":
+            return [f"FlashAttention-4 needs CUDA (device is {self.device.type})"]
+        if self.dtype not in LOW_PRECISION:
+            return [f"FlashAttention-4 takes fp16 / bf16, not {str(self.dtype).removeprefix('torch.')}"]
+        if not module_available("flash_attn.cute"):
+            return ["package `flash_attn.cute` is not installed (pip install flash-attn-4)"]
+        # sm100 needs 256-row sparse blocks for more than 128 queries (two query stages); Sparge's are 128
+        return fa4_block_sparse_reasons(self.device, archs=(9,))
+
+    @property
+    def runs(self) -> str:
+        """What runs a sparse layer here: kernel and predictor, and why FA4 does not (if it does not)."""
+        from .sparge_predict import triton_predictor_reasons
+
+        pred = "fused Triton predictor" if not triton_predictor_reasons(self.device, self.dtype) else "torch predictor"
+        if _TRITON_BROKEN:
+            pred = f"torch predictor (the Triton one failed: {_TRITON_BROKEN[0][:200]})"
+        if self.fa4_reasons:
+            return f"flex_attention block-sparse kernel, {pred} (not FA4: {'; '.join(self.fa4_reasons)})"
+        refused = "; ".join(f"{k[0]}x{k[1]} D={k[2]}: {why}" for k, why in _FA4_REFUSED.items())
+        return (f"FlashAttention-4 block-sparse kernel (flex for unaligned ring windows), {pred}"
+                + (f"; FA4 refused {refused}" if refused else ""))
 
     def forward(self, q, k, v, *, scale=None, kv_lens=None, return_lse=False, block_mask=None):
         self._require_bound()
@@ -646,6 +603,26 @@ class SpargeFlex(_SpargeBase):
             return self.dense._forward(q, k, v, scale=scale, return_lse=return_lse)
         if not isinstance(block_mask, BlockSparseMask):
             raise TypeError(f"{self.key}: block_mask must be a BlockSparseMask, got {type(block_mask).__name__}")
+        _check_lead(block_mask, q)
+        refusal = (*block_mask.block_shape, q.shape[-1], q.dtype)
+        if not self.fa4_reasons and refusal not in _FA4_REFUSED:
+            from .fa4_sparse import fa4_window_attention
+
+            try:
+                res = fa4_window_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse, key=self.key)
+            except Exception as e:  # noqa: BLE001 - FA4 refused these blocks / head dim (or failed): flex from now on
+                if self.impl == "fa4":
+                    raise
+                _FA4_REFUSED[refusal] = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn(f"{self.key}: FlashAttention-4 failed on {refusal[:3]} blocks x head dim, flex runs them "
+                              f"from now on: {_FA4_REFUSED[refusal]}", RuntimeWarning, stacklevel=2)
+                res = None
+            if res is not None:
+                return res
+            if self.impl == "fa4" and refusal not in _FA4_REFUSED:
+                raise ValueError(f"{self.key}: impl='fa4' but the window {block_mask} is not on the mask's grid")
+        elif self.impl == "fa4":
+            raise RuntimeError(f"{self.key}: impl='fa4' but FA4 cannot run: {'; '.join(self.fa4_reasons) or _FA4_REFUSED[refusal]}")
         return sparse_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse)
 
 
