@@ -15,11 +15,14 @@ Inputs (``--inputs``):
 Settings (``--settings``): ``topk`` (``sparge_attn_setting.topk``, default 0.5) and ``thr`` (one
 synthetic threshold setting for every head, default ``cdfthreshd 0.9, simthreshd1 0.1``).
 
-Per case, input kind and setting it records: the token-level sparsity of the predicted mask (mean
-over heads), the predictor's time, the block-sparse kernel's time with the mask given (what a ring
-step costs) and end to end (predict + kernel, what one device / Ulysses runs), the first call
-(flex compile), the speedup over ``sdpa_cudnn`` dense (LSE requested, as ring attention calls it),
-and the relative L1 error and cosine similarity of the output against that dense output.
+Per case and input kind it times two dense baselines, ``sdpa_cudnn`` and FlashAttention-4 (``fa4``,
+when installed; LSE requested, as ring attention calls them), and the block-sparse kernel on a mask
+with every block on (its cost over dense FA4). Per setting it records: the token-level sparsity of
+the predicted mask (mean over heads), the predictor's time (the fused Triton predictor on CUDA), the
+block-sparse kernel's time with the mask given (what a ring step costs) and end to end (predict +
+kernel, what one device / Ulysses runs), the first call (compiles), the speedups over both
+baselines, and the relative L1 error and cosine similarity of the output against the cuDNN output.
+Which kernel and predictor ran is recorded (``runs``; ``--kernel-impl`` forces FA4 or flex).
 ``spas_sage_attn`` (when installed) is timed and compared the same way (its sparsity is its own).
 Output: JSON under ``benchmarks/results/`` and a table.
 
@@ -91,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: time Sparge vs dense sequence-parallel in these modes (ring: R = N, "
                              "usp: U = 2 x R = N/2, ulysses: U = N) against the single-device Sparge output, "
                              "instead of the one-device run")
+    parser.add_argument("--kernel-impl", choices=("auto", "fa4", "flex"), default="auto",
+                        help="block-sparse kernel of the built-in Sparge (default: %(default)s: FlashAttention-4 on sm90 "
+                             "where it is installed, else flex_attention)")
+    parser.add_argument("--no-all-on", action="store_true",
+                        help="skip the all-blocks-on mask (the block-sparse kernel's cost over dense FA4)")
     parser.add_argument("--ring-impl", choices=("auto", "rotate", "pull", "allgather"), default="auto",
                         help="--sp: ring transport of sequence_parallel_attention (default: %(default)s: pull where "
                              "the ring is on one host with symmetric memory, else rotate)")
@@ -182,8 +190,26 @@ def _make_inputs(kind: str, grid: tuple[int, int, int], args, device, dtype):
     return random_qkv(math.prod(grid), args.heads, args.head_dim, dtype=dtype, device=device, seed=args.seed)
 
 
+def _fa4_dense(device, dtype):
+    """FlashAttention-4 dense (the second baseline), or ``(None, why)``."""
+    from ..attention.flash import FlashAttn4
+
+    why = FlashAttn4.unavailable_reasons(device, dtype)
+    return (FlashAttn4(device=device, dtype=dtype), "") if not why else (None, "; ".join(why))
+
+
+def _versus(r: dict, ms: float, rec: dict, name: str) -> None:
+    """Speedups of ``ms`` over the dense baselines of ``rec`` (``<name>_vs_<baseline>``)."""
+    for base in ("dense", "fa4_dense"):
+        if rec.get(base, {}).get("median_ms"):
+            r[f"{name}_vs_{'cudnn' if base == 'dense' else 'fa4'}"] = rec[base]["median_ms"] / ms
+
+
 def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
-    """One case and input kind: dense baseline, then each setting on the built-in kernel (and spas_sage_attn)."""
+    """One case and input kind: dense baselines (cuDNN, FA4), the all-blocks-on mask, then each setting on the
+    built-in kernel (and spas_sage_attn)."""
+    from ..attention.blockmask import BlockSparseMask
+
     s = math.prod(grid)
     h = args.heads
     t0 = time.perf_counter()
@@ -191,17 +217,51 @@ def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
     _sync(device)
     rec: dict = {"inputs": kind, "build_s": time.perf_counter() - t0}
     timer = time_cuda if device.type == "cuda" else time_cpu
+    tk = {"warmup": args.warmup, "iters": args.iters}
     dense_key, dense_cls = dense_sdpa_kernel(device, dtype)
     dense = dense_cls(device=device, dtype=dtype)
     ref = dense(q, k, v, return_lse=True)[0]
-    rec["dense"] = {"kernel": dense_key, **timer(lambda: dense(q, k, v, return_lse=True), warmup=args.warmup, iters=args.iters)}
-    print(f"[bench sparge] {name} {kind}: S={s:,} H={h}; {dense_key} dense {rec['dense']['median_ms']:.2f} ms", flush=True)
+    rec["dense"] = {"kernel": dense_key, **timer(lambda: dense(q, k, v, return_lse=True), **tk)}
+    fa4, why = _fa4_dense(device, dtype)
+    if fa4 is not None:
+        try:
+            fa4(q, k, v, return_lse=True)
+            rec["fa4_dense"] = {"kernel": "fa4", **timer(lambda: fa4(q, k, v, return_lse=True), **tk)}
+        except Exception as e:  # noqa: BLE001 - the other baseline still stands
+            rec["fa4_dense"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    else:
+        rec["fa4_dense"] = {"unavailable": why}
+    fa4_ms = rec["fa4_dense"].get("median_ms")
+    print(f"[bench sparge] {name} {kind}: S={s:,} H={h}; {dense_key} dense {rec['dense']['median_ms']:.2f} ms, fa4 dense "
+          f"{_fmt(fa4_ms, '.2f')} ms", flush=True)
+    be0 = SpargeFlex(device=device, dtype=dtype, impl=args.kernel_impl)
+    rec["runs"] = be0.for_layer(_params("topk", h, args)).runs
+    if not args.no_all_on:  # every block on: what the block-sparse kernel costs over dense
+        r: dict = {}
+        try:
+            nq, nk = -(-s // args.block_q), -(-s // args.block_k)
+            full = BlockSparseMask.from_blocks(torch.ones(1, h, nq, nk, dtype=torch.bool, device=device),
+                                               (args.block_q, args.block_k), s, s, device=device)
+            be = be0.for_layer(_params("topk", h, args))
+            out, _ = be(q, k, v, return_lse=True, block_mask=full)
+            r.update(compare(out, ref))
+            del out
+            r["kernel"] = timer(lambda: be(q, k, v, return_lse=True, block_mask=full), **tk)
+            _versus(r, r["kernel"]["median_ms"], rec, "kernel")
+            r["status"] = "ok"
+            print(f"[bench sparge] {name} {kind} all blocks on: kernel {r['kernel']['median_ms']:.2f} ms "
+                  f"({_fmt(r.get('kernel_vs_fa4'), '.3f')}x FA4 dense), rel L1 {r['rel_l1']:.1e}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            r.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            print(f"[bench sparge] {name} {kind} all blocks on: failed: {r['error'].splitlines()[0][:200]}", flush=True)
+        rec["all_on"] = r
+        _free(device)
     rec["settings"] = {}
     for setting in args.settings:
         params = _params(setting, h, args)
-        r: dict = {"params": _params_record(setting, params, args)}
+        r = {"params": _params_record(setting, params, args)}
         try:
-            be = SpargeFlex(device=device, dtype=dtype).for_layer(params)
+            be = be0.for_layer(params)
             t1 = time.perf_counter()
             out, _ = be(q, k, v, return_lse=True)
             _sync(device)
@@ -212,16 +272,18 @@ def run_inputs(name, grid, kind, args, device, dtype, spas_ok) -> dict:
             r["sparsity_per_head_min_max"] = [float(hs.min()), float(hs.max())]
             r.update(compare(out, ref))
             del out
-            r["predict"] = timer(lambda: predict_block_mask(q, k, params), warmup=args.warmup, iters=args.iters)
-            r["kernel"] = timer(lambda: be(q, k, v, return_lse=True, block_mask=mask), warmup=args.warmup, iters=args.iters)
-            r["end_to_end"] = timer(lambda: be(q, k, v, return_lse=True), warmup=args.warmup, iters=args.iters)
+            r["predict"] = timer(lambda: predict_block_mask(q, k, params), **tk)
+            r["kernel"] = timer(lambda: be(q, k, v, return_lse=True, block_mask=mask), **tk)
+            r["end_to_end"] = timer(lambda: be(q, k, v, return_lse=True), **tk)
             r["speedup_kernel"] = rec["dense"]["median_ms"] / r["kernel"]["median_ms"]
             r["speedup_end_to_end"] = rec["dense"]["median_ms"] / r["end_to_end"]["median_ms"]
+            _versus(r, r["kernel"]["median_ms"], rec, "kernel")
+            _versus(r, r["end_to_end"]["median_ms"], rec, "end_to_end")
             r["status"] = "ok"
             print(f"[bench sparge] {name} {kind} {setting}: sparsity {r['sparsity']:.3f}, predict "
-                  f"{r['predict']['median_ms']:.2f} ms, kernel {r['kernel']['median_ms']:.2f} ms "
-                  f"({r['speedup_kernel']:.2f}x), end to end {r['end_to_end']['median_ms']:.2f} ms "
-                  f"({r['speedup_end_to_end']:.2f}x), rel L1 {r['rel_l1']:.4f}, cos {r['cosine']:.5f}, "
+                  f"{r['predict']['median_ms']:.2f} ms, kernel {r['kernel']['median_ms']:.2f} ms, end to end "
+                  f"{r['end_to_end']['median_ms']:.2f} ms ({r['speedup_end_to_end']:.2f}x cuDNN, "
+                  f"{_fmt(r.get('end_to_end_vs_fa4'), '.2f')}x FA4), rel L1 {r['rel_l1']:.4f}, cos {r['cosine']:.5f}, "
                   f"first call {r['first_call_s']:.1f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
             r.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
@@ -253,18 +315,28 @@ def _bench_spas(q, k, v, ref, params, rec, args, device, dtype, timer) -> dict:
 
 
 def format_results(results: list[dict]) -> str:
-    lines = [f"{'case':8s} {'inputs':10s} {'setting':7s} {'sparsity':>8s} {'dense ms':>9s} {'kernel ms':>9s} "
-             f"{'speedup':>7s} {'e2e ms':>8s} {'rel L1':>7s} {'cosine':>7s}"]
+    lines = [f"{'case':8s} {'inputs':10s} {'setting':7s} {'sparsity':>8s} {'cuDNN ms':>8s} {'FA4 ms':>7s} {'pred ms':>7s} "
+             f"{'kern ms':>7s} {'total ms':>8s} {'x cuDNN':>7s} {'x FA4':>6s} {'rel L1':>7s} {'cosine':>7s}"]
     for c in results:
         for kind in c["inputs"]:
+            head = f"{c['case']:8s} {kind['inputs']:10s}"
+            fa4 = kind.get("fa4_dense", {}).get("median_ms")
+            on = kind.get("all_on")
+            if on and on.get("status") == "ok":
+                lines.append(f"{head} {'all-on':7s} {0.0:8.3f} {kind['dense']['median_ms']:8.2f} {_fmt(fa4, '7.2f'):>7s} "
+                             f"{'-':>7s} {on['kernel']['median_ms']:7.2f} {on['kernel']['median_ms']:8.2f} "
+                             f"{_fmt(on.get('kernel_vs_cudnn'), '6.2f'):>6s}x {_fmt(on.get('kernel_vs_fa4'), '5.3f'):>5s}x "
+                             f"{on['rel_l1']:7.4f} {on['cosine']:7.5f}")
             for setting, r in kind["settings"].items():
-                head = f"{c['case']:8s} {kind['inputs']:10s} {setting:7s}"
                 if r["status"] != "ok":
-                    lines.append(f"{head} failed: {r['error'].splitlines()[0][:60]}")
+                    lines.append(f"{head} {setting:7s} failed: {r['error'].splitlines()[0][:60]}")
                     continue
-                lines.append(f"{head} {r['sparsity']:8.3f} {kind['dense']['median_ms']:9.2f} {r['kernel']['median_ms']:9.2f} "
-                             f"{r['speedup_kernel']:6.2f}x {r['end_to_end']['median_ms']:8.2f} {r['rel_l1']:7.4f} "
-                             f"{r['cosine']:7.5f}")
+                lines.append(f"{head} {setting:7s} {r['sparsity']:8.3f} {kind['dense']['median_ms']:8.2f} "
+                             f"{_fmt(fa4, '7.2f'):>7s} {r['predict']['median_ms']:7.2f} {r['kernel']['median_ms']:7.2f} "
+                             f"{r['end_to_end']['median_ms']:8.2f} {r['speedup_end_to_end']:6.2f}x "
+                             f"{_fmt(r.get('end_to_end_vs_fa4'), '5.2f'):>5s}x {r['rel_l1']:7.4f} {r['cosine']:7.5f}")
+            if kind.get("runs"):
+                lines.append(f"{'':19s} runs: {kind['runs']}")
     return "\n".join(lines)
 
 
@@ -309,9 +381,12 @@ def main(args: argparse.Namespace) -> int:
             "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "topk": args.topk,
             "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1, "warmup": args.warmup, "iters": args.iters,
             "seed": args.seed, "blocks": f"query {args.block_q} x key {args.block_k} (SpargeAttn's: 128 x 64)",
-            "timed_calls": "dense: forward(q, k, v, return_lse=True); kernel: the built-in block-sparse kernel with the "
-                           "predicted mask given (a ring step); end_to_end: predict + kernel (one device / Ulysses); "
-                           "first_call_s includes the flex compile",
+            "kernel_impl": args.kernel_impl,
+            "timed_calls": "dense: forward(q, k, v, return_lse=True) of sdpa_cudnn and of fa4 (FlashAttention-4); "
+                           "all_on: the block-sparse kernel with every block on (its cost over dense); predict: "
+                           "predict_block_mask (the fused Triton predictor on CUDA); kernel: the built-in block-sparse "
+                           "kernel with the predicted mask given (a ring step); end_to_end: predict + kernel (one device "
+                           "/ Ulysses); *_vs_cudnn / *_vs_fa4: dense time / this time; first_call_s includes compiles",
             "sparsity": "skipped token pairs / S^2, mean over heads (1 - density)",
             "accuracy": "rel_l1 = sum|o - o_dense| / sum|o_dense| and cosine similarity, whole output, vs the dense kernel",
             "inputs_doc": "random: N(0,1) q, k, v (near-uniform attention); structured: q, k share random Fourier "
@@ -398,7 +473,9 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                          "sparsity": "skipped token pairs / S^2 of the single-device predicted mask, mean over heads",
                          "accuracy": "gathered SP output vs the single-device Sparge output (rel_l1, cosine, rel_l2) "
                                      "and vs the single-device dense output (rel_l1, cosine)",
-                         "schedule": "ring steps (kernel calls) and K/V transfers over the whole ring, run / skipped, "
+                         "schedule": "ring steps (kernel calls) and K/V transfers the mask would let the ring skip, run / "
+                                     "skipped (the forward itself runs every real step: a predicted mask is never read "
+                                     "back to the host), "
                                      "from the single-device mask (USP: union over heads)"},
               "results": []}
     out_path = Path(args.out or f"benchmarks/results/sparge_sp_{card_slug(report['environment']['card'])}_{world}gpu.json")
@@ -448,7 +525,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                         local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
                         m = r["modes"][mode] = {"ulysses": u, "ring": rr}
                         if rr > 1 and mask is not None:
-                            m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr).stats()
+                            m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr, exact=True).stats()
 
                         def call(backend):
                             return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale,
