@@ -542,7 +542,8 @@ def test_tile_lists_and_aligned_window_lists():
 
 
 def _fake_fa4(q, k, v, *, full_cnt, full_idx, block, scale, return_lse, key="fa4"):
-    """FA4's block-sparse forward as documented (whole tiles from the lists, keys bounded by S_k), in float64."""
+    """FA4's block-sparse forward as documented (whole tiles from the lists, keys bounded by S_k), in float64;
+    rows without any tile get garbage (NaN, lse 7), so that the caller's handling of them is tested."""
     bq, bk = block
     b, s_q, h, _ = q.shape
     s_k = k.shape[1]
@@ -555,6 +556,9 @@ def _fake_fa4(q, k, v, *, full_cnt, full_idx, block, scale, return_lse, key="fa4
                 tiles[bi, hi, u, idx[bi, hi, u, : cnt[bi, hi, u]].long()] = True
     allowed = tiles.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[..., :s_q, :s_k]
     out, lse = reference_attention(q, k, v, scale=scale, mask=allowed)
+    empty = ~allowed.any(-1)  # [B, H, S_q]: whatever a kernel leaves there, the caller must define it
+    out = out.masked_fill(empty.transpose(1, 2)[..., None], float("nan"))
+    lse = lse.masked_fill(empty, 7.0)
     return out.to(q.dtype), (lse.float() if return_lse else None)
 
 

@@ -190,8 +190,11 @@ def fa4_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
     ``mask``'s blocks are FA4's sparse blocks (``(block_q, block_k)``; per (batch, head) or shared).
     Rows the window leaves without any key get ``out = 0`` and ``lse = -inf``: rows past its real
-    queries are set so here; query tiles with an empty list come so from FA4 (sm90: an empty tile's
-    accumulator is zeroed and its softmax reset, ``flash_fwd_sm90.py`` / ``softmax.finalize`` of 4.0.0b36).
+    queries, and query tiles with an empty list in windows that cut the key range, are set so here
+    (one masked fill on the device); in a window over all keys an empty list comes so from FA4 itself
+    (sm90: an empty tile's accumulator is zeroed and its softmax reset, ``flash_fwd_sm90.py`` /
+    ``softmax.finalize`` of 4.0.0b36; Sparge's own masks have no empty row there: the sink, and at
+    least one block per query block).
     Shapes: q ``[B, S_q, H, D]``, k / v ``[B, S_k, H, D]`` with ``(S_q, S_k) == mask.shape``.
     """
     lists = window_tile_lists(mask, q.device)
@@ -200,6 +203,14 @@ def fa4_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     cnt, idx = lists
     out, lse = fa4_block_sparse_attention(q, k, v, full_cnt=cnt, full_idx=idx, block=mask.block_shape, scale=scale,
                                           return_lse=return_lse, key=key)
+    bq = mask.block_shape[0]
+    if mask.k_start > 0 or mask.k_len < mask.global_shape[1]:
+        # a window that cuts keys can leave query tiles without any: make them "no key" here too, on the
+        # device (FA4 sm90 already zeroes such a tile, which the GPU tests could not yet confirm)
+        empty = (cnt == 0).repeat_interleave(bq, -1)[..., : mask.q_len]  # [B|1, H|1, S_q]
+        out = out.masked_fill(empty.transpose(1, 2)[..., None], 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
     real = max(0, min(mask.q_len, mask.q_lim - mask.q_start))
     if real < mask.q_len:  # padding rows of the window: no key
         out[:, real:] = 0
