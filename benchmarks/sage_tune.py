@@ -8,9 +8,10 @@ Run on the device (``python3 benchmarks/sage_tune.py --out $OUT``). Steps:
    P.V modes at S=4096 on random N(0,1) and video-like inputs (cosine, rel L1, rel L2, LSE error).
 3. Time (CUDA events, median) cuDNN SDPA and every variant at S=32760 (B=1, H=40, D=128, bf16), the
    quantisation passes included; the quantisation alone and the attention kernel alone for the base
-   configs; probes that leave one stage out (edited copies of the kernel: no exp2, no P.V, QK only,
-   int->float conversion instead of the magic-number accumulator); the kernel of 33df121 at 32760 and
-   32768 (``.sage_old/``, when carried); D=64 variants.
+   configs; probes that leave one stage out (edited copies of the kernel: no exp2; no P.V (no V load, no
+   P cast, no dot); QK only; int->float conversion instead of the magic-number accumulator; no key
+   permutation, i.e. Triton's register shuffles to the FP8 operand layout); the kernel of 33df121 at
+   32760 and 32768 (``.sage_old/``, when carried); D=64 variants.
 4. The fastest variants of each P.V mode and cuDNN again at S=75600.
 
 Writes ``sage_tune.json`` under ``--out`` and prints a table last. FLOPs: ``4 * B * H * S^2 * D``.
@@ -36,54 +37,50 @@ PROBE_DIR = Path(os.environ.get("SAGE_PROBE_DIR", tempfile.gettempdir())) / "sag
 KERNEL_SRC = REPO / "ditfleet/attention/sage_triton.py"
 OLD_SRC = REPO / ".sage_old/sage_triton_33df121.py"
 
-BASE16 = dict(pv_fp8=False, block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
+BASE16 = dict(pv_fp8=False, block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True, defer=False)
 BASE8 = dict(BASE16, pv_fp8=True)
 VARIANTS = {
+    # FP8 P.V (SageAttention2)
+    "fp8_m64n128w4s2": dict(BASE8),
+    "fp8_m64n128w4s3": dict(BASE8, num_stages=3),
+    "fp8_m64n128w4s2_defer": dict(BASE8, defer=True),
+    "fp8_m64n128w4s3_defer": dict(BASE8, num_stages=3, defer=True),
+    "fp8_m64n128w4s2_ptr": dict(BASE8, tma=False),
+    "fp8_m64n64w4s2": dict(BASE8, block_n=64),
+    "fp8_m64n64w4s3": dict(BASE8, block_n=64, num_stages=3),
+    "fp8_m64n64w4s2_defer": dict(BASE8, block_n=64, defer=True),
+    "fp8_m128n128w8s2": dict(BASE8, block_m=128, num_warps=8),
+    "fp8_m128n128w8s3_ptr": dict(BASE8, block_m=128, num_warps=8, num_stages=3, tma=False),
+    "fp8_m128n128w8s3_defer": dict(BASE8, block_m=128, num_warps=8, num_stages=3, defer=True),
+    "fp8_m64n128w4s2_qg16": dict(BASE8, q_group=16),
     # 16-bit P.V
-    "b16_m128n128w8s2": dict(BASE16, num_stages=2),
-    "b16_m128n128w8s3": dict(BASE16),
-    "b16_m128n128w8s4": dict(BASE16, num_stages=4),
-    "b16_m128n64w8s3": dict(BASE16, block_n=64),
-    "b16_m128n64w8s4": dict(BASE16, block_n=64, num_stages=4),
-    "b16_m64n128w4s2": dict(BASE16, block_m=64, num_warps=4, num_stages=2),
-    "b16_m64n64w4s3": dict(BASE16, block_m=64, block_n=64, num_warps=4),
-    "b16_m128n128w8s3_ptr": dict(BASE16, tma=False),
-    "b16_m128n128w8s3_qg16": dict(BASE16, q_group=16),
-    # FP8 P.V
-    "fp8_m128n128w8s2": dict(BASE8, num_stages=2),
-    "fp8_m128n128w8s3": dict(BASE8),
-    "fp8_m128n128w8s4": dict(BASE8, num_stages=4),
-    "fp8_m128n64w8s3": dict(BASE8, block_n=64),
-    "fp8_m64n128w4s2": dict(BASE8, block_m=64, num_warps=4, num_stages=2),
-    "fp8_m64n128w4s3": dict(BASE8, block_m=64, num_warps=4, num_stages=3),
-    "fp8_m128n128w8s3_ptr": dict(BASE8, tma=False),
-    # probes (edited kernel copies; results are not attention, timings only)
-    "b16_probe_i2f": dict(BASE16, probe="i2f"),
-    "b16_probe_noexp": dict(BASE16, probe="noexp"),
-    "b16_probe_nopv": dict(BASE16, probe="nopv"),
-    "b16_probe_qkonly": dict(BASE16, probe="qkonly"),
-    "fp8_probe_i2f": dict(BASE8, probe="i2f"),
+    "b16_m64n128w4s2": dict(BASE16),
+    "b16_m128n128w8s3": dict(BASE16, block_m=128, num_warps=8, num_stages=3),
+    # probes of the FP8 base (edited kernel copies; results are not attention, timings only)
     "fp8_probe_noexp": dict(BASE8, probe="noexp"),
     "fp8_probe_nopv": dict(BASE8, probe="nopv"),
+    "fp8_probe_qkonly": dict(BASE8, probe="qkonly"),
+    "fp8_probe_shuffle": dict(BASE8, probe="shuffle"),
     # D = 64
-    "d64_b16_m128n128w8s3": dict(BASE16, d=64),
-    "d64_b16_m128n64w8s3": dict(BASE16, block_n=64, d=64),
-    "d64_b16_m64n128w4s2": dict(BASE16, block_m=64, num_warps=4, num_stages=2, d=64),
-    "d64_fp8_m128n128w8s3": dict(BASE8, d=64),
-    "d64_fp8_m64n128w4s3": dict(BASE8, block_m=64, num_warps=4, num_stages=3, d=64),
+    "d64_fp8_m64n128w4s2": dict(BASE8, d=64),
+    "d64_fp8_m64n128w4s3": dict(BASE8, num_stages=3, d=64),
+    "d64_fp8_m64n64w4s3": dict(BASE8, block_n=64, num_stages=3, d=64),
+    "d64_fp8_m64n128w4s3_defer": dict(BASE8, num_stages=3, defer=True, d=64),
+    "d64_b16_m64n128w4s2": dict(BASE16, d=64),
 }
 
 _MAGIC_DOT = ("        s = tl.dot(q, tl.trans(k), acc=tl.full([BLOCK_M, BLOCK_N], _MAGIC_I, tl.int32), out_dtype=tl.int32)\n"
-              "        s = s.to(tl.float32, bitcast=True)\n")
+              "        return s.to(tl.float32, bitcast=True)\n")
 _EXP = "        p = tl.math.exp2(s * c[:, None] - bias[:, None])\n"
-_PV16 = "                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])\n"
-_PV8 = "            pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))\n"
+_PV8 = "        return tl.dot(p8, tl.trans(vt))\n"
+_PERM = ("        p8 = tl.reshape(tl.permute(tl.reshape(p8, [p8.shape[0], BLOCK_N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),\n"
+         "                        [p8.shape[0], BLOCK_N])\n")
 PROBES = {  # name -> [(old, new)] edits of sage_triton.py
-    "i2f": [(_MAGIC_DOT, "        s = tl.dot(q, tl.trans(k)).to(tl.float32)\n")],
+    "i2f": [(_MAGIC_DOT, "        return tl.dot(q, tl.trans(k)).to(tl.float32)\n")],
     "noexp": [(_EXP, "        p = s * c[:, None] - bias[:, None]\n")],
-    "nopv": [(_PV16, "                acc = acc * alpha[:, None]\n"), (_PV8, "            pv = 0.0\n")],
-    "qkonly": [(_EXP, "        p = s * c[:, None] - bias[:, None]\n"), (_PV16, "                acc = acc * alpha[:, None]\n"),
-               (_PV8, "            pv = 0.0\n")],
+    "nopv": [(_PV8, "        return tl.zeros([p8.shape[0], D], tl.float32)\n")],  # no V load, no P cast, no dot
+    "qkonly": [(_EXP, "        p = s * c[:, None] - bias[:, None]\n"), (_PV8, "        return tl.zeros([p8.shape[0], D], tl.float32)\n")],
+    "shuffle": [(_PERM, "")],  # no key permutation: Triton's register shuffles to the FP8 A-operand layout
 }
 
 
@@ -111,7 +108,7 @@ def variant_fn(name: str, return_lse: bool = False):
     cfg.pop("d", None)
     probe = cfg.pop("probe", None)
     kernel = module_from(KERNEL_SRC, f"sage_probe_{probe}", PROBES[probe])._attn_kernel if probe else None
-    launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages", "tma")}
+    launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages", "tma", "defer")}
 
     def fn(q, k, v):
         qz = st.sage_quantize(q, k, v, return_lse=return_lse, **cfg)
@@ -224,7 +221,7 @@ def main() -> int:
     for kind in ("randn", "video"):
         q, k, v = make_inputs(1, 4096, 8, 128, torch.bfloat16, torch.device("cuda"), seed=2, kind=kind)
         ro, rl = reference_attention(q, k, v, dtype=torch.float32)
-        for n in ("b16_m128n128w8s3", "fp8_m128n128w8s3", "b16_m128n128w8s3_qg16"):
+        for n in ("b16_m64n128w4s2", "fp8_m64n128w4s2", "fp8_m64n128w4s2_defer", "fp8_m64n128w4s2_qg16"):
             if n in names and n not in bad:
                 o, lse = variant_fn(n, return_lse=True)(q, k, v)
                 res["accuracy"][f"{n}/S4096_H8_{kind}"] = accuracy(o, lse, ro, rl)
@@ -257,9 +254,9 @@ def main() -> int:
         if d == 128:
             from ditfleet.attention import sage_triton as st
 
-            for base in ("b16_m128n128w8s3", "fp8_m128n128w8s3"):
+            for base in ("b16_m64n128w4s2", "fp8_m64n128w4s2"):
                 cfg = dict(VARIANTS[base])
-                launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages", "tma")}
+                launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages", "tma", "defer")}
                 record(f"{base}/S{s1}/quant_only", lambda: st.sage_quantize(q, k, v, **cfg), s1)
                 qz = st.sage_quantize(q, k, v, **cfg)
                 record(f"{base}/S{s1}/kernel_only", lambda: st.sage_attend(qz, **launch), s1)

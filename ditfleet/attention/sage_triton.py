@@ -37,6 +37,7 @@ in Triton's CPU interpreter tests (both paths run in the interpreter).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -73,6 +74,12 @@ if triton is not None:
         # rounds fp32 -> fp8 wrongly when the mantissa carries into the exponent (it halves e.g. 127.8 -> 64).
         t = x * 1048577.0  # 2**20 + 1
         return t - (t - x)
+
+    @triton.jit
+    def _v8_col(n):
+        """Column of key ``n`` in the FP8 ``V^T`` (``32q + 16a + 8b + 2c + e`` -> ``32q + 16a + 4c + 2b + e``;
+        see :func:`_pv_fp8`)."""
+        return (n & -32) | (n & 16) | ((n & 6) << 1) | ((n >> 2) & 2) | (n & 1)
 
     @triton.jit
     def _stats_kernel(K, V, KSum, VMax, skb, sks, skh, svb, svs, svh, S, H,
@@ -144,21 +151,25 @@ if triton is not None:
             v = v / tl.load(VScale + bh * D + offs_d)[None, :]
             if INTERPRET:
                 v = _round_e4m3(v)
-            tl.store(V8 + (bh * D + offs_d[None, :]) * SP + offs_s[:, None], v.to(tl.float8e4nv))
+            tl.store(V8 + (bh * D + offs_d[None, :]) * SP + _v8_col(offs_s)[:, None], v.to(tl.float8e4nv))
 
     @triton.jit
-    def _attn_step(acc, l_i, m_i, q, qs, Kd, Vd, KS, bh, b, h, start_n, offs_n, offs_d,
-                   svb, svs, svh, S_K, SKP, nbn,
-                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-                   INTERPRET: tl.constexpr, TMA: tl.constexpr, MASK: tl.constexpr):
-        """One key block: scores, online softmax, P.V. ``MASK``: the partial last block."""
+    def _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        """Scores of one key block as fp32 ``12582912 + q8 . k8`` (exact): the INT8 dot accumulates onto
+        the int32 bits of 12582912.0, so reading the result as fp32 needs no conversion."""
         if TMA:
             k = Kd.load([(bh * SKP + start_n).to(tl.int32), 0])
         else:
             k = tl.load(Kd + (bh * SKP + start_n + offs_n[:, None]) * D + offs_d[None, :])
-        # int32 accumulation onto 0x4B400000: the bits read as fp32 are 12582912 + score, exactly.
         s = tl.dot(q, tl.trans(k), acc=tl.full([BLOCK_M, BLOCK_N], _MAGIC_I, tl.int32), out_dtype=tl.int32)
-        s = s.to(tl.float32, bitcast=True)
+        return s.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
+                 MASK: tl.constexpr):
+        """Online-softmax step of one key block with scores ``s`` (from :func:`_qk`): ``(p, l, m, alpha)``.
+        ``MASK``: the partial last block."""
         if MASK:
             s = tl.where((start_n + offs_n)[None, :] < S_K, s, float("-inf"))
         c = qs * tl.load(KS + bh * nbn + start_n // BLOCK_N)  # [BLOCK_M]: q scale (per row) * k scale
@@ -169,37 +180,53 @@ if triton is not None:
         else:
             bias = m_new + _MAGIC_F * c
         p = tl.math.exp2(s * c[:, None] - bias[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if PV_FP8:
-            if TMA:
-                vt = Vd.load([(bh * D).to(tl.int32), start_n])  # V^T tile [D, BLOCK_N]
-            else:
-                vt = tl.load(Vd + (bh * D + offs_d[:, None]) * SKP + start_n + offs_n[None, :])
-            if INTERPRET:
-                p = _round_e4m3(p)
-            # the block's FP8 dot starts from zero and is added to acc in fp32 (two-level accumulation)
-            pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
-            acc = acc * alpha[:, None] + pv
+        return p, l_i * alpha + tl.sum(p, 1), m_new, alpha
+
+    @triton.jit
+    def _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                INTERPRET: tl.constexpr, TMA: tl.constexpr):
+        """One key block's FP8 ``P.V`` from zero (the caller adds it to the fp32 accumulator: two-level
+        accumulation). V8 holds each 32-key group's columns in the order ``32q + 16a + 4c + 2b + e`` for
+        key ``32q + 16a + 8b + 2c + e``: the order in which a thread holds P's columns in the wgmma
+        accumulator is then the order the FP8 A operand wants, so no shuffles are needed (see ``_v8_col``)."""
+        if TMA:
+            vt = Vd.load([(bh * D).to(tl.int32), start_n])  # V^T tile [D, BLOCK_N]
         else:
-            if TMA:
-                v = tl.reshape(Vd.load([b.to(tl.int32), start_n, h, 0]), [BLOCK_N, D])
-            elif MASK:
-                v = tl.load(Vd + b * svb + h * svh + (start_n + offs_n)[:, None] * svs + offs_d[None, :],
-                            mask=(start_n + offs_n)[:, None] < S_K, other=0.0)
-            else:
-                v = tl.load(Vd + b * svb + h * svh + (start_n + offs_n)[:, None] * svs + offs_d[None, :])
-            if INTERPRET:  # Triton's interpreter multiplies bf16 tiles as raw bits: widen (after rounding P)
-                acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return acc, l_i, m_new
+            vt = tl.load(Vd + (bh * D + offs_d[:, None]) * SKP + start_n + offs_n[None, :])
+        if INTERPRET:
+            p = _round_e4m3(p)
+        p8 = p.to(tl.float8e4nv)
+        p8 = tl.reshape(tl.permute(tl.reshape(p8, [p8.shape[0], BLOCK_N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),
+                        [p8.shape[0], BLOCK_N])
+        return tl.dot(p8, tl.trans(vt))
+
+    @triton.jit
+    def _pv_16(acc, p, Vd, b, h, start_n, offs_n, offs_d, svb, svs, svh, S_K, D: tl.constexpr,
+               BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr, MASK: tl.constexpr):
+        """``acc + P.V`` of one key block, P cast to V's (16-bit) dtype."""
+        if TMA:
+            v = tl.reshape(Vd.load([b.to(tl.int32), start_n, h, 0]), [BLOCK_N, D])
+        elif MASK:
+            v = tl.load(Vd + b * svb + h * svh + (start_n + offs_n)[:, None] * svs + offs_d[None, :],
+                        mask=(start_n + offs_n)[:, None] < S_K, other=0.0)
+        else:
+            v = tl.load(Vd + b * svb + h * svh + (start_n + offs_n)[:, None] * svs + offs_d[None, :])
+        if INTERPRET:  # Triton's interpreter multiplies bf16 tiles as raw bits: widen (after rounding P)
+            return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        return tl.dot(p.to(v.dtype), v, acc)
 
     @triton.jit
     def _attn_kernel(Qd, Kd, Vd, QS, KS, VS, Corr, O, Lse,
                      svb, svs, svh, sob, sos, soh, S_Q, S_K, SQP, SKP, H,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr):
-        """One ``BLOCK_M`` tile of queries of one (batch, head) against all keys."""
+                     PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr,
+                     DEFER: tl.constexpr):
+        """One ``BLOCK_M`` tile of queries of one (batch, head) against all keys.
+
+        ``DEFER`` (FP8 P.V): a block's P.V dot is added to the accumulator one block later, inside an
+        ``if`` (Triton then leaves the dot in flight across the next block's QK dot instead of waiting
+        for it at once).
+        """
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -217,14 +244,36 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         n_full = (S_K // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, Kd, Vd, KS, bh, b, h, start_n, offs_n, offs_d,
-                                       svb, svs, svh, S_K, SKP, nbn, D, BLOCK_M, BLOCK_N, PV_FP8,
-                                       INTERPRET, TMA, False)
+        if PV_FP8 and DEFER:
+            pv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            alpha = tl.full([BLOCK_M], 1.0, tl.float32)
+            for start_n in range(0, n_full, BLOCK_N):
+                s = _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
+                if start_n < S_K:  # always true; see the docstring
+                    acc = acc * alpha[:, None] + pv
+                p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N, True, False)
+                pv = _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
+            acc = acc * alpha[:, None] + pv
+        else:
+            for start_n in range(0, n_full, BLOCK_N):
+                s = _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
+                p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N, PV_FP8,
+                                              False)
+                if PV_FP8:
+                    acc = acc * alpha[:, None] + _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N,
+                                                         INTERPRET, TMA)
+                else:
+                    acc = _pv_16(acc * alpha[:, None], p, Vd, b, h, start_n, offs_n, offs_d, svb, svs, svh, S_K,
+                                 D, BLOCK_N, INTERPRET, TMA, False)
         if n_full < S_K:
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, Kd, Vd, KS, bh, b, h, n_full, offs_n, offs_d,
-                                       svb, svs, svh, S_K, SKP, nbn, D, BLOCK_M, BLOCK_N, PV_FP8,
-                                       INTERPRET, TMA, True)
+            s = _qk(q, Kd, bh, n_full, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
+            p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, n_full, offs_n, S_K, nbn, BLOCK_N, PV_FP8, True)
+            if PV_FP8:
+                acc = acc * alpha[:, None] + _pv_fp8(p, Vd, bh, n_full, offs_n, offs_d, SKP, D, BLOCK_N,
+                                                     INTERPRET, TMA)
+            else:
+                acc = _pv_16(acc * alpha[:, None], p, Vd, b, h, n_full, offs_n, offs_d, svb, svs, svh, S_K,
+                             D, BLOCK_N, INTERPRET, TMA, True)
         out = acc / l_i[:, None]
         if PV_FP8:
             out = out * tl.load(VS + bh * D + offs_d)[None, :]
@@ -239,12 +288,22 @@ if triton is not None:
             tl.store(Lse + bh * S_Q + offs_m, lse2 * _LN2, mask=m_ok)
 
 
-def default_config(head_dim: int, pv_fp8: bool = False) -> dict[str, int]:
-    """Launch defaults per head dim: ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``q_group``.
+# Launch defaults, measured on one H200 (benchmarks/sage_tune.py, benchmarks/notes_sage.md): one warp
+# group per program (block_m=64, num_warps=4), so that three programs share a multiprocessor and one's
+# tensor-core work overlaps another's exp2 work (with block_m=128 / 8 warps the two warp groups of a
+# program run in lockstep between Triton's barriers, and the kernel was ~25% slower).
+_CONFIGS = {  # (pv_fp8, head_dim <= 64) -> config
+    (True, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
+    (True, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "q_group": 1, "defer": False},
+    (False, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
+    (False, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
+}
 
-    Measured on one H200 (``benchmarks/sage_tune.py``, ``benchmarks/notes_sage.md``).
-    """
-    return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "q_group": 1}
+
+def default_config(head_dim: int, pv_fp8: bool = True) -> dict[str, int]:
+    """Launch defaults for a (padded) head dim and P.V mode: ``block_m``, ``block_n``, ``num_warps``,
+    ``num_stages``, ``q_group`` (query rows per Q scale) and ``defer`` (see ``_attn_kernel``)."""
+    return dict(_CONFIGS[(bool(pv_fp8), head_dim <= 64)])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -300,7 +359,8 @@ def sage_attention_triton(
         scale: softmax scale; ``None`` means ``D ** -0.5``.
         return_lse: also return the natural-log LSE of the original scores ``scale * q . k``.
         pv_fp8: True: P and V in e4m3 (SageAttention2, needs sm89+); False: P in the input dtype times
-            the input V (~1/3 of the FP8 error); ``None``: :data:`DEFAULT_PV_FP8`.
+            the input V (~1/3 of the FP8 error, no V pass, but slower than dense FA4 on Hopper); ``None``:
+            FP8 where the GPU has FP8 tensor cores (sm89+) and in the interpreter, else 16-bit.
         block_m, block_n, num_warps, num_stages: launch tuning; ``None`` takes :func:`default_config`.
             ``block_n`` is also the K-scale granularity; powers of two, >= 16 (>= 32 for block_n on GPU).
         q_group: query rows per Q scale (a power of two dividing ``block_m``); ``None``: the default.
@@ -325,7 +385,7 @@ def sage_quantize(q, k, v, *, scale=None, return_lse=False, pv_fp8=None, block_m
     input ``v``; ``corr`` fp32 ``[B, H, S_q]`` when ``return_lse``) and the launch sizes.
     """
     if pv_fp8 is None:
-        pv_fp8 = DEFAULT_PV_FP8
+        pv_fp8 = q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 9)
     check_inputs(q, k, v, pv_fp8)
     bsz, s_q, heads, d = q.shape
     s_k = k.shape[1]
@@ -339,9 +399,9 @@ def sage_quantize(q, k, v, *, scale=None, return_lse=False, pv_fp8=None, block_m
     cfg = default_config(dp, pv_fp8)
     bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
     qg = q_group or cfg["q_group"]
-    if any(x < 16 or x & (x - 1) for x in (bm, bn)) or qg < 1 or qg & (qg - 1) or bm % qg:
-        raise ValueError(f"block_m, block_n must be powers of two >= 16 and q_group a power of two dividing "
-                         f"block_m; got {bm}, {bn}, {qg}")
+    if any(x < 16 or x & (x - 1) for x in (bm, bn)) or bn < 32 or qg < 1 or qg & (qg - 1) or bm % qg:
+        raise ValueError(f"block_m (>= 16), block_n (>= 32) must be powers of two and q_group a power of two "
+                         f"dividing block_m; got {bm}, {bn}, {qg}")
     dev, f32 = q.device, torch.float32
     nbm, nbn = _cdiv(s_q, bm), _cdiv(s_k, bn)
     sqp, skp = nbm * bm, nbn * bn
@@ -380,7 +440,7 @@ def sage_quantize(q, k, v, *, scale=None, return_lse=False, pv_fp8=None, block_m
 
 
 def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | None = None,
-                tma: bool | None = None, kernel=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                tma: bool | None = None, defer: bool | None = None, kernel=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 3-5: the attention kernel on :func:`sage_quantize`'s output; returns ``(out, lse | None)``.
 
     ``kernel`` replaces ``_attn_kernel`` (same signature; ``benchmarks/sage_tune.py``'s probes).
@@ -395,6 +455,7 @@ def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | Non
         raise RuntimeError("tma=True needs triton.tools.tensor_descriptor (Triton >= 3.4)")
     cfg = default_config(dp, pv_fp8)
     launch = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
+    defer = cfg["defer"] if defer is None else defer
     if tma and not pv_fp8 and (v.data_ptr() % 16 or any(st * v.element_size() % 16 for st in v.stride()[:3])):
         v = v.contiguous()  # TMA needs 16-byte aligned rows
     dev, f32 = q8.device, torch.float32
@@ -414,13 +475,12 @@ def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | Non
     (kernel or _attn_kernel)[(sqp // bm, heads, bsz)](
         qd, kd, vd, qz["qs"], qz["ks"], qz["vs"], qz["corr"] if return_lse else lse, out, lse, *sv,
         out.stride(0), out.stride(1), out.stride(2), s_q, s_k, sqp, skp, heads,
-        D=dp, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv_fp8, RETURN_LSE=return_lse, INTERPRET=interpret, TMA=tma, **launch)
+        D=dp, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv_fp8, RETURN_LSE=return_lse, INTERPRET=interpret, TMA=tma, DEFER=defer, **launch)
     if dp != d:
         out = out[..., :d]
     return out, (lse if return_lse else None)
 
 
-DEFAULT_PV_FP8 = False  # 16-bit P.V: see the module docstring (accuracy) and benchmarks/notes_sage.md (speed)
 
 
 def emulate_sage_attention(
@@ -429,31 +489,43 @@ def emulate_sage_attention(
     v: torch.Tensor,
     *,
     scale: float | None = None,
-    block_m: int = 128,
     block_n: int = 128,
     q_group: int = 1,
     pv_fp8: bool = True,
+    return_lse: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+):
     """The kernel's quantization scheme in plain torch (computed in ``dtype``): the error floor for tests.
 
-    Same smoothing, INT8 groups and rounding, FP8 V and P scaling (or P rounded to the input dtype) as
-    the kernel, but P is rounded against each row's final max (the kernel: the running max), so the two
-    agree statistically, not bitwise. Dense: memory ``O(B * H * S_q * S_k)``. Shapes as
-    :func:`sage_attention_triton` (``q_group`` must divide ``block_m``); returns ``out`` only.
+    Same smoothing, INT8 groups (``q_group`` query rows, ``block_n`` key rows per scale) and rounding,
+    FP8 V and P scaling (or P rounded to the input dtype) as the kernel, but P is rounded against each
+    row's final max (the kernel: the running max), so the two agree statistically, not bitwise. Dense:
+    memory ``O(B * H * S_q * S_k)``. Shapes as :func:`sage_attention_triton`.
+
+    Returns:
+        ``out`` ``[B, S_q, H, D]`` in ``dtype``; with ``return_lse``, ``(out, lse)`` where ``lse``
+        ``[B, H, S_q]`` is the natural-log LSE of the INT8 scores plus the smoothing term (the kernel's
+        LSE sees the INT8 error only: its fp32 ``l`` sums unrounded P).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     in_dtype = q.dtype
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # [B, H, S, D]
-    s = int8_groups(q * (scale * LOG2E), q_group) @ int8_groups(k - k.mean(dim=2, keepdim=True), block_n).transpose(-1, -2)
+    qq = q * (scale * LOG2E)
+    mean_k = k.mean(dim=2, keepdim=True)
+    s = int8_groups(qq, q_group) @ int8_groups(k - mean_k, block_n).transpose(-1, -2)  # log2 units
+    m = s.amax(dim=-1, keepdim=True)
     if pv_fp8:
-        p = torch.exp2(s - s.amax(dim=-1, keepdim=True)) * FP8_MAX
+        p = torch.exp2(s - m) * FP8_MAX
         vs = v.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / FP8_MAX
         pv = e4m3_round(p) @ (e4m3_round(v / vs) * vs)
     else:
-        p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
+        p = torch.exp2(s - m)
         pv = p.to(in_dtype).to(dtype) @ v
-    return (pv / p.sum(dim=-1, keepdim=True)).transpose(1, 2)
+    out = (pv / p.sum(dim=-1, keepdim=True)).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse2 = m.squeeze(-1) + torch.log2(torch.exp2(s - m).sum(dim=-1)) + (qq @ mean_k.transpose(-1, -2)).squeeze(-1)
+    return out, lse2 * math.log(2.0)
 
 
 def int8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -477,12 +549,12 @@ class SageTriton(AttentionBackend):
     """ditfleet's Triton SageAttention2 kernel: the ``sage_attn2`` kernel when ``sageattention`` is absent."""
 
     key = "sage_triton"
-    description = "ditfleet Triton SageAttention2 kernel (INT8 QK, 16-bit PV)"
+    description = "ditfleet Triton SageAttention2 kernel (INT8 QK, FP8 PV)"
     caps = Capabilities(
-        lse=True, devices=frozenset({"cuda"}), dtypes=LOW_PRECISION, max_head_dim=128, min_compute_capability=(8, 0)
+        lse=True, devices=frozenset({"cuda"}), dtypes=LOW_PRECISION, max_head_dim=128, min_compute_capability=(8, 9)
     )
     requires_modules = ("triton",)
     install_hint = "pip install 'ditfleet[triton]' (triton ships with PyTorch's CUDA wheels)"
 
     def _forward(self, q, k, v, *, scale, return_lse):
-        return sage_attention_triton(q, k, v, scale=scale, return_lse=return_lse)
+        return sage_attention_triton(q, k, v, scale=scale, return_lse=return_lse, pv_fp8=True)

@@ -1,13 +1,16 @@
 """``ditfleet bench attention``: each attention kernel at Wan2.1 sequence lengths.
 
 For every requested kernel and sequence length S it measures the median time of one dense
-self-attention forward (``[B, S, H, D]`` q, k, v; no LSE requested), the TFLOP/s that implies
-(``4 * B * H * S^2 * D`` FLOPs), the relative L2 error of the output against an fp32 reference
-and, for kernels that return it, the largest absolute LSE error. The fp32 reference is exact
+self-attention forward (``[B, S, H, D]`` q, k, v; no LSE requested; a quantising kernel's
+quantisation passes are part of the call), the TFLOP/s that implies (``4 * B * H * S^2 * D``
+FLOPs; "TOPS-equivalent" for INT8/FP8 kernels), the relative L2 and L1 errors and the cosine
+similarity of the output against an fp32 reference and, for kernels that return it, the largest
+absolute LSE error. The fp32 reference is exact
 (every key), but only for ``--ref-rows`` query rows drawn at fixed random positions: a full
 fp32 reference at 75,600 tokens x 40 heads would cost more than all the kernels together.
 
-Every kernel sees the same inputs (random normal in the benchmark dtype, fixed seed). A kernel
+Every kernel sees the same inputs (fixed seed; ``--inputs randn``: N(0, 1) in the benchmark dtype,
+``--inputs video``: keys with a large shared mean and outlier channels, see :func:`make_inputs`). A kernel
 that raises is recorded with its error and the others still run. Output: JSON (environment,
 config, per-type resolution, results) plus a PNG bar chart next to it when matplotlib is
 installed, and a table on stdout.
@@ -30,7 +33,7 @@ import torch
 from ..attention import attention_flops, reference_attention
 from ..attention import registry
 from ..errors import UserError
-from .common import environment, rel_l2, select_device, time_cuda, write_json
+from .common import environment, select_device, time_cuda, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQ_LENS = (32760, 75600)  # Wan2.1 14B 480p / 720p, 81 frames
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query rows, at fixed random positions, checked against the exact fp32 reference "
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and the sampled rows (default: %(default)s)")
+    parser.add_argument("--inputs", choices=INPUT_KINDS, default="randn",
+                        help="input statistics: randn = N(0, 1); video = shared key mean + outlier channels "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N or cpu (default: cuda if available, else cpu; on cpu pass small sizes)")
     parser.add_argument("--out", default=None,
@@ -212,7 +218,7 @@ def bench_kernel(cls, q, k, v, rows, ref_out, ref_lse, *, warmup: int, iters: in
     with torch.no_grad():
         out, lse = backend(q, k, v, return_lse=cls.caps.lse)
         rec["finite"] = bool(torch.isfinite(out).all())
-        rec["rel_l2"] = _finite(rel_l2(out[:, rows], ref_out))
+        rec.update(output_errors(out[:, rows], ref_out))
         rec["lse_max_abs_err"] = (_finite(float((lse[:, :, rows].double() - ref_lse.double()).abs().max()))
                                   if lse is not None else None)
         del out, lse
@@ -222,6 +228,15 @@ def bench_kernel(cls, q, k, v, rows, ref_out, ref_lse, *, warmup: int, iters: in
     rec.update(timing)
     rec["tflops"] = attention_flops(b, s, s, h, d) / (timing["median_ms"] * 1e-3) / 1e12
     return rec
+
+
+def output_errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """``rel_l2``, ``rel_l1`` (``sum |out - ref| / sum |ref|``) and ``cosine`` of ``out`` against ``ref``, in float64
+    (``None`` where not finite)."""
+    o, r = out.double(), ref.double()
+    d = o - r
+    return {"rel_l2": _finite(float(d.norm() / r.norm())), "rel_l1": _finite(float(d.abs().sum() / r.abs().sum())),
+            "cosine": _finite(float((o * r).sum() / (o.norm() * r.norm())))}
 
 
 def plot(results: list[dict], path: Path, title: str) -> str | None:
@@ -264,15 +279,23 @@ def _rel(x: float | None) -> str:
 
 
 def format_results(results: list[dict]) -> str:
-    """Aligned table: kernel, S, ms, TFLOP/s, rel L2 (or the error of a failed run)."""
-    rows = [("kernel", "S", "ms", "TFLOP/s", "rel L2")]
+    """Aligned table: kernel, S, ms, TFLOP/s, speed-up over the first kernel at that S, rel L2, rel L1,
+    cosine, LSE max abs error (or the error of a failed run)."""
+    head = ("kernel", "S", "ms", "TFLOP/s", "speed-up", "rel L2", "rel L1", "cosine", "LSE err")
+    rows = [head]
+    first: dict[int, float] = {}
     for r in results:
         if r["status"] == "ok":
-            rows.append((r["kernel"], str(r["seq_len"]), f"{r['median_ms']:.2f}", _fmt(r["tflops"]), _rel(r["rel_l2"])))
+            base = first.setdefault(r["seq_len"], r["median_ms"])
+            cos = r.get("cosine")
+            lse = r.get("lse_max_abs_err")
+            rows.append((r["kernel"], str(r["seq_len"]), f"{r['median_ms']:.2f}", _fmt(r["tflops"]),
+                         f"{base / r['median_ms']:.2f}x", _rel(r["rel_l2"]), _rel(r.get("rel_l1")),
+                         "nan" if cos is None else f"{cos:.6f}", "-" if lse is None else f"{lse:.1e}"))
         else:
-            rows.append((r["kernel"], str(r["seq_len"]), "failed", "", r["error"].splitlines()[0][:60]))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join("  ".join(c.rjust(w) if i in (1, 2, 3) else c.ljust(w) for i, (c, w) in
+            rows.append((r["kernel"], str(r["seq_len"]), "failed", "", "", r["error"].splitlines()[0][:60], "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if 1 <= i <= 4 else c.ljust(w) for i, (c, w) in
                                enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
@@ -308,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
 
     results: list[dict] = []
     for s in args.seq_lens:
-        q, k, v = make_inputs(b, s, h, d, dtype, device, args.seed)
+        q, k, v = make_inputs(b, s, h, d, dtype, device, args.seed, kind=args.inputs)
         rows = sample_rows(s, args.ref_rows, args.seed, device)
         ref_out, ref_lse = reference_rows(q, k, v, rows)
         _free(device)
@@ -326,7 +349,8 @@ def main(args: argparse.Namespace) -> int:
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
             results.append(rec)
             _free(device)
-            msg = (f"{rec['median_ms']:.2f} ms, {_fmt(rec['tflops'])} TFLOP/s, rel L2 {_rel(rec['rel_l2'])}"
+            msg = (f"{rec['median_ms']:.2f} ms, {_fmt(rec['tflops'])} TFLOP/s, rel L2 {_rel(rec['rel_l2'])}, "
+                   f"rel L1 {_rel(rec['rel_l1'])}, cosine {rec['cosine']}, LSE err {rec['lse_max_abs_err']}"
                    if rec["status"] == "ok" else rec["error"].splitlines()[0][:200])
             print(f"[bench attention] {key} S={s}: {msg}", flush=True)
         del q, k, v, ref_out, ref_lse
@@ -348,7 +372,8 @@ def main(args: argparse.Namespace) -> int:
             "ref_rows": args.ref_rows, "ref_dtype": "float32", "seed": args.seed,
             "kernels": list(args.kernels) if args.kernels else "all available",
             "flops": "4*B*H*S^2*D per forward", "timed_call": "forward(q, k, v), no LSE",
-            "inputs": "torch.randn in dtype, same tensors for every kernel",
+            "inputs": f"{args.inputs} (make_inputs), same tensors for every kernel",
+            "speed_up": "first kernel's median ms at that S over this kernel's",
             "peak_mem_gib": "max_memory_allocated over the kernel's calls, q/k/v included (CUDA only)",
         },
         "unavailable": unavailable,

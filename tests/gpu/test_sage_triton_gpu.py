@@ -1,11 +1,20 @@
 """ditfleet's Triton SageAttention2 kernel on a real GPU (skipped without CUDA or triton).
 
-Reference: ``reference_attention(dtype=float32)``. Inputs are random normal q, v and k with a
-3-sigma per-channel bias (exercises K smoothing and the LSE correction). Tolerances (see
-``tests/test_sage_triton.py``): on random inputs e4m3 P and V alone cost ~3.9% relative L2 at
-S=4096, D=128 (float64 emulation of the scheme, ``emulate_sage_attention``), so FP8 P.V is held to
-6e-2 absolute and to 1.25x that emulation's error; the FP16 P.V path (INT8 QK error only) to 2e-2;
-the LSE (INT8 score error only; emulated max 5.5e-3 at S=4096) to 2.5e-2 absolute.
+Reference: ``reference_attention(dtype=float32)`` (no TF32). Inputs: ``ditfleet.bench.attention.make_inputs``,
+``randn`` (N(0, 1)) and ``video`` (keys with a large shared mean, outlier channels in q and k). Every
+launch configuration the tuning kept (the defaults, the deferred FP8 P.V add, pointer loads instead of
+TMA, 16-bit P.V) runs at odd sizes (B=2, S=1001, H=6) for D=128 and D=64.
+
+Bounds (issue 16's accuracy targets where the scheme can meet them):
+
+* cosine >= 0.999 everywhere; rel L1 <= 0.03 on video-like inputs and, for 16-bit P.V, on random ones.
+* FP8 P.V on random N(0, 1) inputs: e4m3 rounds P and V to 3 mantissa bits (~2.7% rms each) and a
+  zero-mean V gives outputs that are themselves random sums, so the scheme's own float64 emulation
+  (``emulate_sage_attention``) is at rel L1 ~0.038 there: the kernel is held to 1.15x that emulation
+  (and rel L1 <= 0.045), not to 0.03. This is the measured miss reported in benchmarks/notes_sage.md.
+* LSE (natural log) max |error| <= 1e-2 on random inputs; everywhere within 2e-3 of the emulated INT8
+  scores' LSE (the kernel's LSE sees the INT8 score error only). On the video-like inputs the INT8
+  error itself is ~0.1-0.2 in the LSE (outlier channels set the INT8 step of every channel).
 """
 
 from __future__ import annotations
@@ -22,68 +31,112 @@ from ditfleet.attention.sage_triton import (  # noqa: E402
     SageTriton,
     default_config,
     emulate_sage_attention,
+    sage_attend,
     sage_attention_triton,
+    sage_quantize,
 )
+from ditfleet.bench.attention import make_inputs  # noqa: E402
 
-FP8_OK = torch.cuda.get_device_capability() >= (8, 9)
-OUT_TOL_FP8, OUT_TOL_FP16, LSE_TOL = 6e-2, 2e-2, 2.5e-2
-
-
-def _inputs(b, sq, sk, h, d, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, sq, h, d, device="cuda", generator=g)
-    k = torch.randn(b, sk, h, d, device="cuda", generator=g) + 3 * torch.randn(d, device="cuda", generator=g)
-    v = torch.randn(b, sk, h, d, device="cuda", generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _errors(out, lse, ro, rl):
-    rel = ((out.float() - ro).norm() / ro.norm()).item()
-    return rel, (lse - rl).abs().max().item()
+CC = torch.cuda.get_device_capability()
+FP8_OK = CC >= (8, 9)
+CUDA = torch.device("cuda")
+CONFIGS = {  # name -> (pv_fp8, sage_attend keywords)
+    "fp8_default": (True, {}),
+    "fp8_defer": (True, {"defer": True}),
+    "fp8_pointer_loads": (True, {"tma": False}),
+    "16bit_default": (False, {}),
+}
 
 
-@pytest.mark.parametrize(
-    "pv_fp8,s_k",
-    [
-        pytest.param(True, 4096, id="fp8pv-self"),
-        pytest.param(True, 257, id="fp8pv-clip-cross"),
-        pytest.param(False, 4096, id="fp16pv-self"),
-    ],
-)
-def test_matches_reference(pv_fp8, s_k):
+def _metrics(out, lse, ref_out, ref_lse, emu_out, emu_lse):
+    o, r, e = out.double(), ref_out.double(), emu_out.double()
+    return {
+        "cos": float((o * r).sum() / (o.norm() * r.norm())),
+        "rel_l1": float((o - r).abs().sum() / r.abs().sum()),
+        "emu_rel_l1": float((e - r).abs().sum() / r.abs().sum()),
+        "rel_l2": float((o - r).norm() / r.norm()),
+        "emu_rel_l2": float((e - r).norm() / r.norm()),
+        "lse_err": float((lse.double() - ref_lse.double()).abs().max()),
+        "lse_vs_emu": float((lse.double() - emu_lse).abs().max()),
+        "finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def _run(q, k, v, pv_fp8, kw):
+    qz = sage_quantize(q, k, v, return_lse=True, pv_fp8=pv_fp8)
+    out, lse = sage_attend(qz, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    ref_out, ref_lse = reference_attention(q, k, v, dtype=torch.float32)
+    bn = default_config(q.shape[-1], pv_fp8)["block_n"]
+    emu_out, emu_lse = emulate_sage_attention(q, k, v, block_n=bn, pv_fp8=pv_fp8, return_lse=True)
+    return _metrics(out, lse, ref_out, ref_lse, emu_out, emu_lse)
+
+
+def _check(m, pv_fp8, kind):
+    assert m["finite"], m
+    assert m["cos"] >= 0.999, m
+    if pv_fp8 and kind == "randn":
+        assert m["rel_l1"] <= min(0.045, 1.15 * m["emu_rel_l1"]), m
+    else:
+        assert m["rel_l1"] <= 0.03, m
+    assert m["rel_l2"] <= 1.25 * m["emu_rel_l2"], m  # no worse than the quantisation scheme allows
+    assert m["lse_vs_emu"] <= 2e-3, m
+    if kind == "randn":
+        assert m["lse_err"] <= 1e-2, m
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_reference():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_odd_sizes_match_fp32(config, d):
+    pv_fp8, kw = CONFIGS[config]
     if pv_fp8 and not FP8_OK:
         pytest.skip("FP8 tl.dot needs compute capability >= 8.9")
-    q, k, v = _inputs(1, 4096, s_k, 8, 128)
-    out, lse = sage_attention_triton(q, k, v, return_lse=True, pv_fp8=pv_fp8)
-    ro, rl = reference_attention(q, k, v, dtype=torch.float32)
-    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
-    rel, lse_err = _errors(out, lse, ro, rl)
-    print(f"pv_fp8={pv_fp8} S_k={s_k}: out rel L2 {rel:.4f}, LSE max abs {lse_err:.4f}")
-    assert rel <= (OUT_TOL_FP8 if pv_fp8 else OUT_TOL_FP16)
-    assert lse_err <= LSE_TOL
-    if pv_fp8:
-        cfg = default_config(128)
-        emu = emulate_sage_attention(q, k, v, block_m=cfg["block_m"], block_n=cfg["block_n"])
-        floor = ((emu - ro.double()).norm() / ro.double().norm()).item()
-        print(f"  emulated floor {floor:.4f}")
-        assert rel <= 1.25 * floor
-    assert torch.isfinite(out).all()
+    q, k, v = make_inputs(2, 1001, 6, d, torch.bfloat16, CUDA, seed=1)
+    m = _run(q, k, v, pv_fp8, kw)
+    print(config, d, m)
+    _check(m, pv_fp8, "randn")
+
+
+@pytest.mark.parametrize("kind", ["randn", "video"])
+@pytest.mark.parametrize("pv_fp8", [True, False], ids=["fp8", "16bit"])
+def test_accuracy_targets(pv_fp8, kind):
+    if pv_fp8 and not FP8_OK:
+        pytest.skip("FP8 tl.dot needs compute capability >= 8.9")
+    q, k, v = make_inputs(1, 4096, 8, 128, torch.bfloat16, CUDA, seed=2, kind=kind)
+    m = _run(q, k, v, pv_fp8, {})
+    print(kind, pv_fp8, m)
+    _check(m, pv_fp8, kind)
+
+
+def test_cross_attention_with_a_partial_key_block():
+    q, _, _ = make_inputs(1, 1000, 8, 128, torch.bfloat16, CUDA, seed=3)
+    _, k, v = make_inputs(1, 257, 8, 128, torch.bfloat16, CUDA, seed=4)
+    m = _run(q, k, v, FP8_OK, {})
+    _check(m, FP8_OK, "randn")
 
 
 def test_wrong_input_fails():
-    q, k, v = _inputs(1, 1024, 1024, 8, 128)
-    k_wrong = _inputs(1, 1024, 1024, 8, 128, seed=1)[1]
+    q, k, v = make_inputs(1, 1024, 8, 128, torch.bfloat16, CUDA, seed=5)
+    k_wrong = make_inputs(1, 1024, 8, 128, torch.bfloat16, CUDA, seed=6)[1]
     out, lse = sage_attention_triton(q, k_wrong, v, return_lse=True)
-    rel, lse_err = _errors(out, lse, *reference_attention(q, k, v, dtype=torch.float32))
-    assert rel > OUT_TOL_FP8 and lse_err > LSE_TOL
+    ro, rl = reference_attention(q, k, v, dtype=torch.float32)
+    assert float((out.float() - ro).norm() / ro.norm()) > 0.1 and float((lse - rl).abs().max()) > 0.1
 
 
 @pytest.mark.skipif(not FP8_OK, reason="SageTriton declares compute capability >= 8.9")
 def test_backend_with_padded_keys_fp16():
-    backend = SageTriton(device=torch.device("cuda"), dtype=torch.float16)
-    assert SageTriton.unavailable_reasons(torch.device("cuda"), torch.float16) == []
-    q, k, v = _inputs(2, 1000, 777, 4, 64, dtype=torch.float16)
+    backend = SageTriton(device=CUDA, dtype=torch.float16)
+    assert SageTriton.unavailable_reasons(CUDA, torch.float16) == []
+    q, k, v = make_inputs(2, 1000, 4, 64, torch.float16, CUDA, seed=7)
+    k, v = k[:, :777], v[:, :777]
     out, lse = backend(q, k, v, kv_lens=[777, 500], return_lse=True)
     ro, rl = reference_attention(q, k, v, kv_lens=[777, 500], dtype=torch.float32)
-    rel, lse_err = _errors(out, lse, ro, rl)
-    assert rel <= OUT_TOL_FP8 and lse_err <= LSE_TOL
+    assert float((out.float() - ro).norm() / ro.norm()) <= 4.5e-2 and float((lse - rl).abs().max()) <= 1e-2
