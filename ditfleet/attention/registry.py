@@ -60,11 +60,14 @@ class AttnType:
         chain: kernel keys in order of preference.
         native: how many leading chain entries are the type itself (the rest are fallbacks,
             which log a warning and are refused under ``strict_backends``).
+        fallback_note: what running a fallback means for this type (shown in the start-up table and
+            the warning), e.g. that it is dense attention.
     """
 
     name: str
     chain: tuple[str, ...]
     native: int
+    fallback_note: str = ""
 
 
 ATTN_TYPES: dict[str, AttnType] = {
@@ -74,7 +77,10 @@ ATTN_TYPES: dict[str, AttnType] = {
         AttnType("flash_attn2", ("fa2", "sdpa_flash", "sdpa_cpu_flash"), native=1),
         AttnType("flash_attn3", ("fa3", "fa4", "sdpa_cudnn", "sdpa_cpu_flash"), native=1),
         AttnType("flash_attn4", ("fa4",), native=1),
-        AttnType("sage_attn2", ("sageattention2", "sageattention1", "sage_triton", "sdpa_cpu_flash"), native=2),
+        # SageAttention 2 itself, else ditfleet's kernel of its algorithm, else the fastest dense kernel here.
+        AttnType("sage_attn2", ("sageattention2", "sage_triton", "fa4", "fa3", "sdpa_cudnn", "sdpa_flash",
+                                "sdpa_efficient", "sdpa_cpu_flash"), native=2,
+                 fallback_note="dense attention: no INT8/FP8 quantisation, no SageAttention speed-up"),
         AttnType("radial_attn", ("radial_fa4", "radial_flex"), native=2),
         AttnType("sparge", ("sparge_spas", "sparge_flex"), native=2),
     )
@@ -135,12 +141,14 @@ class Resolution:
     fallback: bool
     skipped: list[tuple[str, list[str]]] = field(default_factory=list)
     backend: AttentionBackend | None = None
+    fallback_note: str = ""
 
     @property
     def why(self) -> str:
         if not self.skipped:
             return "preferred kernel is available"
-        return "; ".join(f"{k}: {', '.join(r)}" for k, r in self.skipped)
+        why = "; ".join(f"{k}: {', '.join(r)}" for k, r in self.skipped)
+        return f"{why} (fallback is {self.fallback_note})" if self.fallback and self.fallback_note else why
 
     def as_dict(self) -> dict:
         return {
@@ -149,6 +157,7 @@ class Resolution:
             "kernel": self.kernel,
             "description": self.description,
             "fallback": self.fallback,
+            "fallback_note": self.fallback_note if self.fallback else "",
             "skipped": {k: r for k, r in self.skipped},
         }
 
@@ -193,7 +202,7 @@ def resolve(
             skipped.append((key, reasons))
             continue
         fallback = i >= spec.native
-        res = Resolution(site, attn_type, key, cls.description, fallback, skipped)
+        res = Resolution(site, attn_type, key, cls.description, fallback, skipped, fallback_note=spec.fallback_note)
         if fallback and strict:
             hints = "; ".join(f"{k}: {', '.join(r)}" for k, r in skipped)
             raise BackendUnavailableError(
@@ -215,7 +224,7 @@ def format_table(resolutions: list[Resolution]) -> str:
     tw = max((len(r.requested) for r in resolutions), default=0)
     lines = []
     for r in resolutions:
-        tag = "  (FALLBACK)" if r.fallback else ""
+        tag = (f"  (FALLBACK: {r.fallback_note})" if r.fallback_note else "  (FALLBACK)") if r.fallback else ""
         lines.append(f"{r.site.ljust(width)}  {r.requested.ljust(tw)} -> {r.description} [{r.kernel}]{tag}")
         for key, reasons in r.skipped:
             lines.append(f"{' ' * width}    not {key}: {'; '.join(reasons)}")

@@ -8,7 +8,10 @@
   enter the softmax (sageattention 1.0.6, ``triton/attn_qk_int8_per_block.py``); ditfleet therefore
   refuses such key lengths with a clear error instead of returning a wrong result.
 
-When neither is installed, ``sage_attn2`` runs ditfleet's own Triton kernel (``sage_triton.py``).
+``sage_attn2`` resolves (``registry.py``) to SageAttention 2.x when installed, else to ditfleet's own
+Triton kernel of the same algorithm (``sage_triton.py``, sm89+), else to the fastest dense kernel that
+runs (FA4, FA3, cuDNN SDPA, ...), marked as a fallback in the start-up table. SageAttention 1.x stays
+available as the kernel ``sageattention1`` but is not in the chain (no LSE, and the key-length limit).
 """
 
 from __future__ import annotations
