@@ -10,7 +10,7 @@ What is checked:
 * The quantisation passes (``sage_quantize``) against a float64 emulation: INT8 Q with one scale per
   query row (and per 16 rows), ``scale = max|q'| / 127``, ``q' = q * scale * log2(e)``; INT8 smoothed K
   with one scale per key block, tail block included; zero padding; the LSE correction ``q' . mean_k``;
-  FP8 V with one scale per channel (``amax / 448``), stored transposed in the key order of ``_v8_col``.
+  FP8 V with one scale per channel (``amax / 448``), stored transposed, each 32-key group in the order ``_pv_fp8`` reads it.
 * K smoothing: adding a large vector to every key leaves the output unchanged and moves the LSE by
   exactly ``scale * q . c`` (float64 emulation and kernel).
 * The attention kernel (TMA-descriptor and pointer loads, FP8 and 16-bit P.V, the deferred FP8 P.V

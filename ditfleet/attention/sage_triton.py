@@ -4,32 +4,41 @@ Algorithm (Zhang et al., "SageAttention2", arXiv:2411.10958), per batch element 
 
 1. **Smooth K**: ``k -= mean_seq(k)`` per channel. Every score of query row ``i`` moves by the same
    ``scale * q_i . mean_k``, so the softmax is unchanged; the LSE gets that term added back (step 5).
-   The mean is exact: one stats kernel writes per-block column sums, a tiny torch sum adds them up.
+   The mean is exact: one stats kernel writes per-block column sums (and, for FP8 V, per-block
+   ``max |v|``), a tiny torch sum adds them up.
 2. **INT8 Q, K**: Q pre-multiplied by ``scale * log2(e)`` (the kernel then uses ``exp2``) and the
    smoothed K are quantized symmetrically to INT8 (round half away from zero): one fp32 scale per
    ``q_group`` query rows (default 1: per row; the per-row scale costs nothing in the kernel, it is
    folded into the one FMA per score that exists anyway) and one per ``BLOCK_N`` key rows. Q8 and K8
    are written head-major and zero-padded to whole blocks (``[B, H, S_pad, D]``), so every load of the
-   main loop is a whole, unmasked (TMA) tile.
+   main loop is a whole, unmasked (TMA) tile. (The kernel of 33df121 loaded masked tiles in every
+   iteration; when ``S_k % 16 != 0`` Triton could not vectorise the masked FP8 ``V^T`` load, which went
+   to one-byte loads without cp.async: 93.8 ms at S=32760 against 41.9 ms at S=32768 on an H200.)
 3. **V**: ``pv_fp8=True`` (SageAttention2): V is quantized to e4m3 per channel,
    ``v_scale = amax_tokens |v| / 448``, stored transposed and padded (``[B, H, D, S_pad]``) so the FP8
-   tensor-core operand is K-major, as Hopper's wgmma needs; ``P = exp2(S - m + log2(448))`` lies in
-   ``[0, 448]`` and is cast to e4m3 (SageAttention2's ``S_FP8_OFFSET``); each key block's ``P.V`` is its
-   own FP8 dot added to an fp32 accumulator (two-level accumulation). ``pv_fp8=False`` (SageAttention1
-   style): P is cast to the input dtype and multiplied with the bf16/fp16 V as given (no V pass).
+   tensor-core operand is K-major, as Hopper's wgmma needs, and with each 32-key group in the order in
+   which a thread holds P's columns in the QK accumulator, so P reaches the FP8 wgmma without register
+   shuffles (``_pv_fp8``); ``P = exp2(S - m + log2(448))`` lies in ``[0, 448]`` and is cast to e4m3
+   (SageAttention2's ``S_FP8_OFFSET``); each key block's ``P.V`` is its own FP8 dot added to an fp32
+   accumulator (two-level accumulation). ``pv_fp8=False`` (SageAttention1 style): P is cast to the
+   input dtype and multiplied with the bf16/fp16 V as given (no V pass).
 4. **Kernel** (FlashAttention-style online softmax, fp32). The INT8 dot accumulates onto the int32
    ``0x4B400000``, the bit pattern of ``1.5 * 2**23``: the int32 result read as fp32 *is*
    ``12582912 + score`` (exact while ``|score| < 2**22``; ``127**2 * 128 < 2**21``), so no int->float
    conversion is issued. The scales and the running max are folded into one FMA per score before
-   ``exp2``. The main loop runs over whole key blocks without masks; a partial last block is a separate
-   masked step.
+   ``exp2`` (the fp32 bias ``m + 12582912 * c`` rounds by up to ``0.75 * c`` log2 units, ``c`` = q
+   scale * k scale, ~1e-4 for N(0, 1) inputs). The main loop runs over whole key blocks without
+   masks; a partial last block is a separate masked step.
 5. **LSE** (natural log, of the *original* scores) ``= ln2 * (m + log2(l) [- log2(448)] + q'.mean_k)``
    with ``q' = q * scale * log2(e)``; the correction is computed in fp32 by the Q-quantization kernel.
 
-Accuracy (float64 emulation, :func:`emulate_sage_attention`, random N(0,1) q, k, v, S=2048, D=128):
-FP8 P.V costs ~3.9% relative L1/L2 (e4m3 rounds P and V to 3 mantissa bits, ~2.7% rms each, and on
-zero-mean V the output is itself a random sum, so nothing averages out); 16-bit P.V ~1.4% (the INT8
-score error alone). ``benchmarks/notes_sage.md`` has the measured speed of both on an H200.
+Measured on one H200 (Triton 3.6, B=1, H=40, D=128, bf16, quantisation included; cuDNN SDPA 38.7 /
+206 ms): FP8 P.V 27.4 ms at S=32760 (1.42x cuDNN) and 144.4 ms at S=75600 (1.43x); 16-bit P.V 34.9 /
+182.5 ms (1.11x / 1.13x). Accuracy against fp32 on random N(0, 1) inputs: FP8 P.V rel L1 ~0.038,
+cosine ~0.9993 (e4m3 rounds P and V to 3 mantissa bits, ~2.7% rms each, and on a zero-mean V the
+output is itself a random sum, so nothing averages out: the scheme's float64 emulation
+:func:`emulate_sage_attention` is at the same 0.038); 16-bit P.V ~0.012 (the INT8 score error alone);
+LSE error ~4e-3. ``benchmarks/notes_sage.md`` has the tuning runs and what bounds the speed.
 
 Loads go through TMA tensor descriptors on sm90+ (``tma=None``), through plain pointers elsewhere and
 in Triton's CPU interpreter tests (both paths run in the interpreter).
@@ -74,12 +83,6 @@ if triton is not None:
         # rounds fp32 -> fp8 wrongly when the mantissa carries into the exponent (it halves e.g. 127.8 -> 64).
         t = x * 1048577.0  # 2**20 + 1
         return t - (t - x)
-
-    @triton.jit
-    def _v8_col(n):
-        """Column of key ``n`` in the FP8 ``V^T`` (``32q + 16a + 8b + 2c + e`` -> ``32q + 16a + 4c + 2b + e``;
-        see :func:`_pv_fp8`)."""
-        return (n & -32) | (n & 16) | ((n & 6) << 1) | ((n >> 2) & 2) | (n & 1)
 
     @triton.jit
     def _stats_kernel(K, V, KSum, VMax, skb, sks, skh, svb, svs, svh, S, H,
@@ -151,7 +154,11 @@ if triton is not None:
             v = v / tl.load(VScale + bh * D + offs_d)[None, :]
             if INTERPRET:
                 v = _round_e4m3(v)
-            tl.store(V8 + (bh * D + offs_d[None, :]) * SP + _v8_col(offs_s)[:, None], v.to(tl.float8e4nv))
+            # transposed, and each 32-key group in the order _pv_fp8 wants, by a register permutation, so
+            # that the store is contiguous along the keys
+            vt = tl.trans(v.to(tl.float8e4nv))  # [D, BLK]
+            vt = tl.reshape(tl.permute(tl.reshape(vt, [D, BLK // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)), [D, BLK])
+            tl.store(V8 + (bh * D + offs_d[:, None]) * SP + pid * BLK + tl.arange(0, BLK)[None, :], vt)
 
     @triton.jit
     def _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -188,7 +195,7 @@ if triton is not None:
         """One key block's FP8 ``P.V`` from zero (the caller adds it to the fp32 accumulator: two-level
         accumulation). V8 holds each 32-key group's columns in the order ``32q + 16a + 4c + 2b + e`` for
         key ``32q + 16a + 8b + 2c + e``: the order in which a thread holds P's columns in the wgmma
-        accumulator is then the order the FP8 A operand wants, so no shuffles are needed (see ``_v8_col``)."""
+        accumulator is then the order the FP8 A operand wants, so no shuffles are needed (``_quant_kernel`` writes V8 in that order)."""
         if TMA:
             vt = Vd.load([(bh * D).to(tl.int32), start_n])  # V^T tile [D, BLOCK_N]
         else:
