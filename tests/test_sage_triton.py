@@ -13,8 +13,9 @@ What is checked:
   FP8 V with one scale per channel (``amax / 448``), stored transposed, each 32-key group in the order ``_pv_fp8`` reads it.
 * K smoothing: adding a large vector to every key leaves the output unchanged and moves the LSE by
   exactly ``scale * q . c`` (float64 emulation and kernel).
-* The attention kernel (TMA-descriptor and pointer loads, FP8 and 16-bit P.V, the deferred FP8 P.V
-  add) against the exact float64 attention and against the emulated scheme: FP8 P.V rel L2 <= 4.5e-2
+* The attention kernel (TMA-descriptor and pointer loads, FP8 and 16-bit P.V, the FP8 loop variants:
+  deferred P.V add, row sums on the tensor cores, in-place P.V accumulation) against the exact float64
+  attention and against the emulated scheme: FP8 P.V rel L2 <= 4.5e-2
   and <= 1.25x the emulation's error (e4m3 rounds P and V to 3 mantissa bits, ~2.7% rms each; on random
   inputs the emulated scheme itself is at ~3.3-3.9%); 16-bit P.V <= 2e-2 (INT8 score error only); LSE
   max |error| <= 2.5e-2 and within 2e-3 of the emulated INT8 scores' LSE.
@@ -124,6 +125,10 @@ case("bf16_q77_k50_d64_wrong_k", q, k, v, 32, 32, k_run=inputs(1, 77, 50, 2, 64,
 q, k, v = inputs(2, 130, 200, 2, 128, torch.float16, 2, packed=False)
 case("fp16_q130_k200_d128_defer", q, k, v, 64, 64, tma=True, defer=True)
 case("fp16_q130_k200_d128_defer_ptr", q, k, v, 64, 64, tma=False, defer=True)
+case("fp16_q130_k200_d128_rowsum_tc", q, k, v, 64, 64, tma=True, row_sum_tc=True)
+case("fp16_q130_k200_d128_rowsum_tc_ptr", q, k, v, 64, 64, tma=False, row_sum_tc=True)
+case("fp16_q130_k200_d128_inplace", q, k, v, 64, 64, tma=True, pv_inplace=True)
+case("fp16_q130_k200_d128_inplace_ptr", q, k, v, 64, 64, tma=False, pv_inplace=True)
 q, k, v = inputs(1, 70, 70, 3, 40, torch.bfloat16, 3, packed=True)  # D=40: zero-padded to 64; strided views
 case("bf16_q70_d40_packed", q, k, v, 32, 32)
 
@@ -176,7 +181,12 @@ def interpreted():
 
 OUT_TOL_FP8, OUT_TOL_16, LSE_TOL, LSE_VS_EMU = 4.5e-2, 2e-2, 2.5e-2, 2e-3
 KERNEL_CASES = ["bf16_q77_k50_d64_tma", "bf16_q77_k50_d64_ptr", "bf16_q77_k50_d64_16bit", "bf16_q77_k50_d64_16bit_ptr",
-                "fp16_q130_k200_d128_defer", "fp16_q130_k200_d128_defer_ptr", "bf16_q70_d40_packed"]
+                "fp16_q130_k200_d128_defer", "fp16_q130_k200_d128_defer_ptr", "bf16_q70_d40_packed",
+                "fp16_q130_k200_d128_rowsum_tc", "fp16_q130_k200_d128_rowsum_tc_ptr",
+                "fp16_q130_k200_d128_inplace", "fp16_q130_k200_d128_inplace_ptr"]
+# row_sum_tc: l sums the e4m3-rounded P (2**-4 relative per element, averaged over the row), the emulation
+# the exact P: the LSE may differ from the emulated one by ~1e-2 (measured 9.2e-3 here), not by fp32 rounding only
+LSE_VS_EMU_ROWSUM_TC = 1.5e-2
 
 
 @pytest.mark.parametrize("qg", [1, 16])
@@ -209,7 +219,8 @@ def test_kernel_matches_reference(interpreted, name):
     r = interpreted[name]
     assert r["out_rel_l2"] <= (OUT_TOL_FP8 if r["pv_fp8"] else OUT_TOL_16), r
     assert r["out_rel_l2"] <= 1.25 * r["emulated_rel_l2"], r  # no worse than the quantisation scheme itself
-    assert r["lse_max_abs"] <= LSE_TOL and r["lse_vs_emulated"] <= LSE_VS_EMU, r
+    assert r["lse_max_abs"] <= LSE_TOL, r
+    assert r["lse_vs_emulated"] <= (LSE_VS_EMU_ROWSUM_TC if "rowsum_tc" in name else LSE_VS_EMU), r
 
 
 def test_backend_with_padded_keys(interpreted):

@@ -174,9 +174,10 @@ if triton is not None:
 
     @triton.jit
     def _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-                 MASK: tl.constexpr):
+                 MASK: tl.constexpr, ROWSUM_TC: tl.constexpr = False):
         """Online-softmax step of one key block with scores ``s`` (from :func:`_qk`): ``(p, l, m, alpha)``.
-        ``MASK``: the partial last block."""
+        ``MASK``: the partial last block. ``ROWSUM_TC``: ``l`` is returned unchanged (the caller sums the
+        e4m3 P on the tensor cores, :func:`_rowsum_fp8`)."""
         if MASK:
             s = tl.where((start_n + offs_n)[None, :] < S_K, s, float("-inf"))
         c = qs * tl.load(KS + bh * nbn + start_n // BLOCK_N)  # [BLOCK_M]: q scale (per row) * k scale
@@ -187,15 +188,19 @@ if triton is not None:
         else:
             bias = m_new + _MAGIC_F * c
         p = tl.math.exp2(s * c[:, None] - bias[:, None])
+        if ROWSUM_TC:
+            return p, l_i, m_new, alpha
         return p, l_i * alpha + tl.sum(p, 1), m_new, alpha
 
     @triton.jit
     def _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D: tl.constexpr, BLOCK_N: tl.constexpr,
                 INTERPRET: tl.constexpr, TMA: tl.constexpr):
         """One key block's FP8 ``P.V`` from zero (the caller adds it to the fp32 accumulator: two-level
-        accumulation). V8 holds each 32-key group's columns in the order ``32q + 16a + 4c + 2b + e`` for
-        key ``32q + 16a + 8b + 2c + e``: the order in which a thread holds P's columns in the wgmma
-        accumulator is then the order the FP8 A operand wants, so no shuffles are needed (``_quant_kernel`` writes V8 in that order)."""
+        accumulation): ``(P8 . V8, P8)``, P8 the e4m3 P with its columns in V8's key order. V8 holds each
+        32-key group's columns in the order ``32q + 16a + 4c + 2b + e`` for key ``32q + 16a + 8b + 2c + e``:
+        the order in which a thread holds P's columns in the wgmma accumulator is then the order the FP8 A
+        operand wants, so no shuffles are needed (``_quant_kernel`` writes V8 in that order). The V tile is
+        loaded before P is cast (the other order costs 16 PRMT per block in Triton 3.6's SASS)."""
         if TMA:
             vt = Vd.load([(bh * D).to(tl.int32), start_n])  # V^T tile [D, BLOCK_N]
         else:
@@ -205,7 +210,29 @@ if triton is not None:
         p8 = p.to(tl.float8e4nv)
         p8 = tl.reshape(tl.permute(tl.reshape(p8, [p8.shape[0], BLOCK_N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),
                         [p8.shape[0], BLOCK_N])
-        return tl.dot(p8, tl.trans(vt))
+        return tl.dot(p8, tl.trans(vt)), p8
+
+    @triton.jit
+    def _pv_fp8_acc(acc, p, Vd, bh, start_n, offs_n, offs_d, SKP, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    INTERPRET: tl.constexpr, TMA: tl.constexpr):
+        """``acc + P8 . V8`` accumulated by the tensor cores in place (the wgmma's own accumulation, no fp32
+        add; on Hopper the FP8 MMA adds with reduced precision, hence the default is two-level)."""
+        if TMA:
+            vt = Vd.load([(bh * D).to(tl.int32), start_n])
+        else:
+            vt = tl.load(Vd + (bh * D + offs_d[:, None]) * SKP + start_n + offs_n[None, :])
+        if INTERPRET:
+            p = _round_e4m3(p)
+        p8 = p.to(tl.float8e4nv)
+        p8 = tl.reshape(tl.permute(tl.reshape(p8, [p8.shape[0], BLOCK_N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)),
+                        [p8.shape[0], BLOCK_N])
+        return tl.dot(p8, tl.trans(vt), acc)
+
+    @triton.jit
+    def _rowsum_fp8(p8, ones8):
+        """Row sums of the e4m3 P on the tensor cores: ``p8 [BLOCK_M, BLOCK_N] @ ones [BLOCK_N, 16]``
+        (fp32 accumulation from zero; all 16 columns equal). Replaces ``BLOCK_N - 1`` FADDs per row."""
+        return tl.dot(p8, ones8)
 
     @triton.jit
     def _pv_16(acc, p, Vd, b, h, start_n, offs_n, offs_d, svb, svs, svh, S_K, D: tl.constexpr,
@@ -227,12 +254,14 @@ if triton is not None:
                      svb, svs, svh, sob, sos, soh, S_Q, S_K, SQP, SKP, H,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr,
-                     DEFER: tl.constexpr):
+                     DEFER: tl.constexpr, ROWSUM_TC: tl.constexpr = False, INPLACE: tl.constexpr = False):
         """One ``BLOCK_M`` tile of queries of one (batch, head) against all keys.
 
         ``DEFER`` (FP8 P.V): a block's P.V dot is added to the accumulator one block later, inside an
         ``if`` (Triton then leaves the dot in flight across the next block's QK dot instead of waiting
-        for it at once).
+        for it at once). ``ROWSUM_TC`` (FP8 P.V, not with ``DEFER``): the softmax row sums ``l`` are
+        ``P8 @ ones`` on the tensor cores (the e4m3-rounded P, the same weights the P.V dot uses) instead
+        of ``BLOCK_N - 1`` fp32 adds per row.
         """
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -251,6 +280,9 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         n_full = (S_K // BLOCK_N) * BLOCK_N
+        if ROWSUM_TC:  # the row sums come from the tensor cores: l_acc [BLOCK_M, 16], all columns equal
+            ones8 = tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.float8e4nv)
+            l_acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
         if PV_FP8 and DEFER:
             pv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
             alpha = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -259,28 +291,42 @@ if triton is not None:
                 if start_n < S_K:  # always true; see the docstring
                     acc = acc * alpha[:, None] + pv
                 p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N, True, False)
-                pv = _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
+                pv, p8 = _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
             acc = acc * alpha[:, None] + pv
+        elif PV_FP8 and INPLACE:
+            for start_n in range(0, n_full, BLOCK_N):
+                s = _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
+                p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N, True, False)
+                if start_n < S_K:  # always true; see the docstring
+                    acc = acc * alpha[:, None]
+                acc = _pv_fp8_acc(acc, p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
         else:
             for start_n in range(0, n_full, BLOCK_N):
                 s = _qk(q, Kd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
                 p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, start_n, offs_n, S_K, nbn, BLOCK_N, PV_FP8,
-                                              False)
+                                              False, ROWSUM_TC)
                 if PV_FP8:
-                    acc = acc * alpha[:, None] + _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N,
-                                                         INTERPRET, TMA)
+                    pv, p8 = _pv_fp8(p, Vd, bh, start_n, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
+                    acc = acc * alpha[:, None] + pv
+                    if ROWSUM_TC:
+                        l_acc = l_acc * alpha[:, None] + _rowsum_fp8(p8, ones8)
                 else:
                     acc = _pv_16(acc * alpha[:, None], p, Vd, b, h, start_n, offs_n, offs_d, svb, svs, svh, S_K,
                                  D, BLOCK_N, INTERPRET, TMA, False)
         if n_full < S_K:
             s = _qk(q, Kd, bh, n_full, offs_n, offs_d, SKP, D, BLOCK_M, BLOCK_N, TMA)
-            p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, n_full, offs_n, S_K, nbn, BLOCK_N, PV_FP8, True)
+            p, l_i, m_i, alpha = _softmax(s, m_i, l_i, qs, KS, bh, n_full, offs_n, S_K, nbn, BLOCK_N, PV_FP8, True,
+                                          ROWSUM_TC)
             if PV_FP8:
-                acc = acc * alpha[:, None] + _pv_fp8(p, Vd, bh, n_full, offs_n, offs_d, SKP, D, BLOCK_N,
-                                                     INTERPRET, TMA)
+                pv, p8 = _pv_fp8(p, Vd, bh, n_full, offs_n, offs_d, SKP, D, BLOCK_N, INTERPRET, TMA)
+                acc = acc * alpha[:, None] + pv
+                if ROWSUM_TC:
+                    l_acc = l_acc * alpha[:, None] + _rowsum_fp8(p8, ones8)
             else:
                 acc = _pv_16(acc * alpha[:, None], p, Vd, b, h, n_full, offs_n, offs_d, svb, svs, svh, S_K,
                              D, BLOCK_N, INTERPRET, TMA, True)
+        if ROWSUM_TC:
+            l_i = tl.max(l_acc, 1)
         out = acc / l_i[:, None]
         if PV_FP8:
             out = out * tl.load(VS + bh * D + offs_d)[None, :]
@@ -300,16 +346,21 @@ if triton is not None:
 # tensor-core work overlaps another's exp2 work (with block_m=128 / 8 warps the two warp groups of a
 # program run in lockstep between Triton's barriers, and the kernel was ~25% slower).
 _CONFIGS = {  # (pv_fp8, head_dim <= 64) -> config
-    (True, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
-    (True, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "q_group": 1, "defer": False},
-    (False, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
-    (False, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False},
+    (True, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False,
+                    "row_sum_tc": False, "pv_inplace": False},
+    (True, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "q_group": 1, "defer": False,
+                    "row_sum_tc": False, "pv_inplace": False},
+    (False, False): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False,
+                    "row_sum_tc": False, "pv_inplace": False},
+    (False, True): {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 2, "q_group": 1, "defer": False,
+                    "row_sum_tc": False, "pv_inplace": False},
 }
 
 
 def default_config(head_dim: int, pv_fp8: bool = True) -> dict[str, int]:
     """Launch defaults for a (padded) head dim and P.V mode: ``block_m``, ``block_n``, ``num_warps``,
-    ``num_stages``, ``q_group`` (query rows per Q scale) and ``defer`` (see ``_attn_kernel``)."""
+    ``num_stages``, ``q_group`` (query rows per Q scale) and the FP8 loop variants ``defer``,
+    ``row_sum_tc``, ``pv_inplace`` (see :func:`sage_attend`)."""
     return dict(_CONFIGS[(bool(pv_fp8), head_dim <= 64)])
 
 
@@ -447,10 +498,19 @@ def sage_quantize(q, k, v, *, scale=None, return_lse=False, pv_fp8=None, block_m
 
 
 def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | None = None,
-                tma: bool | None = None, defer: bool | None = None, kernel=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                tma: bool | None = None, defer: bool | None = None, row_sum_tc: bool | None = None,
+                pv_inplace: bool | None = None, maxnreg: int | None = None,
+                kernel=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 3-5: the attention kernel on :func:`sage_quantize`'s output; returns ``(out, lse | None)``.
 
-    ``kernel`` replaces ``_attn_kernel`` (same signature; ``benchmarks/sage_tune.py``'s probes).
+    Variants of the FP8 P.V loop (``None``: :func:`default_config`; each measured in
+    ``benchmarks/notes_sage.md``): ``defer`` (the P.V add one block later); ``row_sum_tc`` (the softmax
+    row sums as ``P8 @ ones`` on the tensor cores: ``l`` then sums the e4m3-rounded P, the weights the
+    P.V dot uses, and the LSE carries that rounding, up to ~7e-3 on random inputs); ``pv_inplace``
+    (the FP8 dot accumulates into the running fp32 accumulator itself, one wgmma wait per block
+    instead of two, but Hopper's FP8 MMA adds with reduced precision). At most one of the three.
+    ``maxnreg``: Triton's register cap per thread. ``kernel`` replaces ``_attn_kernel`` (same signature;
+    ``benchmarks/sage_tune.py``'s probes).
     """
     bsz, s_q, s_k, heads, d, dp = qz["shape"]
     bm, bn, pv_fp8, interpret = qz["block_m"], qz["block_n"], qz["pv_fp8"], qz["interpret"]
@@ -463,6 +523,14 @@ def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | Non
     cfg = default_config(dp, pv_fp8)
     launch = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
     defer = cfg["defer"] if defer is None else defer
+    row_sum_tc = cfg["row_sum_tc"] if row_sum_tc is None else row_sum_tc
+    pv_inplace = cfg["pv_inplace"] if pv_inplace is None else pv_inplace
+    if (row_sum_tc or pv_inplace) and not pv_fp8:
+        raise ValueError("row_sum_tc and pv_inplace are variants of the FP8 P.V loop (pv_fp8=True)")
+    if defer + row_sum_tc + pv_inplace > 1:
+        raise ValueError(f"at most one of defer, row_sum_tc, pv_inplace; got {defer}, {row_sum_tc}, {pv_inplace}")
+    if maxnreg is not None:
+        launch["maxnreg"] = maxnreg
     if tma and not pv_fp8 and (v.data_ptr() % 16 or any(st * v.element_size() % 16 for st in v.stride()[:3])):
         v = v.contiguous()  # TMA needs 16-byte aligned rows
     dev, f32 = q8.device, torch.float32
@@ -482,7 +550,8 @@ def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | Non
     (kernel or _attn_kernel)[(sqp // bm, heads, bsz)](
         qd, kd, vd, qz["qs"], qz["ks"], qz["vs"], qz["corr"] if return_lse else lse, out, lse, *sv,
         out.stride(0), out.stride(1), out.stride(2), s_q, s_k, sqp, skp, heads,
-        D=dp, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv_fp8, RETURN_LSE=return_lse, INTERPRET=interpret, TMA=tma, DEFER=defer, **launch)
+        D=dp, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=pv_fp8, RETURN_LSE=return_lse, INTERPRET=interpret, TMA=tma, DEFER=defer,
+        ROWSUM_TC=row_sum_tc, INPLACE=pv_inplace, **launch)
     if dp != d:
         out = out[..., :d]
     return out, (lse if return_lse else None)
