@@ -46,10 +46,11 @@ VARIANTS = {
     "fp8_m64n128w4s2_qg16": dict(BASE8, q_group=16),
     # row sums of P on the tensor cores (P8 @ ones[BLOCK_N, 16]): 64 fewer FADDs per block, but offline
     # (Triton 3.6, sm90) 200 registers -> 2 programs per SM, and the ones tile is stored to shared memory
-    # every block
+    # every block. Run 3 (2ca9663): 0.67x the default
     "fp8_rowsum_tc": dict(BASE8, row_sum_tc=True),
     # FP8 P.V accumulated in place by the wgmma: one wgmma wait per block instead of two; 170 registers
-    # (2 programs per SM) or, capped at 168, 166 registers with every wgmma serialised by ptxas
+    # (2 programs per SM) or, capped at 168, 166 registers with every wgmma serialised by ptxas.
+    # Run 3: 0.94x / 0.99x the default, and 3x the rel L1 on video-like inputs (reduced-precision FP8 adds)
     "fp8_inplace": dict(BASE8, pv_inplace=True),
     "fp8_inplace_r168": dict(BASE8, pv_inplace=True, maxnreg=168),
     # probes of the FP8 base (edited kernel copies; results are not attention, timings only)

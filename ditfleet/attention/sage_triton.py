@@ -508,7 +508,9 @@ def sage_attend(qz: dict, *, num_warps: int | None = None, num_stages: int | Non
     row sums as ``P8 @ ones`` on the tensor cores: ``l`` then sums the e4m3-rounded P, the weights the
     P.V dot uses, and the LSE carries that rounding, up to ~7e-3 on random inputs); ``pv_inplace``
     (the FP8 dot accumulates into the running fp32 accumulator itself, one wgmma wait per block
-    instead of two, but Hopper's FP8 MMA adds with reduced precision). At most one of the three.
+    instead of two, but Hopper's FP8 MMA adds with reduced precision: 3x the rel L1 on video-like
+    inputs). At most one of the three. On one H200 each is slower than the default (the first two
+    need more registers than 3 programs per SM allow).
     ``maxnreg``: Triton's register cap per thread. ``kernel`` replaces ``_attn_kernel`` (same signature;
     ``benchmarks/sage_tune.py``'s probes).
     """
