@@ -2,9 +2,23 @@
 
 Default: Wan2.1-14B shapes (dim 5120, 40 heads, FFN 13824, 40 layers) in bf16 with random
 weights built directly on the GPU, a 720p x 81-frame input (latent ``[1, 16, 21, 90, 160]``,
-75,600 tokens). For each self-attention kernel (``--kernels``; every site uses it) it measures:
+75,600 tokens). It runs a list of configurations, one after the other on the same model:
 
-* ``attention_ms``: the kernel alone on the block's q, k, v shapes;
+* ``--kernels KEY ...``: a kernel key of the registry (``fa4``, ``sdpa_cudnn`` ...) at every site;
+* ``--attn-types TYPE ...``: a config attention type (``sage_attn2``, ``sparge``, ``radial_attn``,
+  ``flash_attn3`` ...) at the self-attention site, resolved by :func:`ditfleet.attention.registry.resolve`
+  exactly as a run resolves ``self_attn_1_type`` (the resolved kernel and any fallback are recorded);
+  the cross-attention sites run the dense ``--cross-kernel`` (default FlashAttention-4 where it runs,
+  else the kernel ``torch_sdpa`` resolves to: cuDNN on a GPU). Radial attention is bound as the engine
+  binds it (``set_radial`` with the config's ``radial_attn_setting``: decay 0.2, block 128,
+  ``dense_timesteps`` 0, ``dense_layers`` 0, i.e. every block radial; ``set_step(0)``); Sparge in
+  top-k mode (``--sparge-topk``, every block bound with ``layer_params(..., topk=...)`` as
+  :func:`ditfleet.engine.sparge_weights.bind_sparge` does without a checkpoint).
+
+For each configuration it measures:
+
+* ``attention_ms``: block 0's self-attention alone (as the forward calls it: radial with block 0's
+  mask, Sparge with its predictor) on random q, k, v of the block's shapes;
 * ``block_linears_ms``: the block's linear layers alone (q, k, v, o; cross q, k, v, o; FFN);
 * ``block_ms``: one whole block (``WanBlock.forward``, folding in the previous block's FFN residual);
 * ``forward``: the full DiT forward (embeddings, all blocks, head, unpatchify), with its peak memory.
@@ -13,7 +27,9 @@ With ``--diffusers``, Diffusers' ``WanTransformer3DModel`` with the same config 
 process, on the *same weights* (its parameters are ours, renamed; the few it keeps in another
 dtype are cast copies), under ``sdpa_kernel(CUDNN_ATTENTION)`` (``--diffusers-kernel``): block and
 forward time, peak memory, and the rel L2 between its output and ours with ``sdpa_cudnn``.
-``--tiny`` runs a tiny config on CPU (a smoke test of this suite).
+``--tiny`` runs a tiny config on CPU (a smoke test of this suite). ``summary.forward_vs_reference``
+is each forward's time over the reference's (the first dense FlashAttention-4 configuration, else
+cuDNN, else the first that ran).
 """
 
 from __future__ import annotations
@@ -24,12 +40,14 @@ import dataclasses
 import gc
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..attention import registry
-from ..errors import UserError
+from ..errors import BackendUnavailableError, UserError
+from ..config import RadialAttnSetting
 from .attention import card_slug, kernel_availability, time_cpu
 from .common import environment, rel_l2, select_device, time_cuda, write_json
 
@@ -41,6 +59,9 @@ DEFAULT_KERNELS = ("fa4", "sdpa_cudnn")
 GIB = float(1 << 30)
 FULL_SHAPE = (81, 720, 1280)  # frames, height, width
 TINY_SHAPE = (9, 64, 96)
+SELF_SITE_KEY = "self_attn_1_type"  # ditfleet.models.wan.dit.SELF_SITE, the registry's self-attention site
+RADIAL_DEFAULTS = RadialAttnSetting()  # the config's defaults (decay 0.2, block 128, no dense steps / layers)
+EXACT_TYPES = (None, "torch_sdpa", "flash_attn2", "flash_attn3", "flash_attn4")  # dense, unquantised: Diffusers' reference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="video width, multiple of 16 (default: 1280; --tiny: 96)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype (default: %(default)s)")
     parser.add_argument("--kernels", nargs="+", default=None, metavar="KEY",
-                        help=f"attention kernels to run (default: the available ones of {', '.join(DEFAULT_KERNELS)})")
+                        help="attention kernels to run at every site (default, without --attn-types: the available "
+                             f"ones of {', '.join(DEFAULT_KERNELS)})")
+    parser.add_argument("--attn-types", nargs="+", default=None, metavar="TYPE",
+                        help="config attention types to run at the self-attention site (self_attn_1_type), resolved as "
+                             f"a run resolves them: {', '.join(registry.ATTN_TYPES)}")
+    parser.add_argument("--cross-kernel", default=None, metavar="KEY",
+                        help="dense kernel of the cross-attention sites with --attn-types (default: fa4 where it runs, "
+                             "else the torch_sdpa kernel here, cuDNN on a GPU)")
+    parser.add_argument("--sparge-topk", type=float, default=0.5,
+                        help="sparge: fraction of key blocks kept per query block (top-k mode; default: %(default)s)")
+    parser.add_argument("--radial-decay", type=float, default=RADIAL_DEFAULTS.decay_factor,
+                        help="radial_attn: radial_attn_setting.decay_factor (default: %(default)s)")
+    parser.add_argument("--radial-block-size", type=int, default=RADIAL_DEFAULTS.block_size,
+                        help="radial_attn: radial_attn_setting.block_size (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed full forwards (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=3, help="timed full forwards (default: %(default)s)")
     parser.add_argument("--block-warmup", type=int, default=2, help="untimed block calls (default: %(default)s)")
@@ -151,6 +185,24 @@ def block_linears(block, h: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tens
     return run
 
 
+def _sparsity(model, step, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Block densities of the sparse self-attention, if any (not timed; reads back to the host).
+
+    Radial: block 0's mask and the mean over blocks. Sparge: block 0's predicted mask for ``q``, ``k``
+    ``[B, S, H, D]`` (the random inputs its attention is timed on).
+    """
+    out: dict = {}
+    masks = [m for m in step.self_masks if m is not None]
+    if masks:
+        out["radial_density_block0"] = step.self_masks[0].density if step.self_masks[0] is not None else 1.0
+        out["radial_density_mean"] = sum(1.0 if m is None else m.density for m in step.self_masks) / len(step.self_masks)
+    if model.self_layers and model.self_layers[0].params is not None:
+        from ..attention.sparge import predict_block_mask
+
+        out["sparge_density_block0"] = predict_block_mask(q, k, model.self_layers[0].params).density
+    return out
+
+
 def linear_flops(cfg, tokens: int) -> float:
     """Matmul FLOPs of one block's linear layers (video tokens; the 512 / 257 context rows included)."""
     c, n_ctx = cfg.dim, cfg.text_len + (257 if cfg.has_image_branch else 0)
@@ -159,8 +211,6 @@ def linear_flops(cfg, tokens: int) -> float:
 
 def bench_ours(model, inputs: dict, args, device) -> dict:
     """Attention alone, block linears alone, one block, and (unless ``--skip-forward``) the full forward."""
-    from ..models.wan.dit import SELF_SITE
-
     timer = _timer(device)
     cfg = model.config
     rec: dict = {}
@@ -171,8 +221,9 @@ def bench_ours(model, inputs: dict, args, device) -> dict:
         hd = cfg.head_dim
         g = torch.Generator(device=device).manual_seed(args.seed + 2)
         q, k, v = (torch.randn(b, s, cfg.num_heads, hd, generator=g, device=device, dtype=model.dtype) for _ in range(3))
-        backend = model.backends[SELF_SITE]
-        rec["attention"] = timer(lambda: backend(q, k, v), warmup=args.block_warmup, iters=args.block_iters)
+        self_attention = step.attend.self_attention  # block 0's, as the forward calls it (radial mask, Sparge layer)
+        rec["attention"] = timer(lambda: self_attention(q, k, v), warmup=args.block_warmup, iters=args.block_iters)
+        rec.update(_sparsity(model, step, q, k))
         del q, k, v
         h = torch.randn(b, s, c, generator=g, device=device, dtype=model.dtype)
         rec["block_linears"] = timer(block_linears(block, h, step.ctx, step.ctx_img),
@@ -271,6 +322,148 @@ def bench_diffusers(dm, inputs: dict, args, device) -> tuple[dict, torch.Tensor 
     return rec, out
 
 
+# ---- configurations ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BenchRun:
+    """One configuration: a kernel key at every site (``attn_type`` None) or a config type at self-attention.
+
+    Attributes:
+        label: name in the results (the kernel key or the type name).
+        kernel: key of the self-attention kernel that runs.
+        description: that kernel's description.
+        attention: ``sites -> {site: backend}`` (builds kernel backends on call; the resolved one is reused).
+        attn_type: the config type, ``None`` for a ``--kernels`` entry.
+        resolution: ``Resolution.as_dict()`` of the self-attention site, for a type.
+    """
+
+    label: str
+    kernel: str
+    description: str
+    attention: Callable[[tuple[str, ...]], dict]
+    attn_type: str | None = None
+    resolution: dict | None = None
+
+
+def default_cross_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """``(key, why)``: FlashAttention-4 where it runs, else the kernel ``torch_sdpa`` resolves to here."""
+    runnable, unavailable = kernel_availability(["fa4"], device, dtype, head_dim)
+    if runnable:
+        return "fa4", "default: FlashAttention-4 runs here"
+    key, _ = registry.torch_sdpa_kernel(device, dtype)
+    return key, f"default: fa4 unavailable ({'; '.join(unavailable['fa4'])}), the torch_sdpa kernel here"
+
+
+def _cross_kernel(args, device, dtype, head_dim: int) -> tuple[str, str, type]:
+    if args.cross_kernel is None:
+        key, why = default_cross_kernel(device, dtype, head_dim)
+    else:
+        key, why = args.cross_kernel, "--cross-kernel"
+        if key not in registry.KERNELS:
+            raise UserError(f"--cross-kernel: unknown kernel {key}; known: {', '.join(registry.KERNELS)}")
+    runnable, unavailable = kernel_availability([key], device, dtype, head_dim)
+    if not runnable:
+        raise UserError(f"--cross-kernel {key} cannot run here: {'; '.join(unavailable[key])}")
+    cls = runnable[key]
+    if cls.caps.block_mask or getattr(cls, "per_layer", False):
+        raise UserError(f"--cross-kernel {key}: cross-attention needs a dense kernel, not {cls.description}")
+    return key, why, cls
+
+
+def plan_runs(args, device: torch.device, dtype: torch.dtype, cfg) -> tuple[list[BenchRun], dict, tuple[str, str] | None]:
+    """The configurations to run, in order: ``--kernels`` entries, then ``--attn-types`` entries.
+
+    Returns:
+        ``(runs, unavailable, cross)``: ``unavailable`` maps a label to its reasons; ``cross`` is
+        ``(cross kernel key, why)`` when types run, else ``None``.
+
+    Raises:
+        UserError: unknown kernel / type names, bad sparse settings, or nothing can run.
+    """
+    if args.attn_types is None:
+        keys = list(args.kernels) if args.kernels else (["sdpa_cpu_flash"] if device.type == "cpu" else list(DEFAULT_KERNELS))
+    else:
+        keys = list(args.kernels or [])
+    keys = list(dict.fromkeys(keys))
+    types = list(dict.fromkeys(args.attn_types or []))
+    unknown = [k for k in keys if k not in registry.KERNELS]
+    if unknown:
+        raise UserError(f"--kernels: unknown kernel {', '.join(unknown)}; known: {', '.join(registry.KERNELS)}")
+    unknown = [t for t in types if t not in registry.ATTN_TYPES]
+    if unknown:
+        raise UserError(f"--attn-types: unknown attention type {', '.join(unknown)}; "
+                        f"valid: {', '.join(registry.valid_types(SELF_SITE_KEY))}")
+    if not 0 < args.sparge_topk <= 1:
+        raise UserError(f"--sparge-topk must lie in (0, 1], got {args.sparge_topk}")
+    if args.radial_block_size < 16 or args.radial_block_size % 16:
+        raise UserError(f"--radial-block-size must be a positive multiple of 16, got {args.radial_block_size}")
+    if not args.radial_decay > 0:
+        raise UserError(f"--radial-decay must be > 0, got {args.radial_decay}")
+
+    runs: list[BenchRun] = []
+    runnable, unavailable = kernel_availability(keys, device, dtype, cfg.head_dim)
+    for key, cls in runnable.items():
+        def every_site(sites, cls=cls):
+            backend = cls(device=device, dtype=dtype)
+            return {s: backend for s in sites}
+
+        runs.append(BenchRun(key, key, cls.description, every_site))
+    cross = None
+    if types:
+        cross_key, why, cross_cls = _cross_kernel(args, device, dtype, cfg.head_dim)
+        cross = (cross_key, why)
+        for t in types:
+            label = t if t not in runnable else f"type:{t}"
+            try:
+                res = registry.resolve(t, site=SELF_SITE_KEY, device=device, dtype=dtype)
+            except BackendUnavailableError as e:
+                unavailable[label] = [str(e)]
+                continue
+
+            def self_and_cross(sites, res=res):
+                dense = cross_cls(device=device, dtype=dtype)
+                return {s: res.backend if s == SELF_SITE_KEY else dense for s in sites}
+
+            runs.append(BenchRun(label, res.kernel, res.description, self_and_cross, t, res.as_dict()))
+    for label, reasons in unavailable.items():
+        print(f"[bench dit] {label}: unavailable ({'; '.join(reasons)})")
+    if not runs:
+        raise UserError(f"none of {', '.join(keys + types)} can run here: " +
+                        "; ".join(f"{k}: {', '.join(r)}" for k, r in unavailable.items()))
+    return runs, unavailable, cross
+
+
+def bind_self_attention(model, args, radial: RadialAttnSetting) -> dict:
+    """Bind a per-block (Sparge) self-attention kernel as the engine does without a checkpoint; describe radial.
+
+    Returns:
+        Record fields: the Sparge binding and what runs it, or the radial setting and step.
+    """
+    from ..attention.sparge_ckpt import layer_params
+
+    rec: dict = {}
+    backend = model.backends[SELF_SITE_KEY]
+    if model.sparge_active:
+        c = model.config
+        model.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, topk=args.sparge_topk))
+        rec["sparge"] = {"topk": args.sparge_topk, "bound": model.describe_sparge(),
+                         "block": [model.self_layers[0].params.block_q, model.self_layers[0].params.block_k],
+                         "runs": getattr(model.self_layers[0], "runs", backend.description)}
+    elif model.radial_active:
+        # no dense_fallback, as ModelRunner.load: dense blocks / steps (none here) would run the radial kernel unmasked
+        rec["radial"] = {**dataclasses.asdict(radial), "step": radial.dense_timesteps, "dense_fallback": None,
+                         "runs": getattr(backend, "runs", backend.description)}
+    return rec
+
+
+def forward_reference(ok: list[dict]) -> dict:
+    """The record other forwards are compared with: dense FlashAttention-4 at self-attention, else cuDNN, else the first."""
+    for key in ("fa4", "sdpa_cudnn"):
+        for r in ok:
+            if r["kernel"] == key:
+                return r
+    return ok[0]
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def _fmt_row(name: str, r: dict) -> str:
     if r.get("status") != "ok":
@@ -304,16 +497,8 @@ def main(args: argparse.Namespace) -> int:
     lat = latent_shape(frames, height, width)
     tokens = math.prod(n // p for n, p in zip(lat, cfg.patch_size))
 
-    keys = list(args.kernels) if args.kernels else (["sdpa_cpu_flash"] if device.type == "cpu" else list(DEFAULT_KERNELS))
-    unknown = [k for k in keys if k not in registry.KERNELS]
-    if unknown:
-        raise UserError(f"--kernels: unknown kernel {', '.join(unknown)}; known: {', '.join(registry.KERNELS)}")
-    runnable, unavailable = kernel_availability(keys, device, dtype, cfg.head_dim)
-    for key, reasons in unavailable.items():
-        print(f"[bench dit] {key}: unavailable ({'; '.join(reasons)})")
-    if not runnable:
-        raise UserError(f"none of the kernels {', '.join(keys)} can run here: " +
-                        "; ".join(f"{k}: {', '.join(r)}" for k, r in unavailable.items()))
+    runs, unavailable, cross = plan_runs(args, device, dtype, cfg)
+    keys = [r.kernel for r in runs if r.attn_type is None]
 
     env = environment()
     env["device"] = str(device)
@@ -324,30 +509,45 @@ def main(args: argparse.Namespace) -> int:
           f"{cfg.num_layers} layers, FFN {cfg.ffn_dim}; video {frames}x{height}x{width} -> latent {list(lat)} -> "
           f"{tokens:,} tokens; {args.dtype} on {env['card']}; fused ops: {fused_mode() if device.type == 'cuda' else 'eager'}",
           flush=True)
+    for r in runs:
+        if r.attn_type is not None:
+            print(f"[bench dit] {r.label}: self-attention {r.attn_type} -> {r.description} [{r.kernel}]"
+                  f"{' (FALLBACK)' if r.resolution['fallback'] else ''}; cross-attention {cross[0]}", flush=True)
 
     _reset_peak(device)
-    first = next(iter(runnable.values()))(device=device, dtype=dtype)
     sites = (SELF_SITE, TEXT_SITE, IMAGE_SITE) if cfg.has_image_branch else (SELF_SITE, TEXT_SITE)
-    model = build_dit(cfg, device=device, dtype=dtype, attention={s: first for s in sites}, seed=args.seed, std=0.02)
+    model = build_dit(cfg, device=device, dtype=dtype, attention=None, seed=args.seed, std=0.02)  # torch_sdpa until a run sets its own
+    # as the engine: the run's radial setting is given whatever the kernel (used only by a radial kernel), and
+    # the step index of each forward is set; dense_timesteps 0 makes step 0 a radial step
+    radial = RadialAttnSetting(decay_factor=args.radial_decay, block_size=args.radial_block_size,
+                               dense_timesteps=0, dense_layers=0)
+    model.set_radial(radial)
+    model.set_step(radial.dense_timesteps)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     inputs = make_inputs(cfg, lat, device, dtype, args.seed)
 
     results: dict[str, dict] = {}
     reference: tuple[str, torch.Tensor] | None = None  # (kernel, our output) to compare Diffusers with
-    for key, cls in runnable.items():
-        rec: dict = {"kernel": key, "description": cls.description}
+    for run in runs:
+        rec: dict = {"label": run.label, "kernel": run.kernel, "description": run.description,
+                     "attn_type": run.attn_type}
+        if run.resolution is not None:
+            rec.update(resolution=run.resolution, fallback=run.resolution["fallback"])
         try:
-            backend = cls(device=device, dtype=dtype)
-            model.set_attention({s: backend for s in sites})
+            attention = run.attention(sites)
+            rec["site_kernels"] = {s: b.key for s, b in attention.items()}
+            model.set_attention(attention)
+            rec.update(bind_self_attention(model, args, radial))
             rec.update(bench_ours(model, inputs, args, device))
             rec["status"] = "ok"
-            if args.diffusers and not args.skip_forward and (reference is None or key == "sdpa_cudnn"):
+            if (args.diffusers and not args.skip_forward and run.attn_type in EXACT_TYPES
+                    and (reference is None or run.kernel == "sdpa_cudnn")):
                 with torch.inference_mode():
-                    reference = (key, model(**inputs).float())
-        except Exception as e:  # noqa: BLE001 - one failing kernel must not stop the others
+                    reference = (run.kernel, model(**inputs).float())
+        except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the others
             rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
-        results[key] = rec
-        print("[bench dit] " + _fmt_row(f"ditfleet/{key}", rec), flush=True)
+        results[run.label] = rec
+        print("[bench dit] " + _fmt_row(f"ditfleet/{run.label}", rec), flush=True)
         _reset_peak(device)
 
     diff: dict | None = None
@@ -374,7 +574,10 @@ def main(args: argparse.Namespace) -> int:
     summary = {}
     if ok:
         best = min(ok, key=lambda r: r["forward_s"])
-        summary = {"fastest_kernel": best["kernel"], "fastest_forward_s": best["forward_s"]}
+        summary = {"fastest_kernel": best["kernel"], "fastest_label": best["label"], "fastest_forward_s": best["forward_s"]}
+        ref = forward_reference(ok)
+        summary["forward_reference"] = ref["label"]
+        summary["forward_vs_reference"] = {r["label"]: r["forward_s"] / ref["forward_s"] for r in ok}
         if diff and diff.get("forward_s"):
             summary["diffusers_forward_s"] = diff["forward_s"]
             summary["speedup_vs_diffusers"] = {r["kernel"]: diff["forward_s"] / r["forward_s"] for r in ok}
@@ -386,7 +589,13 @@ def main(args: argparse.Namespace) -> int:
             "video": {"frames": frames, "height": height, "width": width}, "latent": [1, 16, *lat], "tokens": tokens,
             "dtype": args.dtype, "device": str(device), "weights": "random N(0, 0.02), built on the device",
             "weights_gib": weights_gib, "fused_ops": fused_mode() if device.type == "cuda" else "eager",
-            "kernels": keys, "sites": "every attention site runs the kernel under test",
+            "kernels": keys, "attn_types": [r.attn_type for r in runs if r.attn_type is not None],
+            "sites": ("--kernels: every attention site runs the kernel under test; --attn-types: the type at "
+                      "self_attn_1_type (resolved by the registry), cross-attention on cross_kernel"),
+            "cross_kernel": cross[0] if cross else None, "cross_kernel_why": cross[1] if cross else None,
+            "radial_attn_setting": dataclasses.asdict(radial), "radial_step": radial.dense_timesteps,
+            "sparge_topk": args.sparge_topk if any(r.attn_type == "sparge" or r.kernel.startswith("sparge")
+                                                   for r in runs) else None,
             "warmup": args.warmup, "iters": args.iters, "block_warmup": args.block_warmup, "block_iters": args.block_iters,
             "seed": args.seed,
             "timing": "CUDA events, median; block = WanBlock.forward on block 0 with the forward's inputs",
@@ -399,7 +608,9 @@ def main(args: argparse.Namespace) -> int:
     }
     write_json(out_path, payload)
     if summary:
-        line = f"[bench dit] fastest: {summary['fastest_kernel']} {summary['fastest_forward_s']:.3f} s per forward"
+        print(f"[bench dit] forward time / {summary['forward_reference']}'s: " +
+              ", ".join(f"{k} {v:.3f}x" for k, v in summary["forward_vs_reference"].items()))
+        line = f"[bench dit] fastest: {summary['fastest_label']} {summary['fastest_forward_s']:.3f} s per forward"
         if "diffusers_forward_s" in summary:
             line += f" (diffusers {summary['diffusers_forward_s']:.3f} s)"
         print(line)
