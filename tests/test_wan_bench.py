@@ -63,7 +63,7 @@ def test_bench_dit_tiny_cpu_attn_types(tmp_path):
     assert cfg["attn_types"] == ["sage_attn2", "sparge", "radial_attn", "flash_attn3"]
     assert cfg["cross_kernel"] == "sdpa_cpu_flash" and "fa4 unavailable" in cfg["cross_kernel_why"]
     assert cfg["radial_attn_setting"] == {"decay_factor": 0.2, "block_size": 16, "dense_timesteps": 0, "dense_layers": 0}
-    assert cfg["sparge_topk"] == 0.5
+    assert cfg["sparge_topk"] == 0.5 and data["complete"] is True
     res = {r["label"]: r for r in data["results"]}
     assert list(res) == ["sdpa_cpu_flash", "sage_attn2", "sparge", "radial_attn", "flash_attn3"]
     for label, r in res.items():

@@ -464,6 +464,22 @@ def forward_reference(ok: list[dict]) -> dict:
     return ok[0]
 
 
+def summarize(results: dict[str, dict], diff: dict | None) -> dict:
+    """Fastest forward, each forward over the reference's (:func:`forward_reference`), Diffusers' speed-ups."""
+    ok = [r for r in results.values() if r["status"] == "ok" and "forward_s" in r]
+    if not ok:
+        return {}
+    best = min(ok, key=lambda r: r["forward_s"])
+    ref = forward_reference(ok)
+    summary = {"fastest_kernel": best["kernel"], "fastest_label": best["label"], "fastest_forward_s": best["forward_s"],
+               "forward_reference": ref["label"],
+               "forward_vs_reference": {r["label"]: r["forward_s"] / ref["forward_s"] for r in ok}}
+    if diff and diff.get("forward_s"):
+        summary["diffusers_forward_s"] = diff["forward_s"]
+        summary["speedup_vs_diffusers"] = {r["label"]: diff["forward_s"] / r["forward_s"] for r in ok}
+    return summary
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def _fmt_row(name: str, r: dict) -> str:
     if r.get("status") != "ok":
@@ -526,6 +542,28 @@ def main(args: argparse.Namespace) -> int:
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     inputs = make_inputs(cfg, lat, device, dtype, args.seed)
 
+    payload_head = {
+        "suite": "dit",
+        "environment": env,
+        "config": {
+            "model": args.model, "tiny": args.tiny, "model_config": dataclasses.asdict(cfg),
+            "video": {"frames": frames, "height": height, "width": width}, "latent": [1, 16, *lat], "tokens": tokens,
+            "dtype": args.dtype, "device": str(device), "weights": "random N(0, 0.02), built on the device",
+            "weights_gib": weights_gib, "fused_ops": fused_mode() if device.type == "cuda" else "eager",
+            "kernels": keys, "attn_types": [r.attn_type for r in runs if r.attn_type is not None],
+            "sites": ("--kernels: every attention site runs the kernel under test; --attn-types: the type at "
+                      "self_attn_1_type (resolved by the registry), cross-attention on cross_kernel"),
+            "cross_kernel": cross[0] if cross else None, "cross_kernel_why": cross[1] if cross else None,
+            "radial_attn_setting": dataclasses.asdict(radial), "radial_step": radial.dense_timesteps,
+            "sparge_topk": args.sparge_topk if any(r.attn_type == "sparge" or r.kernel.startswith("sparge")
+                                                   for r in runs) else None,
+            "warmup": args.warmup, "iters": args.iters, "block_warmup": args.block_warmup, "block_iters": args.block_iters,
+            "seed": args.seed,
+            "timing": "CUDA events, median; block = WanBlock.forward on block 0 with the forward's inputs",
+            "peak_mem_gib": "torch.cuda.max_memory_allocated during the timed calls, weights included",
+        },
+        "unavailable": unavailable,
+    }
     results: dict[str, dict] = {}
     reference: tuple[str, torch.Tensor] | None = None  # (kernel, our output) to compare Diffusers with
     for run in runs:
@@ -548,6 +586,9 @@ def main(args: argparse.Namespace) -> int:
             rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
         results[run.label] = rec
         print("[bench dit] " + _fmt_row(f"ditfleet/{run.label}", rec), flush=True)
+        # what ran so far, in case the process is stopped (a device time limit); "complete" stays false
+        write_json(out_path, {**payload_head, "results": list(results.values()), "diffusers": None,
+                              "summary": summarize(results, None), "complete": False})
         _reset_peak(device)
 
     diff: dict | None = None
@@ -570,43 +611,9 @@ def main(args: argparse.Namespace) -> int:
                  if "rel_l2_vs_ditfleet" in diff else ""), flush=True)
         _reset_peak(device)
 
-    ok = [r for r in results.values() if r["status"] == "ok" and "forward_s" in r]
-    summary = {}
-    if ok:
-        best = min(ok, key=lambda r: r["forward_s"])
-        summary = {"fastest_kernel": best["kernel"], "fastest_label": best["label"], "fastest_forward_s": best["forward_s"]}
-        ref = forward_reference(ok)
-        summary["forward_reference"] = ref["label"]
-        summary["forward_vs_reference"] = {r["label"]: r["forward_s"] / ref["forward_s"] for r in ok}
-        if diff and diff.get("forward_s"):
-            summary["diffusers_forward_s"] = diff["forward_s"]
-            summary["speedup_vs_diffusers"] = {r["kernel"]: diff["forward_s"] / r["forward_s"] for r in ok}
-    payload = {
-        "suite": "dit",
-        "environment": env,
-        "config": {
-            "model": args.model, "tiny": args.tiny, "model_config": dataclasses.asdict(cfg),
-            "video": {"frames": frames, "height": height, "width": width}, "latent": [1, 16, *lat], "tokens": tokens,
-            "dtype": args.dtype, "device": str(device), "weights": "random N(0, 0.02), built on the device",
-            "weights_gib": weights_gib, "fused_ops": fused_mode() if device.type == "cuda" else "eager",
-            "kernels": keys, "attn_types": [r.attn_type for r in runs if r.attn_type is not None],
-            "sites": ("--kernels: every attention site runs the kernel under test; --attn-types: the type at "
-                      "self_attn_1_type (resolved by the registry), cross-attention on cross_kernel"),
-            "cross_kernel": cross[0] if cross else None, "cross_kernel_why": cross[1] if cross else None,
-            "radial_attn_setting": dataclasses.asdict(radial), "radial_step": radial.dense_timesteps,
-            "sparge_topk": args.sparge_topk if any(r.attn_type == "sparge" or r.kernel.startswith("sparge")
-                                                   for r in runs) else None,
-            "warmup": args.warmup, "iters": args.iters, "block_warmup": args.block_warmup, "block_iters": args.block_iters,
-            "seed": args.seed,
-            "timing": "CUDA events, median; block = WanBlock.forward on block 0 with the forward's inputs",
-            "peak_mem_gib": "torch.cuda.max_memory_allocated during the timed calls, weights included",
-        },
-        "unavailable": unavailable,
-        "results": list(results.values()),
-        "diffusers": diff,
-        "summary": summary,
-    }
-    write_json(out_path, payload)
+    summary = summarize(results, diff)
+    write_json(out_path, {**payload_head, "results": list(results.values()), "diffusers": diff, "summary": summary,
+                          "complete": True})
     if summary:
         print(f"[bench dit] forward time / {summary['forward_reference']}'s: " +
               ", ".join(f"{k} {v:.3f}x" for k, v in summary["forward_vs_reference"].items()))
