@@ -29,6 +29,22 @@ BENCH_SUITES = {
 }
 
 
+#: What ``doctor`` lists: the packages ditfleet needs, and the optional ones with what they add.
+DOCTOR_REQUIRED = {n: "" for n in ("torch", "numpy", "safetensors", "diffusers", "transformers", "tokenizers",
+                                   "imageio", "imageio-ffmpeg", "pillow", "tqdm")}
+DOCTOR_OPTIONAL = {
+    "triton": "built-in sage_attn2 and Sparge predictor kernels: pip install triton",
+    "flash-attn-4": "flash_attn4, FA4 fallback of flash_attn3, block-sparse radial/Sparge: pip install 'ditfleet[flash-attn4]'",
+    "flash-attn": "flash_attn2 (FlashAttention-2): source build, see its project",
+    "flash_attn_3": "flash_attn3 (FA3, Hopper): build flash-attention's hopper/ folder",
+    "sageattention": "sage_attn2 (SageAttention 2): source build, see its project",
+    "spas_sage_attn": "sparge with tuned checkpoints (SpargeAttn): source build",
+    "ray": "launcher ray: pip install 'ditfleet[ray]'",
+    "matplotlib": "benchmark plots: pip install 'ditfleet[bench]'",
+    "yunchang": "sequence-parallel peer in bench sp-attention: pip install 'ditfleet[bench]'",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad command lines as a UserError (exit 2, one line)."""
 
@@ -45,48 +61,75 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def config_path(args) -> str | None:
+    """The config file of the command line: the positional argument or ``-c``, never both."""
+    pos, opt = getattr(args, "config", None), getattr(args, "config_opt", None)
+    if pos is not None and opt is not None:
+        raise UserError(f"two config files given ({pos!r} and -c {opt!r}); give one (overrides go in --set KEY=VALUE)")
+    return opt if opt is not None else pos
+
+
 def _load(args, world_size: int | None = None):
     from .config import load_config_or_default
 
-    return load_config_or_default(args.config_opt or args.config, args.overrides, world_size=world_size)
+    return load_config_or_default(config_path(args), args.overrides, world_size=world_size)
 
 
 def cmd_check_config(args) -> int:
+    """Run every check ``generate`` runs before loading (:func:`~ditfleet.engine.preflight.preflight`), then report.
+
+    Nothing is printed as valid until every check has passed: the config, the model folder, the sparge
+    checkpoint, the I2V image, the output path, the video size against the model and this machine, and the
+    kernel of each attention site.
+    """
     from .attention import format_table
+    from .engine.preflight import GIB, preflight
+    from .engine.video import check_output
 
     world = args.world_size
     if world is None and "WORLD_SIZE" in os.environ:  # launched by torchrun
         world = int(os.environ["WORLD_SIZE"])
     cfg, source = _load(args, world_size=world)
     device = torch.device(args.device) if args.device else cfg.torch_device()
-    par = cfg.parallel
-    print(f"config: {source} -- valid")
-    print(
-        f"task {cfg.task}, {cfg.target_video_length} frames {cfg.target_height}x{cfg.target_width}, "
-        f"{cfg.infer_steps} steps, dtype {cfg.dtype}, device {device}"
-    )
-    print(
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine sees no CUDA GPU; check the config on the GPU machine, "
+                        "or with --device cpu for what a CPU run would use")
+    from .engine.pipeline import request_from_config
+
+    result = preflight(cfg, request_from_config(cfg, image=args.image), device=device, require_model=True)
+    if cfg.output is not None:
+        check_output(cfg.output)
+    par, geom, est = cfg.parallel, result["geometry"], result["estimate"]
+    lines = [
+        f"task {cfg.task}, {cfg.target_video_length} frames {cfg.target_width}x{cfg.target_height} (WxH), "
+        f"{cfg.infer_steps} steps, dtype {cfg.dtype}, device {device}",
+        f"model: {geom.source}; {est['tokens']} video tokens ({est['tokens_per_rank']} per rank), memory on rank 0 "
+        f"at least ~{est['total'] / GIB:.1f} GiB",
         f"parallel: {par.world_size} process(es) = cfg {par.cfg_p_size} x ring {par.ring_degree} x "
-        f"ulysses {par.ulysses_degree} ({par.seq_p_attn_type}), launcher {cfg.launcher}"
-    )
-    resolutions = cfg.resolve_attention(device)
+        f"ulysses {par.ulysses_degree} ({par.seq_p_attn_type}), launcher {cfg.launcher}",
+    ]
+    if result["sparge"]:
+        sp = result["sparge"]
+        lines.append(f"sparge thresholds: {sp['path']} ({sp['layers']} blocks x {sp['heads']} heads, sha256 "
+                     f"{sp['sha256'][:12]})")
+    resolutions = result["attention"]
     used = [r for r in resolutions.values() if r is not None]
-    print("attention kernels on this machine:")
-    print("  " + format_table(used).replace("\n", "\n  "))
-    for site, r in resolutions.items():
-        if r is None:
-            print(f"  {site}: not used by task {cfg.task}")
+    lines.append("attention kernels on this machine:")
+    lines.append("  " + format_table(used).replace("\n", "\n  "))
+    lines += [f"  {site}: not used by task {cfg.task}" for site, r in resolutions.items() if r is None]
     if cfg.site_types()["self_attn_1_type"] == "radial_attn":
         from .attention.radial import radial_density, wan_video_tokens
 
         rs = cfg.radial_attn_setting
         density = radial_density(cfg.target_video_length, cfg.target_height, cfg.target_width, rs)
         frames, per_frame = wan_video_tokens(cfg.target_video_length, cfg.target_height, cfg.target_width)
-        print(
+        lines.append(
             f"radial mask: {frames} latent frames x {per_frame} tokens = {frames * per_frame} tokens, "
             f"density {density:.3f} (decay_factor {rs.decay_factor}, block {rs.block_size}); dense for the first "
             f"{rs.dense_timesteps} step(s) and {rs.dense_layers} layer(s)"
         )
+    print("\n".join(lines))
+    print(f"config: {source} -- valid")
     return 0
 
 
@@ -95,9 +138,18 @@ def cmd_doctor(args) -> int:
     from .attention.registry import dense_kernel_keys, kernel_class
     from .bench.common import package_versions
 
+    import importlib.metadata as md
+
     print(f"ditfleet {__version__}, python {sys.version.split()[0]}")
-    for name, ver in package_versions().items():
-        print(f"  {name} {ver}")
+    installed = package_versions()
+    for title, names in (("required", DOCTOR_REQUIRED), ("optional", DOCTOR_OPTIONAL)):
+        print(f"{title} packages:")
+        for name, hint in names.items():
+            try:
+                ver = installed.get(name) or md.version(name)
+            except md.PackageNotFoundError:
+                ver = None
+            print(f"  {name:22s} {ver or 'not installed'}{'' if ver or not hint else '  (' + hint + ')'}")
     cuda = torch.cuda.is_available()
     print(f"CUDA: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else "CUDA: not available")
     device = torch.device(args.device or ("cuda" if cuda else "cpu"))
@@ -156,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.add_argument("--world-size", type=int, help="processes the run will have (default: torchrun's WORLD_SIZE, else the config's)")
     c.add_argument("--device", choices=["cpu", "cuda"], help="resolve kernels for this device (default: the config's)")
+    c.add_argument("--image", help="I2V reference image the run will use (checked like generate --image)")
     c.set_defaults(func=cmd_check_config)
 
     d = sub.add_parser("doctor", help="show the environment and self-check every attention kernel that can run here")
@@ -184,12 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv if argv is not None else sys.argv[1:])  # a launcher re-runs the command line
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
         )
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"ditfleet: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # torchrun ranks > 0: rank 0 says it once
+            print(f"ditfleet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ditfleet: interrupted", file=sys.stderr)

@@ -3,8 +3,10 @@
 Key names follow LightX2V's (``self_attn_1_type``, ``infer_steps``, ``parallel.seq_p_size`` ...) so
 its configs load unchanged; ditfleet's own keys sit beside them. Precedence: ``--set`` on the
 command line > the JSON file > the defaults below. Every problem a user can cause raises
-:class:`~ditfleet.errors.ConfigError` naming the key and what would be valid; unknown keys log a
-warning with the closest valid name.
+:class:`~ditfleet.errors.ConfigError` naming the key and what would be valid. Unknown keys are
+errors with the nearest valid key path; LightX2V keys that cannot change the video are accepted with
+one warning that lists them (:mod:`ditfleet.config_compat`). A path value written ``${NAME}`` is a
+placeholder of a shipped config: it must be replaced (``--set model_path=...``) before a run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from .attention.registry import ATTN_TYPES, SELF_ATTENTION_ONLY, SITES, Resolution, resolve, valid_types
+from .config_compat import ALIASES, classify, suggest
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
 SPARGE_CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
 PLACEMENT_STRATEGIES = ("auto", "STRICT_PACK", "PACK", "SPREAD")
+PLACEHOLDER = re.compile(r"^\$\{[A-Za-z0-9_]+\}$")
+PATH_KEYS = ("model_path", "sparge_ckpt", "image_path", "output")
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -216,6 +222,10 @@ def _type_name(tp: Any) -> str:
     return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _article(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; build nested dataclasses. Raises ConfigError."""
     origin = typing.get_origin(tp)
@@ -246,18 +256,45 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return float(value) if tp is float else value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def key_paths(cls: type = None) -> list[str]:
+    """Every valid config key as a dotted path (``infer_steps``, ``parallel.seq_p_size``, ...)."""
+    return [key for key, _, _ in field_docs(cls or RunConfig)]
+
+
+def _unknown_key(path: str, value: Any, foreign: list[str]) -> None:
+    """A key no field has: LightX2V's no-effect keys (and output-changing ones at their off value) are noted in
+    ``foreign`` for one warning; an output-changing LightX2V key that is on, or any other key, raises."""
+    kind = classify(path, value)
+    if kind in ("no_effect", "off"):
+        foreign.append(path)
+        return
+    if kind == "changes_output":
+        raise ConfigError(path, f"LightX2V's {path!r} = {json.dumps(value)} would change the video, and ditfleet does not "
+                                "implement it; remove the key (or set it to its off value) to run without it")
+    alias = ALIASES.get(path.rsplit(".", 1)[-1])
+    if alias is not None:
+        raise ConfigError(path, f"unknown key; ditfleet's name for it is {alias!r}")
+    close = suggest(path, key_paths())
+    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+    near = sorted({k[len(parent):].split(".")[0] for k in key_paths() if k.startswith(parent)})
+    hint = f"did you mean {close!r}?" if close else f"valid keys{' in ' + repr(parent[:-1]) if parent else ''}: {', '.join(near)}"
+    raise ConfigError(path, f"unknown key; {hint}")
+
+
+def _build(cls: type, data: dict, prefix: str = "", foreign: list[str] | None = None) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    foreign = [] if foreign is None else foreign
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
-            log.warning("unknown config key %r ignored%s", prefix + key, hint)
+            _unknown_key(prefix + key, value, foreign)
             continue
         f = fields[key]
-        value = _coerce(value, hints[key], prefix + key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = _build(hints[key], value, prefix + key + ".", foreign)
+        else:
+            value = _coerce(value, hints[key], prefix + key)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(prefix + key, f"{json.dumps(value)} is not valid; valid: {', '.join(choices)}")
@@ -279,15 +316,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(None, f"--set {text!r}: expected key=value, e.g. --set parallel.seq_p_size=2")
     key, raw = text.split("=", 1)
-    path = key.strip().split(".")
+    key = key.strip()
+    path = key.split(".")
     cls: Any = RunConfig
     for i, part in enumerate(path):
-        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if not dataclasses.is_dataclass(cls):
+            parent = ".".join(path[:i])
+            raise ConfigError(key, f"{parent!r} is {_article(_type_name(cls))}, not an object: it has no key {part!r}; "
+                                   f"use --set {parent}=VALUE")
+        names = {f.name for f in dataclasses.fields(cls)}
         if part not in names:
-            where = ".".join(path[:i]) or "top level"
-            close = difflib.get_close_matches(part, list(names), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(names)}"
-            raise ConfigError(key, f"unknown key {part!r} at {where}; {hint}")
+            where = ".".join(path[:i])
+            close = suggest(key, key_paths())
+            hint = f"did you mean {close!r}?" if close else (
+                f"valid keys in {where}: {', '.join(sorted(names))}" if where else
+                f"valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(key, f"unknown key {part!r}{' in ' + repr(where) if where else ''}; {hint}")
         cls = typing.get_type_hints(cls)[part]
     try:
         value = json.loads(raw)
@@ -300,9 +344,14 @@ def read_json(path: str | Path) -> dict:
     """Read a JSON config file; syntax errors become a ConfigError with file, line, column and the line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(None, f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(None, f"config file {str(path)!r} is a folder; expected a .json file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(None, f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                "save it as UTF-8 JSON") from None
     except OSError as e:
         raise ConfigError(None, f"config file {str(path)!r} cannot be read: {e.strerror}") from None
     try:
@@ -340,8 +389,12 @@ def load_config(
     for text in overrides:
         keys, value = parse_override(text)
         _merge(raw, keys, value)
-    cfg = _build(RunConfig, raw)
+    foreign: list[str] = []
+    cfg = _build(RunConfig, raw, foreign=foreign)
     validate(cfg, world_size=world_size, check_files=check_files)
+    if foreign:
+        log.warning("LightX2V key(s) ditfleet does not use, ignored (they do not change the video): %s",
+                    ", ".join(sorted(foreign)))
     return cfg
 
 
@@ -366,6 +419,14 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     def positive(key: str, value: int | float) -> None:
         if value <= 0:
             raise ConfigError(key, f"must be > 0, got {value}")
+
+    for key in PATH_KEYS:
+        value = getattr(cfg, key)
+        if check_files and isinstance(value, str) and PLACEHOLDER.match(value.strip()):
+            raise ConfigError(key, f"{value} is a placeholder of a shipped config; give the real path with "
+                                   f"--set {key}=/path/to/... (or edit the file)")
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(key, "empty path; give a path or null")
 
     # attention sites
     for site in SITES:
@@ -450,7 +511,8 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
             raise ConfigError(
                 "parallel",
                 f"seq_p_size={par.seq_p_size} x cfg_p_size={par.cfg_p_size} = {expected} processes, "
-                f"but the {key} is {ws}; make the product of the parallel degrees equal the number of GPUs",
+                f"but the {key} is {ws}; make the product of the parallel degrees equal the number of processes "
+                f"(e.g. --set parallel.seq_p_size={ws})",
             )
     # ray launcher
     rc = cfg.ray

@@ -4,7 +4,7 @@
 # across nodes when one node cannot hold them all) and writes the video where the driver runs.
 #
 #   launch/ray_job_submit.sh CONFIG.json NGPUS [ditfleet generate options...]
-#   launch/ray_job_submit.sh configs/wan_t2v_14b.json 16 -o /shared/out/video.mp4
+#   launch/ray_job_submit.sh configs/wan_t2v_14b.json 16 --set model_path=/shared/Wan2.1-T2V-14B-Diffusers -o /shared/out/video.mp4
 #
 # Needs: the cluster's nodes have torch, diffusers and transformers installed (same versions); the
 # repository is shipped as the job's working_dir (launch/ray_runtime_env.json), so actors on every

@@ -4,7 +4,7 @@
 # stops everything at the end (also on Ctrl-C). Start-up stages are timed in the run report.
 #
 #   launch/ray_single_node.sh CONFIG.json [NGPUS] [ditfleet generate options...]
-#   launch/ray_single_node.sh configs/wan_t2v_1.3b.json 4 --jobs prompts.jsonl   # model loaded once
+#   launch/ray_single_node.sh configs/wan_t2v_1.3b.json 4 --set model_path=/ckpt/Wan2.1-T2V-1.3B-Diffusers --jobs prompts.jsonl   # model loaded once
 #
 # To reuse a cluster already running on the node (`ray start --head --include-dashboard=false`),
 # export RAY_ADDRESS=auto (or pass --set ray.address=auto). Faults: a dead or hung worker is

@@ -3,8 +3,8 @@
 # reads the inputs (sparge checkpoint, I2V image) and writes the video + its JSON report.
 #
 #   launch/torchrun_single_node.sh CONFIG.json [NGPUS] [ditfleet generate options...]
-#   launch/torchrun_single_node.sh configs/wan_t2v_1.3b.json 4 --prompt "a red fox in snow" -o out/fox.mp4
-#   CFG_P=2 launch/torchrun_single_node.sh configs/wan_t2v_14b.json 8      # 2 (cfg) x 4 (sequence)
+#   launch/torchrun_single_node.sh configs/wan_t2v_1.3b.json 4 --set model_path=/ckpt/Wan2.1-T2V-1.3B-Diffusers --prompt "a red fox in snow" -o out/fox.mp4
+#   CFG_P=2 launch/torchrun_single_node.sh configs/wan_t2v_14b.json 8 --set model_path=/ckpt/Wan2.1-T2V-14B-Diffusers  # 2 (cfg) x 4 (sequence)
 #
 # NGPUS defaults to every GPU of the node. The sequence-parallel degree is NGPUS / CFG_P (CFG_P=1
 # or 2, default 1); the attention split comes from the config (parallel.seq_p_attn_type).

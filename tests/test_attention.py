@@ -140,11 +140,16 @@ def test_torch_sdpa_on_cpu_is_native_and_exact():
 
 @pytest.mark.parametrize("attn_type", ["flash_attn2", "flash_attn3", "sage_attn2"])
 def test_missing_packages_fall_back_with_one_warning(attn_type, caplog):
+    from ditfleet.attention.registry import log_resolutions
+
     with caplog.at_level(logging.WARNING):
         r = resolve(attn_type, site="cross_attn_1_type", device="cpu", dtype=torch.float32)
+        dense = resolve("torch_sdpa", site="self_attn_1_type", device="cpu", dtype=torch.float32)
+        log_resolutions([dense, r])  # the start-up table: the one place a fallback is told
     assert r.fallback and r.kernel == "sdpa_cpu_flash"
     warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1 and "cross_attn_1_type" in warnings[0].getMessage()
+    assert warnings[0].getMessage().count("(FALLBACK") == 1
     # and the fallback really runs
     q = rand(1, 20, 2, 16)
     out, _ = r.backend(q, q, q)

@@ -27,8 +27,8 @@ def test_check_config_default_reports_each_site():
     assert "cross_attn_2_type: not used by task t2v" in p.stdout
 
 
-def test_check_config_shows_fallback_and_reason():
-    p = run("check-config", "configs/wan_t2v_1.3b.json", "--device", "cpu")
+def test_check_config_shows_fallback_and_reason(tiny_folders):
+    p = run("check-config", "configs/wan_t2v_1.3b.json", "--device", "cpu", "--set", f"model_path={tiny_folders['t2v']}")
     assert p.returncode == 0, p.stderr
     assert "flash_attn3 -> " in p.stdout and "(FALLBACK)" in p.stdout and "not fa3:" in p.stdout
 
@@ -39,9 +39,10 @@ def test_check_config_shows_fallback_and_reason():
         (["check-config", "--set", "self_attn_1_type=flash_attn9"], "self_attn_1_type: unknown attention type"),
         (["check-config", "--set", "cross_attn_1_type=radial_attn"], "cross_attn_1_type:"),
         (["check-config", "does/not/exist.json"], "does not exist"),
-        (["check-config", "configs/wan_t2v_14b.json", "--world-size", "4"], "parallel:"),
+        (["check-config", "configs/wan_t2v_14b.json", "--world-size", "4"], "model_path: ${WAN21_T2V_14B_DIFFUSERS} is a placeholder"),
+        (["check-config", "configs/wan_t2v_14b.json", "--world-size", "4", "--set", "model_path=."], "parallel:"),
         (["check-config", "--set", "strict_backends=true", "--set", "self_attn_1_type=flash_attn3"], "strict_backends"),
-        (["check-config", "configs/wan_t2v_sparge.json"], "sparge_ckpt"),
+        (["check-config", "--set", "sparge=true"], "sparge_ckpt"),
         (["check-config", "--bogus"], "unrecognized arguments"),
         (["bench", "attention", "--kernels", "nope", "--device", "cpu"], "nope"),
     ],
@@ -71,8 +72,12 @@ def test_world_size_from_torchrun_env(monkeypatch, tmp_path, capsys):
     assert main(["check-config", str(cfgf)]) == 0
 
 
-def test_check_config_reports_radial_density():
-    p = run("check-config", "configs/wan_i2v.json", "--device", "cpu")
+def test_check_config_reports_radial_density(tiny_folders, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (832, 480), (10, 20, 30)).save(tmp_path / "ref.png")
+    p = run("check-config", "configs/wan_i2v.json", "--device", "cpu", "--set", f"model_path={tiny_folders['i2v']}",
+            "--set", f"image_path={tmp_path / 'ref.png'}")
     assert p.returncode == 0, p.stderr
     assert "radial_attn -> " in p.stdout and "32760 tokens, density 0.3" in p.stdout
 

@@ -175,13 +175,33 @@ def test_integer_accepted_for_float():
     assert load_config(data=cfg(sample_guide_scale=6)).sample_guide_scale == 6.0
 
 
-def test_unknown_keys_warn_with_did_you_mean(caplog):
+@pytest.mark.parametrize("data,match", [
+    ({"infer_step": 10}, "^infer_step: unknown key; did you mean 'infer_steps'"),
+    ({"parallel": {"seq_p_sise": 1}}, "^parallel.seq_p_sise: unknown key; did you mean 'parallel.seq_p_size'"),
+    ({"sample_steps": 10}, "^sample_steps: unknown key; ditfleet's name for it is 'infer_steps'"),
+    ({"num_inference_steps": 10}, "'infer_steps'"),
+    ({"seq_p_size": 2}, "did you mean 'parallel.seq_p_size'"),
+    ({"radial_attn_setting": {"decay": 1}}, "valid keys in 'radial_attn_setting': block_size, decay_factor"),
+    ({"lora_configs": [{"path": "a.safetensors", "strength": 1.0}]}, "^lora_configs: LightX2V's .* would change the video"),
+    ({"feature_caching": "Tea"}, "^feature_caching: .*would change the video"),
+    ({"parallel": {"tensor_p_size": 2}}, "^parallel.tensor_p_size: .*would change"),
+])
+def test_unknown_keys_are_errors_with_a_correct_suggestion(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(data=cfg(**data))
+
+
+def test_lightx2v_keys_without_effect_warn_once(caplog):
+    data = cfg(t5_cpu_offload=True, offload_granularity="block", use_tiling_vae=True, lora_configs=[],
+               feature_caching="NoCaching", parallel={"seq_p_size": 1, "seq_p_tensor_fusion": True})
     with caplog.at_level(logging.WARNING):
-        c = load_config(data=cfg(infer_step=10, parallel={"seq_p_sise": 1}))
+        c = load_config(data=data)
     assert c.infer_steps == TINY_DEFAULT["infer_steps"]
-    text = caplog.text
-    assert "'infer_step'" in text and "did you mean 'infer_steps'" in text
-    assert "'parallel.seq_p_sise'" in text and "did you mean 'parallel.seq_p_size'" in text
+    lines = [r.getMessage() for r in caplog.records if "LightX2V" in r.getMessage()]
+    assert len(lines) == 1, lines
+    for key in ("t5_cpu_offload", "offload_granularity", "use_tiling_vae", "lora_configs", "feature_caching",
+                "parallel.seq_p_tensor_fusion"):
+        assert key in lines[0]
 
 
 def test_cli_overrides_beat_json_beat_defaults(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ditfleet.engine.errors import OutputError
-from ditfleet.engine.video import VideoWriter, output_kind, read_video, report_path, write_json_atomic
+from ditfleet.engine.video import (VideoWriter, check_output, file_stamp, output_kind, read_video, report_path,
+                                   write_json_atomic)
 
 F, H, W = 9, 32, 48
 
@@ -84,14 +85,80 @@ def test_incomplete_video_is_not_committed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["v.npy", "pngs"])
-def test_replaces_older_output_atomically(tmp_path, name):
+def stamp_report(target) -> None:
+    """What the engine writes beside a finished video: the report naming it (its size and time)."""
+    write_json_atomic(report_path(target), {"ditfleet_version": "test", "output": str(target),
+                                            "output_file": file_stamp(target) if target.is_file() else None})
+
+
+@pytest.mark.parametrize("name", ["v.npy", "v.mp4"])
+def test_replaces_its_own_older_output_atomically(tmp_path, name):
     target = tmp_path / name
     for seed in (1, 2):
         with VideoWriter(target, F, H, W) as w:
             w.write(frames(seed))
-    assert np.array_equal(read_video(target), frames(2))
+        stamp_report(target)
+    if name.endswith(".npy"):
+        assert np.array_equal(read_video(target), frames(2))
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["v.npy", "v.mp4"])
+def test_refuses_a_file_it_did_not_write(tmp_path, name):
+    target = tmp_path / name
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(OutputError, match="was not written by ditfleet.*--overwrite"):
+        VideoWriter(target, F, H, W)
+    assert target.read_bytes() == b"the user's own file"
+    stamp_report(target)  # a ditfleet report naming the file as it was ...
+    target.write_bytes(b"replaced by the user after the run")  # ... does not cover what the user put there since
+    with pytest.raises(OutputError, match="was not written by ditfleet"):
+        VideoWriter(target, F, H, W)
+    with VideoWriter(target, F, H, W, overwrite=True) as w:
+        w.write(frames(3))
+    assert read_video(target).shape == (F, H, W, 3)
+
+
+def test_png_folder_must_be_new_or_empty_and_overwrite_keeps_other_files(tmp_path):
+    target = tmp_path / "pngs"
+    target.mkdir()
+    with VideoWriter(target, F, H, W) as w:  # an empty folder is fine
+        w.write(frames(1))
+    (target / "notes.txt").write_text("mine")
+    (target / "sub").mkdir()
+    (target / "sub" / "00000.png").write_text("mine too")
+    (target / "00020.png").write_text("stale frame of a longer video")
+    with pytest.raises(OutputError, match="not empty.*--overwrite"):
+        VideoWriter(target, F, H, W)
+    with VideoWriter(target, F, H, W, overwrite=True) as w:
+        w.write(frames(2))
+    assert np.array_equal(read_video(target), frames(2))
+    assert (target / "notes.txt").read_text() == "mine" and (target / "sub" / "00000.png").read_text() == "mine too"
+    assert not (target / "00020.png").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_names_with_a_dot(tmp_path):
+    (tmp_path / "run.v2").mkdir()
+    assert output_kind(tmp_path / "run.v2") == "png"
+    assert output_kind(str(tmp_path / "new.v3") + "/") == "png"
+    with pytest.raises(OutputError, match="end it with '/'"):
+        output_kind(tmp_path / "new.v3")
+
+
+def test_current_folder_as_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert output_kind(".") == "png"
+    assert report_path(".") == tmp_path.parent / (tmp_path.name + ".json")
+    with pytest.raises(OutputError, match="root folder"):
+        check_output("/")
+
+
+def test_abort_removes_the_folders_it_made(tmp_path):
+    w = VideoWriter(tmp_path / "a" / "b" / "v.npy", F, H, W)
+    w.write(frames()[:2])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_existing_kind_is_a_user_error(tmp_path):

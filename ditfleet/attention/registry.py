@@ -211,11 +211,18 @@ def resolve(
                 f"Install the kernel or set strict_backends to false.",
             )
         res.backend = cls(device=device, dtype=dtype)
-        if fallback:
-            log.warning("%s: %s unavailable (%s); running %s", site, attn_type, res.why, cls.description)
+        # once, by whoever reports the start-up table (log_resolutions): a fallback is not told twice
+        log.debug("%s: %s -> %s (%s)", site, attn_type, key, res.why)
         return res
     hints = "; ".join(f"{k}: {', '.join(r)}" for k, r in skipped)
     raise BackendUnavailableError(site, f"no kernel can run {attn_type!r} on {device.type}/{dtype}: {hints}")
+
+
+def log_resolutions(resolutions: list[Resolution], logger: logging.Logger = log) -> None:
+    """Log the start-up table once: at WARNING when a site runs a fallback (so ``-q`` still shows it), else INFO."""
+    level = logging.WARNING if any(r.fallback for r in resolutions) else logging.INFO
+    logger.log(level, "attention kernels%s:\n  %s", " (fallbacks marked)" if level == logging.WARNING else "",
+               format_table(resolutions).replace("\n", "\n  "))
 
 
 def format_table(resolutions: list[Resolution]) -> str:

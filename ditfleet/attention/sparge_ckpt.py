@@ -242,11 +242,13 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{where}: refused: this pickle needs more than tensors to load ({glob[:200]}); ditfleet reads .pt files "
                 "with torch.load(weights_only=True) and never runs a pickle's code. A SpargeAttn checkpoint is a flat "
                 "dict of tensors: re-save it as one (or as .safetensors) where its origin is trusted") from None
-        detail = next((ln for ln in lines if "Unsupported" in ln), lines[-1] if lines else type(e).__name__)
-        raise SpargeCheckpointError(f"{where}: cannot be read as a weights-only torch checkpoint ({detail[:200]})") from None
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported with its reason
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpargeCheckpointError(f"{where}: cannot be read ({type(e).__name__}: {msg[:300]})") from None
+        raise SpargeCheckpointError(f"{where}: cannot be read: it is not a checkpoint written by torch.save, or it is "
+                                    "damaged (expected SpargeAttn's flat dict of per-layer tensors, .pt or "
+                                    ".safetensors)") from None
+    except Exception:  # noqa: BLE001 - any reader failure means a bad file; the reader's internals are no help
+        what = "a safetensors file" if p.suffix == ".safetensors" else "a checkpoint written by torch.save"
+        raise SpargeCheckpointError(f"{where}: cannot be read: it is not {what}, or it is damaged (expected "
+                                    "SpargeAttn's flat dict of per-layer tensors, .pt or .safetensors)") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         kind = type(state).__name__
         if isinstance(state, dict):

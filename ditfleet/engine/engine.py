@@ -36,14 +36,10 @@ from .executor import EngineError, Executor, WorkerFailure, make_executor
 from .pipeline import GenerateResult, _Progress, load_image, request_from_config
 from .request import GenerateRequest
 from .sparge_weights import load_for_run
-from .video import VideoWriter, check_output, report_path, write_json_atomic
+from .video import VideoWriter, check_output, file_stamp, report_path, write_json_atomic
 from .worker import portable_error
 
 log = logging.getLogger(__name__)
-
-#: Pixels per latent token side of every Wan2.1 model (VAE 8 x patch 2); rank 0 re-checks with the real model.
-SPATIAL_MULTIPLE = 16
-
 
 def as_config(cfg=None, *, launcher: str | None = None, overrides=()):
     """A validated RunConfig from a RunConfig, a JSON path, a dict, or ``None`` (the tiny default)."""
@@ -76,6 +72,7 @@ class Engine:
         self._sparge, self.sparge_info = sparge_state, dict(sparge_info or {})
         self.startup_s: dict[str, float] = {}
         self.startups = 0
+        self._geometry = None
         self._closed = False
 
     # ---- life cycle ----------------------------------------------------------------------------------
@@ -163,8 +160,16 @@ class Engine:
         err, image = None, None
         if ex.is_driver:
             try:
-                req.validate(self.cfg.task, spatial_multiple=SPATIAL_MULTIPLE)
-                check_output(req.output)
+                from .preflight import check_request, driver_geometry
+
+                if self._geometry is None:
+                    self._geometry = driver_geometry(self.cfg) or False
+                device = self.cfg.torch_device() if ex.launcher != "ray" else None  # a Ray driver may have no GPU
+                if self._geometry:
+                    check_request(req, self._geometry, self.cfg, device=device, files=False)
+                else:  # a Ray driver without the model: rank 0 checks the size (Pipeline.check)
+                    req.validate(self.cfg.task)
+                check_output(req.output, overwrite=req.overwrite)
                 if self.cfg.task == "i2v":
                     image = load_image(req.image)
             except UserError as e:
@@ -253,13 +258,25 @@ class Engine:
             report.update(timings_s=timings, engine=self._engine_report(attempt))
             return GenerateResult(None, None, report, latents, 0, timings)
         t2 = time.perf_counter()
-        with VideoWriter(req.output, req.frames, req.height, req.width, fps=req.fps) as writer:
-            done = ex.collective_stream("decode", ranks=[0], on_event=lambda r, k, chunk: writer.write(chunk),
-                                        idle_timeout=idle)[0]
-            output = writer.commit()
+        lat_frames = latents.shape[2]
+        log.info("%sdecoding %d latent frames into %d frames %dx%d", "" if req.label == "request" else req.label + ": ",
+                 lat_frames, req.frames, req.width, req.height)
+        dbar = _Progress(lat_frames, "decode", quiet, unit="latent frame")
+
+        def on_chunk(rank: int, kind: str, chunk) -> None:
+            writer.write(chunk)
+            dbar(0, lat_frames)
+
+        try:
+            with VideoWriter(req.output, req.frames, req.height, req.width, fps=req.fps, overwrite=req.overwrite) as writer:
+                done = ex.collective_stream("decode", ranks=[0], on_event=on_chunk, idle_timeout=idle)[0]
+                output = writer.commit()
+        finally:
+            dbar.close()
         timings["decode_write_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
-        report.update(output=str(output), frames=writer.written, timings_s=timings, engine=self._engine_report(attempt))
+        report.update(output=str(output), output_file=file_stamp(output) if output.is_file() else None,
+                      frames=writer.written, timings_s=timings, engine=self._engine_report(attempt))
         if done and "peak_memory" in done:
             report["peak_memory"] = done["peak_memory"]
         try:

@@ -17,6 +17,10 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .errors import JobsFileError
 
 
 log = logging.getLogger("ditfleet")
@@ -41,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-latents", dest="save_latents", metavar="FILE.pt",
                    help="also save the final latents (float32 [1, 16, F', H/8, W/8], torch.save) -- parity checks "
                         "across launchers")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing outputs ditfleet did not write (an existing file, a non-empty PNG folder: "
+                        "only its frame files NNNNN.png are replaced, its other files are kept)")
+    p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, metavar="N",
+                   help="start N worker processes on this machine through torchrun's launcher, supervised by this "
+                        "command (same as torchrun --standalone --nproc-per-node N -m ditfleet generate ..., but the "
+                        "config is checked first and a user error ends with one message and exit status 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no info messages")
 
 
@@ -48,7 +59,9 @@ def _load_config(args):
     from ..config import load_config_or_default
     from .torchrun import torchrun_env
 
-    path = getattr(args, "config_opt", None) or getattr(args, "config", None)
+    from ..cli import config_path
+
+    path = config_path(args)
     overrides = list(getattr(args, "overrides", None) or [])
     trun = torchrun_env()
     launcher = getattr(args, "launcher", None)
@@ -58,6 +71,21 @@ def _load_config(args):
         overrides.append(f"launcher={launcher}")
     world = trun["world_size"] if trun is not None and launcher == "torchrun" else None
     return load_config_or_default(path, overrides, world_size=world)
+
+
+class PeerReported(UserError):
+    """A user error that rank 0 of a torchrun world reports; the other ranks exit 2 without repeating it."""
+
+    reported_elsewhere = True
+
+
+def _quiet_on_peers(e: UserError, trun) -> UserError:
+    """Ranks > 0 of a torchrun world hit the same user error as rank 0 (same config, same files): only rank 0 prints."""
+    if trun is not None and trun["rank"] > 0 and not isinstance(e, PeerReported):
+        err = PeerReported(str(e))
+        err.__cause__ = None
+        return err
+    return e
 
 
 class _Terminated(BaseException):
@@ -71,7 +99,12 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 def main(args) -> int:
     """Run ``generate``. Returns 0 on success, 1 when some jobs failed or the workers failed; user errors raise UserError."""
     from .executor import EngineError
+    from .torchrun import torchrun_env
 
+    if args.nproc_per_node is not None:
+        from .torchrun import launch_torchrun
+
+        return launch_torchrun(args)
     logger = logging.getLogger("ditfleet")
     level = logger.level
     if args.quiet:
@@ -82,7 +115,10 @@ def main(args) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        return _main(args)
+        try:
+            return _main(args)
+        except UserError as e:
+            raise _quiet_on_peers(e, torchrun_env()) from None
     except EngineError as e:
         print(f"ditfleet: error: {e}", file=sys.stderr)
         return 1
@@ -95,12 +131,30 @@ def main(args) -> int:
             signal.signal(signal.SIGTERM, old_term)
 
 
+def _save_latents(latents, path: str) -> None:
+    """``torch.save`` through a temporary name and a rename (never a half-written file)."""
+    import torch
+
+    from .video import _remove
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        torch.save(latents, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def _main(args) -> int:
     from .engine import Engine
-    from .jobs import parse_jobs, run_jobs
-    from .pipeline import load_image, request_from_config
+    from .jobs import check_jobs, parse_jobs, run_jobs
+    from .pipeline import request_from_config
+    from .preflight import preflight
     from .torchrun import torchrun_env
-    from .video import check_output
+    from .video import check_file_output, check_output
 
     cfg, source = _load_config(args)
     trun = torchrun_env()
@@ -108,30 +162,31 @@ def _main(args) -> int:
     if not driver:  # torchrun ranks > 0: rank 0 reports
         logging.getLogger("ditfleet").setLevel(logging.ERROR)
     base = request_from_config(cfg, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
-                               output=args.output)
+                               output=args.output, overwrite=args.overwrite or None)
+    # every check before the (slow) model load: config, model folder, files, sizes, kernels, output paths
+    if args.save_latents and driver:
+        check_file_output(args.save_latents, "--save-latents", overwrite=args.overwrite)
     if args.jobs:
-        jobs = parse_jobs(args.jobs, base)  # fail fast on an unreadable file, before loading the model
+        jobs = parse_jobs(args.jobs, base)
+        checked = preflight(cfg, None)  # the model, sparge file and kernels; each job's own fields next
+        check_jobs(jobs, cfg, checked["geometry"], check_files=driver)
+        if all(j.error for j in jobs):
+            raise JobsFileError(f"jobs file {args.jobs!r}: no job can run:\n  " + "\n  ".join(j.error for j in jobs))
         with Engine.start(cfg) as engine:
             summary = run_jobs(engine, jobs, path=args.jobs, quiet=args.quiet)
         if driver:
             print(summary.format())
         return 0 if summary.failed == 0 else 1
-    # check the request before the (slow) model load
-    base.validate(cfg.task)
+    preflight(cfg, base)
     if driver:
-        check_output(base.output)
-        if cfg.task == "i2v":
-            load_image(base.image)
-    log.info("config: %s; task %s, %d frames %dx%d, %d steps, %s, launcher %s (%d rank(s))", source, cfg.task,
+        check_output(base.output, overwrite=base.overwrite)
+    log.info("config: %s; task %s, %d frames %dx%d (WxH), %d steps, %s, launcher %s (%d rank(s))", source, cfg.task,
              base.frames, base.width, base.height, base.steps, cfg.dtype, cfg.launcher, cfg.parallel.world_size)
     with Engine.start(cfg) as engine:
         result = engine.generate(base, quiet=args.quiet)
     if driver:
         if args.save_latents:
-            import torch
-
-            os.makedirs(os.path.dirname(os.path.abspath(args.save_latents)), exist_ok=True)
-            torch.save(result.latents, args.save_latents)
+            _save_latents(result.latents, args.save_latents)
         print(f"wrote {result.output} ({result.frames} frames, {base.width}x{base.height}) and {result.report_path}")
     return 0
 

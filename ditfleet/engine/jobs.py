@@ -180,6 +180,28 @@ def parse_jobs(path: str | os.PathLike, base: GenerateRequest) -> list[Job]:
     return jobs
 
 
+def check_jobs(jobs: list[Job], cfg, geometry, *, check_files: bool = True) -> None:
+    """Check every job before the model loads (fields, size against the model and this device, and with
+    ``check_files`` its output path and I2V image); a job that fails gets its ``error`` (line number first)."""
+    from .preflight import check_request
+    from .video import check_output
+
+    device = cfg.torch_device()
+    for job in jobs:
+        if job.error is not None:
+            continue
+        try:
+            if geometry is not None:
+                check_request(job.request, geometry, cfg, device=device, files=check_files,
+                              keys=("frames", "height", "width"))
+            else:  # a Ray driver without the model: fields here, the size on rank 0
+                job.request.validate(cfg.task)
+            if check_files:
+                check_output(job.request.output, overwrite=job.request.overwrite)
+        except UserError as e:
+            job.error = f"line {job.line}: {str(e).removeprefix(job.label + ': ')}"
+
+
 def run_jobs(pipeline, jobs: list[Job], *, path: str = "jobs", quiet: bool = False) -> JobsSummary:
     """Check every job, then run the valid ones on the already-loaded ``pipeline``; report each failure and go on."""
     t0 = time.perf_counter()
@@ -188,7 +210,7 @@ def run_jobs(pipeline, jobs: list[Job], *, path: str = "jobs", quiet: bool = Fal
             try:
                 pipeline.check(job.request)
             except UserError as e:
-                job.error = f"line {job.line}: {e}"
+                job.error = f"line {job.line}: {str(e).removeprefix(job.label + ': ')}"
     bad = [j for j in jobs if j.error]
     for j in bad:
         log.error("%s", j.error)

@@ -38,7 +38,7 @@ from .runner import ModelRunner
 from .sparge_weights import bind_sparge
 from .tiny import tiny_model_path
 from .vae import WanVAE
-from .video import VideoWriter, check_output, report_path, write_json_atomic
+from .video import VideoWriter, check_output, file_stamp, report_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,13 @@ OFFICIAL_MARKERS = ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth")
 
 # ---- config -> request ----------------------------------------------------------------------------
 def default_output(task: str, seed: int) -> str:
+    """``outputs/ditfleet-<task>-<time>-seed<seed>.mp4``, with ``-2``, ``-3``, ... when that name is taken."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(DEFAULT_OUTPUT_DIR, f"ditfleet-{task}-{stamp}-seed{seed}.mp4")
+    base = os.path.join(DEFAULT_OUTPUT_DIR, f"ditfleet-{task}-{stamp}-seed{seed}")
+    n = 1
+    while any(os.path.exists(f"{base}{'' if n == 1 else f'-{n}'}{ext}") for ext in (".mp4", ".json")):
+        n += 1
+    return f"{base}{'' if n == 1 else f'-{n}'}.mp4"
 
 
 def request_from_config(cfg, **overrides) -> GenerateRequest:
@@ -231,14 +236,14 @@ def _peak_memory(device: torch.device) -> dict:
 
 
 class _Progress:
-    """tqdm over the denoising steps (off when stderr is not a terminal, or quiet)."""
+    """tqdm over the denoising steps or decoded latent frames (off when stderr is not a terminal, or quiet)."""
 
-    def __init__(self, total: int, label: str, quiet: bool):
+    def __init__(self, total: int, label: str, quiet: bool, unit: str = "step"):
         self.bar = None
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True)
 
     def __call__(self, i: int, n: int) -> None:
         if self.bar is not None:
@@ -264,6 +269,7 @@ class Pipeline:
         self.cfg, self.model_path, self.tiny, self.device = cfg, model_path, tiny, device
         self.text_encoder, self.image_encoder, self.vae, self.runner = text_encoder, image_encoder, vae, runner
         self.attention, self.load_timings = attention, load_timings
+        self.geometry = None  # the size checks' view of the model (read on the first request)
 
     @classmethod
     def from_config(cls, cfg, *, mesh=None, device: torch.device | None = None, sparge_state: dict | None = None,
@@ -308,10 +314,9 @@ class Pipeline:
         t3 = time.perf_counter()
         _check_compatible(root, cfg, runner.dit.config, text, image, vae)
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
-        from ..attention import format_table
+        from ..attention.registry import log_resolutions
 
-        used = [r for r in attention.values() if r is not None]
-        log.info("attention kernels:\n  %s", format_table(used).replace("\n", "\n  "))
+        log_resolutions([r for r in attention.values() if r is not None], log)
         if tiny:
             log.info("model: the embedded tiny Wan2.1 (random weights: the video is noise; set model_path to real "
                      "Wan2.1 Diffusers weights for real videos)")
@@ -321,14 +326,13 @@ class Pipeline:
     # ---- one request ------------------------------------------------------------------------------
     def check(self, req: GenerateRequest, *, files: bool = True) -> None:
         """Validate a request (fields; with ``files``, also the output path and the image) before any work."""
-        patch = self.runner.dit.config.patch_size
-        req.validate(self.cfg.task, spatial_multiple=self.vae.scale_s * max(patch[1], patch[2]))
-        if (req.frames - 1) % self.vae.scale_t:
-            raise UserError(f"frames: must be {self.vae.scale_t}n+1 for this VAE, got {req.frames}")
+        from .preflight import check_request, model_geometry
+
+        if self.geometry is None:
+            self.geometry = model_geometry(self.cfg)
+        check_request(req, self.geometry, self.cfg, device=self.device, files=files)
         if files:
-            check_output(req.output)
-            if self.cfg.task == "i2v":
-                load_image(req.image)
+            check_output(req.output, overwrite=req.overwrite)
 
     def encode(self, req: GenerateRequest, timings: dict | None = None, *, image=None) -> EncodedRequest:
         """Text (and image) encoding, once per request: the tensors every rank receives.
@@ -348,6 +352,11 @@ class Pipeline:
             from diffusers.video_processor import VideoProcessor
 
             img = image if image is not None else load_image(req.image)
+            if abs((img.width * req.height) / (img.height * req.width) - 1) > 0.01:
+                log.warning("%simage %s is %dx%d (aspect %.3f) and is stretched to the video's %dx%d (aspect %.3f); "
+                            "crop it to the video's aspect, or set target_width / target_height to keep its shape",
+                            "" if req.label == "request" else req.label + ": ", req.image, img.width, img.height, img.width / img.height, req.width,
+                            req.height, req.width / req.height)
             clip_fea = self.image_encoder.encode(img)
             pixels = VideoProcessor(vae_scale_factor=self.vae.scale_s).preprocess(img, height=req.height, width=req.width)
             y = self.vae.encode_condition(pixels.to(self.vae.device, torch.float32), req.frames)
@@ -392,10 +401,17 @@ class Pipeline:
             return GenerateResult(None, None, self._report(req, enc, timings, None, 0), latents, 0, timings)
         t2 = time.perf_counter()
         h, w = req.height, req.width
-        with VideoWriter(req.output, req.frames, h, w, fps=req.fps) as writer:
-            for chunk in self.vae.decode_stream(latents.to(self.vae.device)):
-                writer.write(chunk)
-            output = writer.commit()
+        log.info("%sdecoding %d latent frames into %d frames %dx%d", "" if req.label == "request" else req.label + ": ",
+                 latents.shape[2], req.frames, w, h)
+        dbar = _Progress(latents.shape[2], "decode", quiet, unit="latent frame")
+        try:
+            with VideoWriter(req.output, req.frames, h, w, fps=req.fps, overwrite=req.overwrite) as writer:
+                for chunk in self.vae.decode_stream(latents.to(self.vae.device)):
+                    writer.write(chunk)
+                    dbar(0, 0)
+                output = writer.commit()
+        finally:
+            dbar.close()
         timings["decode_write_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
         report = self._report(req, enc, timings, output, writer.written)
@@ -413,6 +429,7 @@ class Pipeline:
             "ditfleet_version": __version__,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "output": str(output) if output is not None else None,
+            "output_file": file_stamp(output) if output is not None and output.is_file() else None,
             "frames": frames,
             "request": {k: v for k, v in req.__dict__.items()},
             "negative_prompt_used": req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,

@@ -29,6 +29,8 @@ class GenerateRequest:
         solver: ``"unipc"`` or ``"euler"``.
         fps: mp4 frame rate.
         label: how logs and summaries name it (e.g. ``jobs.jsonl:3``).
+        overwrite: allow replacing an output ditfleet did not write (``--overwrite``; a PNG folder keeps
+            its files that are not frame files).
     """
 
     prompt: str
@@ -46,6 +48,7 @@ class GenerateRequest:
     solver: str = "unipc"
     fps: int = 16
     label: str = "request"
+    overwrite: bool = False
 
     def replace(self, **changes) -> GenerateRequest:
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,9 @@ ranks need from it (sparge thresholds, the encoded request, a user error) comes 
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from ..errors import ConfigError
 from .executor import Executor, drain, timed
@@ -86,7 +88,7 @@ class TorchrunExecutor(Executor):
         return box[0]
 
     def shutdown(self, graceful: bool = True) -> None:
-        self.worker.shutdown()
+        self.worker.shutdown(sync=graceful and self.alive, timeout_s=PROCESS_GROUP_TIMEOUT_S)
         self.alive = False
 
     def _rpc(self, method, args, kwargs, ranks, rank_kwargs, timeout) -> list:
@@ -101,3 +103,60 @@ class TorchrunExecutor(Executor):
         if self.rank in ranks:
             out[self.rank] = drain(getattr(self.worker, method)(*args, **kwargs), self.rank, on_event)
         return out
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(args) -> int:
+    """``ditfleet generate --nproc-per-node N ...``: torchrun's launcher (``--standalone``) in this process.
+
+    The config is loaded and checked for a world of N first (a mismatch with the parallel degrees, or any
+    other config error, ends here: one message, exit 2). Then torchrun's elastic agent starts the N
+    processes, each running ``python -m ditfleet generate`` with the same arguments. Their exit decides
+    this command's: a user error on a rank (exit 2; rank 0 printed the message) returns 2 without
+    torchrun's failure report; a rank that failed otherwise returns 1 with one line naming it.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from ..cli import config_path
+    from ..config import load_config_or_default
+
+    n = args.nproc_per_node
+    if n < 1:
+        raise ConfigError("--nproc-per-node", f"must be >= 1, got {n}")
+    if torchrun_env() is not None:
+        raise ConfigError("--nproc-per-node", "this process was itself started by torchrun; give one or the other")
+    load_config_or_default(config_path(args), [*args.overrides, "launcher=torchrun"], world_size=n)
+    child = ["generate", *_strip_nproc(list(getattr(args, "argv", None) or [])[1:])]
+    targs = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", "-m", "ditfleet", *child])
+    quiet = logging.getLogger("torch.distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        run(targs)
+    except ChildFailedError as e:
+        rank, first = e.get_first_failure()
+        if first.exitcode == 2:
+            return 2
+        print(f"ditfleet: error: rank {rank} of {n} exited with status {first.exitcode}"
+              f"{' (' + first.signal_name() + ')' if first.exitcode < 0 else ''}; the other ranks were stopped",
+              file=sys.stderr)
+        return 1
+    except SignalException as e:
+        print(f"ditfleet: stopped by {e.sigval.name}; every rank was stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        quiet.setLevel(level)
+    return 0

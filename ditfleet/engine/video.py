@@ -1,21 +1,27 @@
 """Video writers: mp4 (H.264 through imageio-ffmpeg), a folder of PNGs, or one ``.npy`` uint8 array.
 
 The kind is chosen by the output path: ``*.mp4``; ``*.npy`` (``uint8 [F, H, W, 3]``, written
-through a memory map so frames stream to disk); a path without a suffix (or ending in ``/``) is
-a folder of ``00000.png, 00001.png, ...``. PNG and NPY are lossless: use them for post-processing
-and exact comparisons.
+through a memory map so frames stream to disk); a path without a suffix, ending in ``/``, or naming an existing folder
+is a folder of ``00000.png, 00001.png, ...``. PNG and NPY are lossless: use them for
+post-processing and exact comparisons.
 
 Every writer is atomic and streaming: frames are appended as the VAE decodes them, into a
 temporary name beside the target (``.<name>.partial-<pid>...``); :meth:`VideoWriter.commit`
-checks the frame count and renames it into place (replacing an older result), and
-:meth:`VideoWriter.abort` (or leaving the ``with`` block by an exception) removes it, so a
-failed or interrupted run leaves nothing half-written.
+checks the frame count and renames it into place, and :meth:`VideoWriter.abort` (or leaving the
+``with`` block by an exception) removes it, so a failed or interrupted run leaves nothing
+half-written.
+
+Outputs never destroy what ditfleet did not write (:func:`check_output`, called before any work):
+an existing video file is replaced only when the ditfleet report beside it names it (size and
+time), a PNG folder must be new or empty, and a foreign report is never overwritten -- unless
+``overwrite`` is given, and even then a PNG folder keeps every file that is not a frame file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,27 +34,46 @@ DEFAULT_FPS = 16
 MP4_QUALITY = 8  # imageio's scale 0..10, as the official Wan save_video
 
 
-def output_kind(path: str | os.PathLike) -> str:
-    """``"mp4"``, ``"npy"`` or ``"png"`` (a folder) for ``path``; raises :class:`OutputError` otherwise."""
-    text = os.fspath(path)
-    if not text.strip():
+FRAME_NAME = re.compile(r"^(\d{5})\.png$")  # ditfleet's PNG frame files: 00000.png, 00001.png, ...
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """The output path without a trailing separator, absolute when it names the current folder (``.``)."""
+    text = os.fspath(path).strip()
+    if not text:
         raise OutputError("output: empty path; give e.g. out.mp4, out.npy, or a folder name for PNG frames")
-    p = Path(text)
-    if text.endswith(("/", os.sep)) or not p.suffix:
-        return "png"
+    p = Path(text.rstrip("/" + os.sep) or os.sep)
+    if not p.name or p.name in (".", ".."):
+        p = Path(os.path.abspath(p))
+    if not p.name:
+        raise OutputError(f"output {text!r}: the root folder cannot be an output; name a file or a folder in it")
+    return p
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """``"mp4"``, ``"npy"`` or ``"png"`` (a folder) for ``path``; raises :class:`OutputError` otherwise.
+
+    A folder of PNG frames is a path ending in ``/``, a path without a suffix, or an existing folder whose
+    suffix is not a video suffix (so a folder named ``run.v2`` works when it exists or is written ``run.v2/``).
+    """
+    text = os.fspath(path).strip()
+    p = _target(path)
     kind = VIDEO_SUFFIXES.get(p.suffix.lower())
+    if text.endswith(("/", os.sep)) or not p.suffix or (kind is None and p.is_dir()):
+        return "png"
     if kind is None:
         raise OutputError(
             f"output {text!r}: unsupported suffix {p.suffix!r}; valid: .mp4 (H.264 video), .npy (uint8 [F, H, W, 3]) "
-            "or a folder name without a suffix (lossless PNG frames)"
+            f"or a folder for lossless PNG frames (a name without a suffix, or end it with '/': {text.rstrip('/')}/)"
         )
     return kind
 
 
 def report_path(path: str | os.PathLike) -> Path:
     """Where the JSON report of ``path`` goes: ``out.mp4`` -> ``out.json``, folder ``frames/`` -> ``frames.json``."""
-    p = Path(os.fspath(path).rstrip("/" + os.sep))
-    return p.with_suffix(".json") if p.suffix else p.with_name(p.name + ".json")
+    p = _target(path)
+    folder = os.fspath(path).strip().endswith(("/", os.sep)) or not p.suffix or p.is_dir()
+    return p.with_name(p.name + ".json") if folder else p.with_suffix(".json")
 
 
 def _partial(target: Path, kind: str) -> Path:
@@ -67,14 +92,48 @@ def _remove(path: Path) -> None:
             pass
 
 
-def check_output(path: str | os.PathLike) -> tuple[Path, str]:
-    """Validate an output path before any work: suffix, and that it is not the wrong kind of existing thing.
+def file_stamp(path: Path) -> dict:
+    """Size and modification time of a file ditfleet wrote (kept in its report: how a re-run knows it may replace it)."""
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_report(rp: Path) -> dict | None:
+    """The ditfleet report in file ``rp``, or ``None`` when it is missing or not a ditfleet report."""
+    try:
+        data = json.loads(rp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "ditfleet_version" in data else None
+
+
+def _report_of(target: Path) -> dict | None:
+    return _read_report(report_path(target))
+
+
+def written_by_ditfleet(target: Path) -> bool:
+    """True when ``target`` is a file whose ditfleet report (beside it) names it with its current size and time."""
+    rep = _report_of(target)
+    if rep is None or not target.is_file() or not rep.get("output"):
+        return False
+    same = os.path.abspath(rep["output"]) == os.path.abspath(target)
+    return same and rep.get("output_file") == file_stamp(target)
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, str]:
+    """Validate an output path before any work; nothing is touched.
+
+    Refused (:class:`OutputError`, naming the path): a bad suffix; the wrong kind of existing thing; a folder
+    that cannot be created; an existing non-empty PNG folder, an existing video file or report that ditfleet
+    did not write -- unless ``overwrite`` (then a PNG folder keeps every file that is not one of ditfleet's
+    frame files). A video and report that an earlier ditfleet run wrote (its report names the video with its
+    size and time) may be replaced.
 
     Returns:
         ``(path, kind)``.
     """
     kind = output_kind(path)
-    target = Path(os.fspath(path).rstrip("/" + os.sep) or ".")
+    target = _target(path)
     if kind == "png" and target.is_file():
         raise OutputError(f"output {str(target)!r} is an existing file, but a path without suffix means a folder of PNGs")
     if kind != "png" and target.is_dir():
@@ -86,7 +145,42 @@ def check_output(path: str | os.PathLike) -> tuple[Path, str]:
         raise OutputError(f"output {str(target)!r}: cannot create its folder ({str(ancestor)!r} is a file)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"output {str(target)!r}: cannot write into {str(ancestor)!r} (permission denied)")
+    if not overwrite:
+        if kind == "png" and target.is_dir() and any(target.iterdir()):
+            n = sum(1 for _ in target.iterdir())
+            raise OutputError(f"output folder {str(target)!r} is not empty ({n} entries); ditfleet writes PNG frames only "
+                              "into a new or empty folder: name another one, or give --overwrite to replace its frame "
+                              "files NNNNN.png (its other files are kept)")
+        if kind != "png" and target.exists() and not written_by_ditfleet(target):
+            raise OutputError(f"output {str(target)!r} exists and was not written by ditfleet (no report of it beside "
+                              "it); name another file, or give --overwrite to replace it")
+    rp = report_path(target)
+    if rp.is_dir():
+        raise OutputError(f"report {str(rp)!r} (the JSON beside the output) is an existing folder; name another output")
+    if rp.exists() and not overwrite and _read_report(rp) is None:
+        raise OutputError(f"report {str(rp)!r} (the JSON beside the output) exists and is not a ditfleet report; name "
+                          "another output, or give --overwrite to replace it")
     return target, kind
+
+
+def check_file_output(path: str | os.PathLike, what: str, *, overwrite: bool = False) -> Path:
+    """Check a plain output file (``--save-latents``) before any work: its folder can be made, it is not a folder,
+    and it does not exist unless ``overwrite``. Returns the path."""
+    target = Path(os.fspath(path))
+    if not os.fspath(path).strip():
+        raise OutputError(f"{what}: empty path")
+    if target.is_dir():
+        raise OutputError(f"{what} {str(target)!r} is an existing folder; give a file name")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{what} {str(target)!r} exists; name another file, or give --overwrite to replace it")
+    ancestor = target.parent.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{what} {str(target)!r}: cannot create its folder ({str(ancestor)!r} is a file)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {str(target)!r}: cannot write into {str(ancestor)!r} (permission denied)")
+    return target
 
 
 class VideoWriter:
@@ -97,13 +191,19 @@ class VideoWriter:
         num_frames: frames that will be written (checked at :meth:`commit`; sizes the ``.npy``).
         height, width: frame size in pixels.
         fps: frame rate of an mp4 (ignored for PNG / NPY).
+        overwrite: allow replacing what :func:`check_output` protects (a non-empty PNG folder keeps its other files).
     """
 
-    def __init__(self, path: str | os.PathLike, num_frames: int, height: int, width: int, fps: int = DEFAULT_FPS):
-        self.target, self.kind = check_output(path)
+    def __init__(self, path: str | os.PathLike, num_frames: int, height: int, width: int, fps: int = DEFAULT_FPS,
+                 *, overwrite: bool = False):
+        self.target, self.kind = check_output(path, overwrite=overwrite)
         self.num_frames, self.height, self.width, self.fps = num_frames, height, width, fps
         self.written = 0
         self.done = False
+        self._made = self.target.parent.absolute()  # the top folder this writer creates (removed again on abort)
+        while not self._made.parent.exists():
+            self._made = self._made.parent
+        self._made = None if self._made.exists() else self._made
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -170,10 +270,7 @@ class VideoWriter:
                 self._gen.close()
                 self._gen = None
             if self.kind == "png" and self.target.exists():
-                old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-                os.replace(self.target, old)
-                os.replace(self.partial, self.target)
-                _remove(old)
+                self._merge_frames()
             else:
                 os.replace(self.partial, self.target)
         except BaseException:
@@ -181,6 +278,17 @@ class VideoWriter:
             raise
         self.done = True
         return self.target
+
+    def _merge_frames(self) -> None:
+        """Into an existing folder (empty, or ``overwrite``): each frame file is renamed over its namesake, and
+        ditfleet frame files of an earlier, longer video are removed; no other file is touched."""
+        for f in sorted(self.partial.iterdir()):
+            os.replace(f, self.target / f.name)
+        for f in self.target.iterdir():
+            m = FRAME_NAME.match(f.name)
+            if m and int(m.group(1)) >= self.num_frames and f.is_file():
+                f.unlink()
+        self.partial.rmdir()
 
     def abort(self) -> None:
         """Drop everything written (idempotent)."""
@@ -192,6 +300,16 @@ class VideoWriter:
             self._gen = None
         self._arr = None
         _remove(self.partial)
+        if self._made is not None:  # folders made for this output, if nothing else was put there meanwhile
+            d = self.target.parent.absolute()
+            while True:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                if d == self._made:
+                    break
+                d = d.parent
         self.done = True
 
     def __enter__(self) -> VideoWriter:

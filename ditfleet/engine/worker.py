@@ -272,8 +272,16 @@ class Worker:
             yield "chunk", chunk
         yield "result", {"peak_memory": _peak_memory(self.device)}
 
-    def shutdown(self) -> None:
-        """Leave the process group and drop the model (frees GPU memory); the process may then exit."""
+    def shutdown(self, sync: bool = True, timeout_s: float = 1800.0) -> None:
+        """Leave the process group and drop the model (frees GPU memory); the process may then exit.
+
+        ``sync``: first wait until every rank is here (a barrier, at most ``timeout_s``), so that no rank tears
+        its group down while a peer still talks to it (rank 0 decodes and writes after the others are done:
+        a rank that destroyed its gloo group and exited then could abort in gloo's threads under load). A
+        failed run passes ``sync=False``: its peers may never arrive.
+        """
+        import datetime
+
         import torch.distributed as dist
 
         from ..parallel.copy_engine import release_all
@@ -282,6 +290,14 @@ class Worker:
         self._req = self._enc = self._latents = None
         release_all()  # symmetric buffers of the copy-engine ring belong to this group
         if self._owns_group and dist.is_available() and dist.is_initialized():
+            if sync and self.world_size > 1:
+                try:
+                    if self.backend == "gloo":
+                        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+                    else:
+                        dist.barrier()
+                except Exception:  # noqa: BLE001 - a peer gone or late: tear down anyway, the process exits
+                    pass
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group cannot be left cleanly; the process exits anyway
