@@ -29,16 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One tiny-model cache for the session (built on first use), never the user's ~/.cache."""
-    path = tmp_path_factory.getbasetemp() / "ditfleet-cache"
-    old = os.environ.get("DITFLEET_CACHE")
-    os.environ["DITFLEET_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("DITFLEET_CACHE", None)
-    else:
-        os.environ["DITFLEET_CACHE"] = old
+def cache(tiny_cache):
+    """The session's tiny-model cache (tests/conftest.py), never the user's ~/.cache."""
+    return tiny_cache
 
 
 def config(**changes):

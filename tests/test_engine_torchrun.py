@@ -47,16 +47,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "ditfleet-cache-engine"
-    old = os.environ.get("DITFLEET_CACHE")
-    os.environ["DITFLEET_CACHE"] = str(path)
+def cache(tiny_cache):
+    """The session's tiny-model cache (tests/conftest.py), with the T2V model built before any launch."""
     tiny_model_path("t2v")
-    yield path
-    if old is None:
-        os.environ.pop("DITFLEET_CACHE", None)
-    else:
-        os.environ["DITFLEET_CACHE"] = old
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")

@@ -138,13 +138,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> tuple[P
         raise OutputError(f"output {str(target)!r} is an existing file, but a path without suffix means a folder of PNGs")
     if kind != "png" and target.is_dir():
         raise OutputError(f"output {str(target)!r} is an existing folder, cannot write a .{kind} file there")
-    ancestor = target.parent.absolute()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OutputError(f"output {str(target)!r}: cannot create its folder ({str(ancestor)!r} is a file)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"output {str(target)!r}: cannot write into {str(ancestor)!r} (permission denied)")
+    _check_parent(target, "output")
     if not overwrite:
         if kind == "png" and target.is_dir() and any(target.iterdir()):
             n = sum(1 for _ in target.iterdir())
@@ -173,6 +167,12 @@ def check_file_output(path: str | os.PathLike, what: str, *, overwrite: bool = F
         raise OutputError(f"{what} {str(target)!r} is an existing folder; give a file name")
     if target.exists() and not overwrite:
         raise OutputError(f"{what} {str(target)!r} exists; name another file, or give --overwrite to replace it")
+    _check_parent(target, what)
+    return target
+
+
+def _check_parent(target: Path, what: str) -> None:
+    """``target``'s folder exists or can be made (its nearest existing ancestor is a writable folder)."""
     ancestor = target.parent.absolute()
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -180,7 +180,6 @@ def check_file_output(path: str | os.PathLike, what: str, *, overwrite: bool = F
         raise OutputError(f"{what} {str(target)!r}: cannot create its folder ({str(ancestor)!r} is a file)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {str(target)!r}: cannot write into {str(ancestor)!r} (permission denied)")
-    return target
 
 
 class VideoWriter:
