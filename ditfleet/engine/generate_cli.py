@@ -168,7 +168,7 @@ def _main(args) -> int:
         check_file_output(args.save_latents, "--save-latents", overwrite=args.overwrite)
     if args.jobs:
         jobs = parse_jobs(args.jobs, base)
-        checked = preflight(cfg, None)  # the model, sparge file and kernels; each job's own fields next
+        checked = preflight(cfg, None, files=driver)  # the model, sparge file, kernels; each job's fields next
         check_jobs(jobs, cfg, checked["geometry"], check_files=driver)
         if all(j.error for j in jobs):
             raise JobsFileError(f"jobs file {args.jobs!r}: no job can run:\n  " + "\n  ".join(j.error for j in jobs))
@@ -177,7 +177,7 @@ def _main(args) -> int:
         if driver:
             print(summary.format())
         return 0 if summary.failed == 0 else 1
-    preflight(cfg, base)
+    preflight(cfg, base, files=driver)
     if driver:
         check_output(base.output, overwrite=base.overwrite)
     log.info("config: %s; task %s, %d frames %dx%d (WxH), %d steps, %s, launcher %s (%d rank(s))", source, cfg.task,

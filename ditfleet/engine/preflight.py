@@ -203,7 +203,8 @@ def ranks_sharing_host(cfg, device: torch.device) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or cfg.parallel.world_size)
 
 
-def preflight(cfg, request=None, *, device: torch.device | None = None, require_model: bool = False) -> dict:
+def preflight(cfg, request=None, *, device: torch.device | None = None, require_model: bool = False,
+              files: bool = True) -> dict:
     """Every check a run makes before it loads anything; raises the first :class:`~ditfleet.errors.UserError`.
 
     The model folder's layout and task, the sparge checkpoint (loaded and validated against the model),
@@ -216,6 +217,7 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
             the model, the sparge file and the kernels (a jobs file checks each job with :func:`check_request`).
         device: where rank 0 runs (default: the config's device).
         require_model: check the model folder here even for a Ray driver that may not hold it (check-config).
+        files: read the files only the driver reads (sparge checkpoint, I2V image); False on torchrun ranks > 0.
 
     Returns:
         ``{"geometry", "estimate", "attention", "sparge"}`` for the caller's report.
@@ -226,10 +228,10 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
     geom = model_geometry(cfg) if require_model else driver_geometry(cfg)
     est = None
     if request is not None and geom is not None:
-        est = check_request(request, geom, cfg, device=device)
+        est = check_request(request, geom, cfg, device=device, files=files)
     elif request is not None:  # a Ray driver without the model: the fields here, the size on rank 0
         request.validate(cfg.task)
-    _, sparge = load_for_run(cfg)
+    _, sparge = load_for_run(cfg) if files else (None, {})
     attention = cfg.resolve_attention(device)
     return {"geometry": geom, "estimate": est, "attention": attention, "sparge": sparge}
 

@@ -139,7 +139,7 @@ def launch_torchrun(args) -> int:
     if torchrun_env() is not None:
         raise ConfigError("--nproc-per-node", "this process was itself started by torchrun; give one or the other")
     load_config_or_default(config_path(args), [*args.overrides, "launcher=torchrun"], world_size=n)
-    child = ["generate", *_strip_nproc(list(getattr(args, "argv", None) or [])[1:])]
+    child = _strip_nproc(list(getattr(args, "argv", None) or ["generate"]))  # the same command line, minus N
     targs = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", "-m", "ditfleet", *child])
     quiet = logging.getLogger("torch.distributed")
     level = quiet.level

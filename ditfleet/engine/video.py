@@ -116,7 +116,7 @@ def written_by_ditfleet(target: Path) -> bool:
     rep = _report_of(target)
     if rep is None or not target.is_file() or not rep.get("output"):
         return False
-    same = os.path.abspath(rep["output"]) == os.path.abspath(target)
+    same = Path(str(rep["output"])).name == target.name  # the report sits beside it; the path it gives may be relative
     return same and rep.get("output_file") == file_stamp(target)
 
 
