@@ -26,6 +26,7 @@ BENCH_SUITES = {
     "radial": ("ditfleet.bench.radial", "radial attention vs cuDNN dense at Wan sizes (one GPU; --sp under torchrun)"),
     "sparge": ("ditfleet.bench.sparge", "sparge attention vs cuDNN dense at Wan sizes (one GPU; --sp under torchrun): sparsity, ms, error"),
     "dit": ("ditfleet.bench.dit", "Wan DiT block and full forward at 14B / 720p shapes, optionally vs diffusers"),
+    "step": ("ditfleet.bench.step", "whole CFG denoising step (ModelRunner) on 1 GPU and every layout of N (torchrun / Ray), vs diffusers"),
 }
 
 
@@ -243,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return int(args.func(args) or 0)
     except UserError as e:
-        if not getattr(e, "reported_elsewhere", False):  # torchrun ranks > 0: rank 0 says it once
-            print(f"ditfleet: error: {e}", file=sys.stderr)
+        print(f"ditfleet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ditfleet: interrupted", file=sys.stderr)

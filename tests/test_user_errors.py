@@ -200,13 +200,25 @@ def test_user_error_on_every_torchrun_rank_exits_2_with_one_message(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.count("ditfleet: error:") == 1 and "sparge_ckpt" in p.stderr and "KeyError" not in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["thresholds.pt"]
-    # bare torchrun: rank 0 alone prints; the first rank to end exits 2 (torchrun then stops the others, and adds
-    # its own failure report: that report is torchrun's, which is why --nproc-per-node exists)
+    # bare torchrun: rank 0 alone prints and ends first with 2 (the others wait PEER_GRACE_S for it, then torchrun
+    # stops them and adds its own failure report: that report is torchrun's, which is why --nproc-per-node exists)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     q = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "ditfleet", "generate"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert q.stderr.count("ditfleet: error:") == 1, q.stderr
-    assert "exitcode  : 2" in q.stderr.split("Root Cause")[1], q.stderr
+    root = q.stderr.split("Root Cause")[1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root, q.stderr
+
+
+def test_a_user_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):
+    from ditfleet.engine import generate_cli
+
+    monkeypatch.setattr(generate_cli, "PEER_GRACE_S", 0.0)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
+    for var, val in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(var, val)
+    err, _ = cli_error(capsys, "generate", "--set", "infer_stepz=3")
+    assert "ditfleet: error: rank 1: infer_stepz: unknown key" in err
 
 
 # ---- 4. unknown keys ------------------------------------------------------------------------------------------

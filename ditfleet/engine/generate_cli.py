@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -73,19 +74,17 @@ def _load_config(args):
     return load_config_or_default(path, overrides, world_size=world)
 
 
-class PeerReported(UserError):
-    """A user error that rank 0 of a torchrun world reports; the other ranks exit 2 without repeating it."""
+#: Seconds a torchrun rank > 0 waits before it reports a user error: rank 0 meets the same error (same config,
+#: same files), prints it and exits first, and torchrun then stops this rank -- one message. A rank still running
+#: after this wait had an error of its own, and says it with its rank.
+PEER_GRACE_S = 5.0
 
-    reported_elsewhere = True
 
-
-def _quiet_on_peers(e: UserError, trun) -> UserError:
-    """Ranks > 0 of a torchrun world hit the same user error as rank 0 (same config, same files): only rank 0 prints."""
-    if trun is not None and trun["rank"] > 0 and not isinstance(e, PeerReported):
-        err = PeerReported(str(e))
-        err.__cause__ = None
-        return err
-    return e
+def _after_peer_grace(e: UserError, trun) -> UserError:
+    if trun is None or trun["rank"] == 0:
+        return e
+    time.sleep(PEER_GRACE_S)
+    return UserError(f"rank {trun['rank']}: {e}")
 
 
 class _Terminated(BaseException):
@@ -118,7 +117,7 @@ def main(args) -> int:
         try:
             return _main(args)
         except UserError as e:
-            raise _quiet_on_peers(e, torchrun_env()) from None
+            raise _after_peer_grace(e, torchrun_env()) from None
     except EngineError as e:
         print(f"ditfleet: error: {e}", file=sys.stderr)
         return 1
