@@ -251,5 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+#: Exit statuses of a run stopped by a signal (SIGINT 130, SIGTERM 143).
+SIGNAL_EXITS = (130, 143)
+
+
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code in SIGNAL_EXITS:
+        # Stopped by a signal: the outputs are already cleaned up and the workers shut down (in main). Leave now
+        # instead of through the interpreter's finalisation, which with torch loaded takes over a second (several
+        # on a loaded machine) -- a stop should be prompt.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
