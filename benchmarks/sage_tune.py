@@ -134,20 +134,10 @@ def _warm(jobs):
 
 
 def time_ms(fn, iters: int, warmup: int = 1) -> dict:
-    import torch
+    """CUDA-event timing of ``fn`` (ditfleet.bench.common.time_cuda): median, min, max and every time, in ms."""
+    from ditfleet.bench.common import time_cuda
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "times_ms": ts}
+    return time_cuda(fn, warmup=warmup, iters=iters)
 
 
 def accuracy(out, lse, ref_out, ref_lse) -> dict:

@@ -353,7 +353,9 @@ def default_cross_kernel(device: torch.device, dtype: torch.dtype, head_dim: int
     return key, f"default: fa4 unavailable ({'; '.join(unavailable['fa4'])}), the torch_sdpa kernel here"
 
 
-def _cross_kernel(args, device, dtype, head_dim: int) -> tuple[str, str, type]:
+def cross_kernel(args, device, dtype, head_dim: int) -> tuple[str, str, type]:
+    """``(key, why, class)`` of the cross-attention sites' dense kernel: ``--cross-kernel``, else
+    :func:`default_cross_kernel`; refused (UserError) when unknown, unable to run here, or not dense."""
     if args.cross_kernel is None:
         key, why = default_cross_kernel(device, dtype, head_dim)
     else:
@@ -409,7 +411,7 @@ def plan_runs(args, device: torch.device, dtype: torch.dtype, cfg) -> tuple[list
         runs.append(BenchRun(key, key, cls.description, every_site))
     cross = None
     if types:
-        cross_key, why, cross_cls = _cross_kernel(args, device, dtype, cfg.head_dim)
+        cross_key, why, cross_cls = cross_kernel(args, device, dtype, cfg.head_dim)
         cross = (cross_key, why)
         for t in types:
             label = t if t not in runnable else f"type:{t}"

@@ -45,10 +45,10 @@ import torch.distributed as dist
 from ..attention import registry
 from ..config import RadialAttnSetting
 from ..errors import BackendUnavailableError, UserError
-from .attention import card_slug, kernel_availability
+from .attention import card_slug
 from .common import environment, rel_l2, write_json
-from .dit import (DTYPES, EXACT_TYPES, MODELS, TINY_SHAPE, bind_self_attention, default_cross_kernel, latent_shape,
-                  model_config)
+from .dit import DTYPES, EXACT_TYPES, MODELS, TINY_SHAPE, bind_self_attention, latent_shape, model_config
+from .dit import cross_kernel as dit_cross_kernel
 
 VIDEOS = {"480p81": (81, 480, 832), "720p81": (81, 720, 1280), "720p241": (241, 720, 1280)}
 DEFAULT_VIDEO = {"t2v-1.3b": "480p81", "t2v-14b": "720p81", "i2v-14b": "720p81"}
@@ -362,17 +362,8 @@ def attn_types(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 def cross_kernel(args, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str, object]:
-    """``(key, why, backend)`` of the cross-attention sites."""
-    if args.cross_kernel:
-        key, why = args.cross_kernel, "--cross-kernel"
-    else:
-        key, why = default_cross_kernel(device, dtype, head_dim)
-    runnable, unavailable = kernel_availability([key], device, dtype, head_dim)
-    if not runnable:
-        raise UserError(f"--cross-kernel {key} cannot run here: {'; '.join(unavailable[key])}")
-    cls = runnable[key]
-    if cls.caps.block_mask or getattr(cls, "per_layer", False):
-        raise UserError(f"--cross-kernel {key}: cross-attention needs a dense kernel, not {cls.description}")
+    """``(key, why, backend)`` of the cross-attention sites: bench dit's choice and checks, constructed here."""
+    key, why, cls = dit_cross_kernel(args, device, dtype, head_dim)
     return key, why, cls(device=device, dtype=dtype)
 
 
