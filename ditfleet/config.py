@@ -55,13 +55,23 @@ class ParallelConfig:
     seq_p_size: int = _f(1, "Sequence-parallel degree: GPUs that share one video's tokens (ulysses x ring).")
     seq_p_attn_type: str = _f(
         "ulysses",
-        "How self-attention is split: `ulysses` (all-to-all over heads), `ring` (K/V chunks travel by P2P: "
-        "copy-engine pulls when the ring is on one host, NCCL otherwise; LSE merge) or `usp` (Ulysses inside ring groups).",
+        "How self-attention is split: `ulysses` (all-to-all over heads), `ring` (K/V chunks travel around the "
+        "ring while the kernel runs; LSE merge) or `usp` (Ulysses inside ring groups).",
         choices=SP_ATTN_TYPES,
     )
     cfg_p_size: int = _f(1, "Classifier-free-guidance degree: 2 runs the conditional and unconditional passes on different GPUs.")
     ulysses_size: int | None = _f(
         None, "With `usp`: the Ulysses degree inside each ring group (ring degree = seq_p_size / ulysses_size)."
+    )
+    transport: str = _f(
+        "auto", "How sequence-parallel data moves: `nccl` (torch.distributed: NCCL on GPUs, gloo on CPU), "
+        "`copy_engine` (CUDA symmetric memory and copy-engine pulls; every rank of each group on one host with "
+        "peer access, checked when the mesh is built) or `auto` (= nccl: no whole-step bench has shown the copy "
+        "engine faster). Recorded in the run report.", choices=("auto", "nccl", "copy_engine"),
+    )
+    timeout_s: float = _f(
+        300.0, "Seconds any wait on a peer rank inside a denoising step may take (all-to-alls, ring transfers, "
+        "gathers of the parallel mesh); a rank that stops or dies becomes an error on the others after this."
     )
 
     @property
@@ -490,6 +500,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     # parallel layout
     par = cfg.parallel
     positive("parallel.seq_p_size", par.seq_p_size)
+    positive("parallel.timeout_s", par.timeout_s)
     if par.cfg_p_size not in (1, 2):
         raise ConfigError("parallel.cfg_p_size", f"must be 1 or 2 (conditional and unconditional passes), got {par.cfg_p_size}")
     if par.cfg_p_size == 2 and not cfg.enable_cfg:

@@ -1,9 +1,8 @@
 """Sequence-parallel attention on CPU: gloo ranks vs single-device torch_sdpa (fp32 rel L2 <= 1e-5).
 
 Spawning is slow on a small CI machine, so each world size runs all its cases in one spawn.
-Every implementation variant that runs on gloo (Ulysses p2p / packed, ring allgather / rotate,
-head-group pipelines, two compute streams) is checked there; the Triton LSE merge runs in
-Triton's CPU interpreter in a subprocess.
+The NCCL transport runs on gloo there; the copy-engine transport's logic is checked on threads
+(tests/test_transport.py); the Triton LSE merge runs in Triton's CPU interpreter in a subprocess.
 """
 
 from __future__ import annotations
@@ -43,9 +42,7 @@ from ditfleet.parallel import (
     shard_sequence,
 )
 from ditfleet.parallel.merge import merge_step
-from ditfleet.parallel.ring import RingComm
-from ditfleet.parallel.ulysses import head_groups
-from ditfleet.parallel.ulysses_packed import UlyssesComm
+from ditfleet.parallel.transport import NcclTransport, transport_for
 
 TOL = 1e-5
 
@@ -68,9 +65,8 @@ def qkv(seed: int, b: int, s_q: int, s_k: int, h: int, d: int):
             torch.randn(b, s_k, h, d, generator=g))
 
 
-def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, lse=True, label="", **variant):
-    """Shard, run sequence_parallel_attention (``variant``: its implementation keywords), gather,
-    compare with single-device torch_sdpa."""
+def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, backend=None, lse=True, label=""):
+    """Shard, run sequence_parallel_attention, gather, compare with single-device torch_sdpa."""
     backend = backend or sdpa()
     q, k, v = qkv(seed, b, s_q, s_k, h, d)
     ref_out, ref_lse = sdpa()(q, k, v, return_lse=True)
@@ -78,11 +74,10 @@ def check_case(mesh, *, s_q, s_k, h, b=2, d=16, seed=0, chunks=1, backend=None, 
     k_l, kv_shard = shard_sequence(k, mesh)
     v_l, _ = shard_sequence(v, mesh)
     out_l, lse_l = sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard,
-                                               kv_shard=kv_shard, return_lse=lse, ulysses_chunks=chunks, **variant)
+                                               kv_shard=kv_shard, return_lse=lse)
     assert out_l.shape == q_l.shape and out_l.dtype == q.dtype, label
     out = gather_sequence(out_l, mesh, shard)
     err = rel_l2(out, ref_out)
-    label = f"{label} {variant}" if variant else label
     assert err <= TOL, f"{label} {mesh.describe()} S_q={s_q} S_k={s_k} H={h}: out rel L2 {err:.2e}"
     if lse:
         assert lse_l.shape == (b, h, shard.chunk) and lse_l.dtype == torch.float32, label
@@ -101,19 +96,11 @@ def _world2(rank, world):
         check_case(mesh, s_q=1001, s_k=1001, h=6, label=name)              # non-divisible
         check_case(mesh, s_q=64, s_k=64, h=4, label=name)                  # divisible
         check_case(mesh, s_q=1001, s_k=515, h=6, seed=1, label=name)       # q length != kv length
-    check_case(u, s_q=301, s_k=301, h=6, chunks=2, label="ulysses overlap")
-    check_case(u, s_q=301, s_k=301, h=6, chunks=None, label="ulysses default chunks")  # None: per implementation
-    # every variant, batch 1 (direct receives into the kernel's buffers) and batch 2 (staging)
-    for b in (1, 2):
-        for impl in ("p2p", "packed"):
-            check_case(u, s_q=301, s_k=301, h=6, b=b, chunks=3, ulysses_impl=impl, label="ulysses groups")
-            check_case(u, s_q=301, s_k=157, h=6, b=b, ulysses_impl=impl, label="ulysses cross")
-        check_case(u, s_q=301, s_k=301, h=6, b=b, chunks=2, compute_streams=2, label="ulysses 2 streams")
-        for impl, extra in (("allgather", {"ring_chunks": 1}), ("allgather", {"ring_chunks": 4}),
-                            ("allgather", {"ring_chunks": 2, "compute_streams": 2}),
-                            ("rotate", {"merge_impl": "torch"}), ("rotate", {"merge_impl": "auto"})):
-            check_case(r, s_q=1001, s_k=1001, h=6, b=b, ring_impl=impl, label="ring", **extra)
-            check_case(r, s_q=301, s_k=157, h=6, b=b, seed=3, ring_impl=impl, label="ring cross", **extra)
+    for b in (1, 2):  # batch 1 and 2, q length != kv length
+        check_case(u, s_q=301, s_k=157, h=6, b=b, label="ulysses cross")
+        check_case(r, s_q=301, s_k=157, h=6, b=b, seed=3, label="ring cross")
+    assert u.transport == r.transport == "nccl" and "auto" in u.transport_reason
+    assert isinstance(transport_for(r, "ring"), NcclTransport) and transport_for(r, "ring") is transport_for(r, "ring")
     check_case(u, s_q=301, s_k=301, h=6, backend=NoLseSdpa(torch.device("cpu"), torch.float32), lse=False,
                label="ulysses no-LSE kernel")
     x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)      # round trip, other dim
@@ -123,10 +110,14 @@ def _world2(rank, world):
     with pytest.raises(ConfigError) as info:
         check_case(r, s_q=64, s_k=64, h=2, backend=NoLseSdpa(torch.device("cpu"), torch.float32), lse=False)
     assert info.value.key == SEQ_P_ATTN_KEY
-    # the copy-engine transports need CUDA symmetric memory: on gloo they refuse, on every rank, before any transfer
-    for mesh, kw in ((u, {"ulysses_impl": "ce"}), (r, {"ring_impl": "pull"})):
-        with pytest.raises(NotImplementedError, match="symmetric memory"):
-            check_case(mesh, s_q=64, s_k=64, h=2, label="ce", **kw)
+    # the copy-engine transport needs CUDA symmetric memory: refused when the mesh is built, on every rank
+    with pytest.raises(ConfigError, match="symmetric memory") as info:
+        init_parallel(ring_size=2, transport="copy_engine")
+    assert info.value.key == "parallel.transport"
+    with pytest.raises(ConfigError) as info:
+        init_parallel(ring_size=2, transport="nvlink")
+    assert info.value.key == "parallel.transport" and "auto, nccl, copy_engine" in str(info.value)
+    assert init_parallel(ring_size=2, transport="nccl").transport_reason == "configured"
     # cross-attention: local query shard against the replicated context
     q, k, v = qkv(5, 2, 99, 13, 4, 8)
     q_l, sh = shard_sequence(q, u)
@@ -148,26 +139,16 @@ def _world4(rank, world):
     # coordinates, groups and comms are asked of the DeviceMesh once per mesh, then served from its cache
     usp.axis_ranks("ulysses").append(99)  # a caller's copy: the cache is not touched
     assert usp.axis_ranks("ring") == [rank % 2, rank % 2 + 2] and usp.axis_ranks("ulysses")[-1] != 99
-    assert UlyssesComm.from_mesh(usp) is UlyssesComm.from_mesh(usp) and RingComm.from_mesh(usp) is RingComm.from_mesh(usp)
+    assert transport_for(usp, "ulysses") is transport_for(usp, "ulysses") and transport_for(usp, "ring").g.ranks == usp.axis_ranks("ring")
     assert dist.get_process_group_ranks(usp.group("ring")) == usp.axis_ranks("ring")
-    assert UlyssesComm.from_mesh(meshes["ulysses4"]).rank == rank and RingComm.from_mesh(meshes["ring4"]).rank == rank
+    assert transport_for(meshes["ulysses4"], "ulysses").g.rank == rank and transport_for(meshes["ring4"], "ring").g.rank == rank
     for name, mesh in meshes.items():
         check_case(mesh, s_q=1001, s_k=1001, h=6, label=name)              # 6 heads on Ulysses 4: padded to 8
         check_case(mesh, s_q=256, s_k=256, h=4, label=name)
         check_case(mesh, s_q=1001, s_k=257, h=6, seed=2, label=name)
-    check_case(usp, s_q=1001, s_k=1001, h=6, chunks=2, label="usp overlap")
-    check_case(meshes["ulysses4"], s_q=203, s_k=203, h=8, chunks=2, label="ulysses4 overlap")
-    # the variants on 4 ranks, batch 1: Ulysses p2p pipelines, allgather / rotate ring, USP mixes
-    for impl in ("p2p", "packed"):
-        check_case(meshes["ulysses4"], s_q=203, s_k=203, h=8, b=1, chunks=2, ulysses_impl=impl, label="u4 b1")
-    check_case(meshes["ulysses4"], s_q=203, s_k=99, h=6, b=1, chunks=2, compute_streams=2, label="u4 padded heads")
-    for impl in ("allgather", "rotate"):
-        check_case(meshes["ring4"], s_q=1001, s_k=1001, h=6, b=1, ring_impl=impl, ring_chunks=3, label="r4 b1")
-        check_case(meshes["ring4"], s_q=3, s_k=2, h=2, ring_impl=impl, label="ring4 empty chunks")
-    for u_impl, r_impl in (("p2p", "allgather"), ("p2p", "rotate"), ("packed", "allgather"), ("packed", "rotate")):
-        check_case(usp, s_q=1001, s_k=1001, h=6, b=1, chunks=2, ulysses_impl=u_impl, ring_impl=r_impl,
-                   ring_chunks=2, label="usp b1")
-    check_case(usp, s_q=5, s_k=3, h=2, ring_impl="rotate", label="usp empty super-chunk rotate")
+    check_case(meshes["ulysses4"], s_q=203, s_k=99, h=6, b=1, label="u4 padded heads, cross")
+    check_case(meshes["ring4"], s_q=1001, s_k=1001, h=6, b=1, label="r4 b1")
+    check_case(usp, s_q=1001, s_k=1001, h=6, b=1, label="usp b1")
     # tiny sequences: whole chunks of padding are neither computed nor sent
     check_case(meshes["ring4"], s_q=3, s_k=2, h=2, label="ring4 empty chunks")
     check_case(usp, s_q=5, s_k=3, h=2, label="usp empty super-chunk")
@@ -195,8 +176,8 @@ def _rounds_ok(e: dict, rounds: int) -> bool:
 
 
 def _bench_world4(rank, world, out):
-    """The sp-attention bench end to end on gloo, tiny shapes: every variant runs and matches one device; the mode's
-    one-GPU baseline is timed in the same rounds and every speedup is computed from its median."""
+    """The sp-attention bench end to end on gloo, tiny shapes: each transport runs (or says why not) and matches one
+    device; the mode's one-GPU baseline is timed in the same rounds and every speedup is computed from its median."""
     import argparse
     import json
 
@@ -218,11 +199,11 @@ def _bench_world4(rank, world, out):
         for mode, mres in modes.items():
             base = mres["single_gpu"]
             assert "error" not in base and _rounds_ok(base, 2), (mode, base)
-            assert len(mres["ditfleet"]) >= 4 and mres["best"]["variant"] in mres["ditfleet"], mode
-            assert sum(bool(e.get("is_default")) for e in mres["ditfleet"].values()) == 1, mode
+            assert set(mres["ditfleet"]) == {"nccl", "copy_engine"} and mres["best"]["variant"] == "nccl", mode
+            assert mres["ditfleet"]["nccl"].get("is_default") and mres["default_variant"] == "nccl", mode
             for name, e in mres["ditfleet"].items():
-                if "skipped" in e:  # the copy-engine variants need CUDA
-                    assert "symmetric memory" in e["skipped"] and ("ce" in name or "pull" in name), (mode, name, e)
+                if "skipped" in e:  # the copy engine needs CUDA
+                    assert "symmetric memory" in e["skipped"] and name == "copy_engine", (mode, name, e)
                     continue
                 assert "error" not in e and e["rel_l2_vs_1gpu"] <= TOL, (mode, name, e)
                 assert _rounds_ok(e, 2) and e["speedup"] == round(base["ms"] / e["ms"], 3), (mode, name, e, base)
@@ -255,21 +236,6 @@ def test_ulysses_12_heads_on_8_ranks():
 
 
 # ------------------------------------------------------------------ single-process units
-def test_bench_variant_filter_whole_names_and_text():
-    """``--variants``: a whole name picks that variant alone, other text every name containing it."""
-    from types import SimpleNamespace
-
-    from ditfleet.bench.sp_attention import variants
-
-    def names(*texts):
-        return [n for n, _, _ in variants("ulysses", SimpleNamespace(ulysses_chunks=[1], variants=list(texts)))]
-
-    assert names("p2p g1") == ["ulysses_chunks=1", "p2p g1"]
-    assert names("ce g") == ["ulysses_chunks=1", "ce g1", "ce g2", "ce g5", "ce g10"]
-    assert names("p2p g1", "ce g1") == ["ulysses_chunks=1", "p2p g1", "ce g1"]
-    assert names("g10") == ["ulysses_chunks=1", "p2p g10", "ce g10"]
-
-
 def test_mesh_product_must_match_world():
     with pytest.raises(ConfigError) as info:
         ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=4)
@@ -281,6 +247,12 @@ def test_mesh_product_must_match_world():
         ParallelMesh(cfg_size=3, world_size=3)
     with pytest.raises(ConfigError, match="ring_size must be an integer >= 1"):
         ParallelMesh(ring_size=0, world_size=0)
+    with pytest.raises(ConfigError) as info:
+        ParallelMesh(transport="auto")  # a built mesh holds the resolved transport
+    assert info.value.key == "parallel.transport"
+    with pytest.raises(ConfigError) as info:
+        ParallelMesh(timeout_s=0)
+    assert info.value.key == "parallel.timeout_s"
     mesh = ParallelMesh(cfg_size=2, ring_size=2, ulysses_size=2, world_size=8)
     assert mesh.sp_size == 4 and mesh.sp_rank == 0
     assert mesh.cached("k", lambda: [1]) is mesh.cached("k", lambda: [2])  # made once per key
@@ -319,11 +291,8 @@ def test_no_lse_backend_under_ring_is_config_error():
     check_backend_for_mesh(sdpa(), ParallelMesh(ring_size=4, world_size=4))
 
 
-def test_head_padding_and_groups():
+def test_head_padding():
     assert padded_heads(12, 8) == 16 and padded_heads(6, 4) == 8 and padded_heads(40, 4) == 40
-    assert head_groups(5, 2) == [(0, 2), (2, 5)] or head_groups(5, 2) == [(0, 3), (3, 5)]
-    assert head_groups(1, 4) == [(0, 1)]
-    assert sum(b - a for a, b in head_groups(10, 3)) == 10
 
 
 def test_seq_shard_math():
@@ -470,65 +439,3 @@ def test_triton_merge_in_interpreter():
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRITON_MERGE_CHECK)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "triton merge ok" in res.stdout, res.stdout + res.stderr
-
-
-def test_pull_ring_step_logic_on_threads():
-    """The copy-engine ``pull`` ring's steps, skips and two reused pull buffers, checked on CPU: R threads
-    stand in for the ranks and an in-process buffer for symmetric memory (CUDA streams, the copy engines and
-    the cross-GPU barrier are only exercised on GPUs: tests/gpu/test_sp_gpu.py)."""
-    import threading
-
-    from dist_utils import run_threads
-    from ditfleet.attention.blockmask import BlockSparseMask
-    from ditfleet.attention.radial import RadialFlex
-    from ditfleet.parallel.copy_engine import ring_pull_forward
-    from ditfleet.parallel.merge import merge_step
-    from ditfleet.parallel.ring import RingSchedule, block_attend
-
-    r, s, h, d, bs = 4, 187, 3, 16, 16
-    chunk = -(-s // r)
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, s, h, d, generator=g) for _ in range(3))
-    nb = -(-s // bs)
-    frame = torch.arange(nb) // 3
-    rnd = torch.rand(nb, nb, generator=g) < 0.3
-    rnd[:, 0] = True
-    masks = {"block-diagonal": BlockSparseMask.from_blocks(frame[:, None] == frame[None, :], bs, s),
-             "random+sink": BlockSparseMask.from_blocks(rnd, bs, s)}
-    backend = RadialFlex(device=torch.device("cpu"), dtype=torch.float32)
-    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, r * chunk - s))  # noqa: E731
-    qp, kp, vp = pad(q), pad(k), pad(v)
-    valid = [max(0, min(chunk, s - c * chunk)) for c in range(r)]
-
-    class SharedBuffer:  # one buffer per rank, visible to all threads; barrier = threading.Barrier
-        def __init__(self):
-            self.store, self.bar = {}, threading.Barrier(r)
-
-        def view(self, rank, shape, dtype):
-            return self.store.setdefault(rank, torch.empty(shape, dtype=dtype))
-
-        def barrier(self):
-            self.bar.wait(timeout=60)
-
-    for name, mask in masks.items():
-        sched = RingSchedule.from_mask(mask, chunk, chunk, r)
-        buf = SharedBuffer()
-
-        def rank_main(rank):
-            comm = type("Comm", (), {"size": r, "rank": rank, "group": None})()
-            sl = slice(rank * chunk, (rank + 1) * chunk)
-            attend = block_attend(backend, None, mask, q_start=rank * chunk, k_chunk=chunk)
-
-            def merge(out, lse, bo, bl, last):
-                return merge_step(out, lse, bo, bl, out_dtype=q.dtype if last else torch.float32, impl="torch")
-
-            return ring_pull_forward(qp[:, sl], kp[:, sl], vp[:, sl], comm=comm, attend=attend,
-                                     chunk_valid=valid, computes=sched.computes, merge=merge, buffer=buf)
-
-        outs = run_threads(r, rank_main, buf.bar.abort)
-        out = torch.cat([o for o, _ in outs], 1)[:, :s]
-        lse = torch.cat([l for _, l in outs], 2)[..., :s]
-        ref, ref_lse = reference_attention(q, k, v, mask=mask.to_dense())
-        assert rel_l2(out, ref) <= 1e-5 and rel_l2(lse, ref_lse) <= 1e-5, name
-        if name == "block-diagonal":
-            assert sched.stats()["steps_skipped"] > 0

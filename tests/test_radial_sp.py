@@ -115,32 +115,27 @@ def check(label, out, lse, ref, ref_lse):
 
 
 class Counters:
-    """Counts ring transfers (rotate: RingComm.start sends; allgather: P2P sends of the gathers) in this process."""
+    """Counts the ring's K/V sends (the NCCL transport's ``batch_isend_irecv`` isends) in this process."""
 
     def __enter__(self):
-        from ditfleet.parallel import ring, ring_allgather
+        import torch.distributed as dist
 
-        self.sends, self.gather_sends = 0, 0
-        start, exchange = ring.RingComm.start, ring_allgather.exchange
+        from ditfleet.parallel import transport
 
-        def counted_start(comm, send, recv):
-            self.sends += send is not None
-            return start(comm, send, recv)
+        self.sends = 0
+        batch = dist.batch_isend_irecv
 
-        def counted_exchange(sends, recvs, group):
-            self.gather_sends += len(sends)
-            return exchange(sends, recvs, group)
+        def counted(ops):
+            self.sends += sum(op.op is dist.isend for op in ops)
+            return batch(ops)
 
-        self._patches = [mock.patch.object(ring.RingComm, "start", counted_start),
-                         mock.patch.object(ring_allgather, "exchange", counted_exchange)]
-        for p in self._patches:
-            p.start()
+        self._patch = mock.patch.object(transport.dist, "batch_isend_irecv", counted)
+        self._patch.start()
         CountingFlex.calls.clear()
         return self
 
     def __exit__(self, *exc):
-        for p in self._patches:
-            p.stop()
+        self._patch.stop()
 
 
 # ------------------------------------------------------------------ distributed
@@ -155,12 +150,8 @@ def _attention_cases(rank, world, meshes) -> dict:
     ref, ref_lse = masked_reference(q, k, v, m.to_dense())
     assert rel_l2(masked_reference(q, k, v, torch.ones(259, 259, dtype=torch.bool))[0], ref) > 1e-2  # mask matters
     for name, mesh in meshes.items():
-        variants = [{}] if mesh.ring_size == 1 else [{"ring_impl": "rotate"}, {"ring_impl": "allgather", "ring_chunks": 2}]
-        if mesh.ring_size == 1:
-            variants.append({"ulysses_impl": "packed", "ulysses_chunks": 2})
-        for kw in variants:
-            label = f"radial {name} {kw}"
-            errs[label] = check(label, *sp_run(mesh, q, k, v, flex, m, **kw), ref, ref_lse)
+        label = f"radial {name}"
+        errs[label] = check(label, *sp_run(mesh, q, k, v, flex, m), ref, ref_lse)
     # a rectangular mask (queries and keys of different lengths, both padded), every row keeping a key
     g = torch.Generator().manual_seed(5)
     blocks = torch.rand(41, 20, generator=g) < 0.3
@@ -172,11 +163,10 @@ def _attention_cases(rank, world, meshes) -> dict:
         from ditfleet.parallel import gather_sequence, sequence_parallel_attention, shard_sequence
 
         (q_l, sh), (k_l, kv_sh), (v_l, _) = (shard_sequence(t, mesh) for t in (q, k, v))
-        for impl in ("rotate", "allgather"):
-            out, lse = sequence_parallel_attention(q_l, k_l, v_l, backend=flex, mesh=mesh, shard=sh, kv_shard=kv_sh,
-                                                   return_lse=True, block_mask=rect, ring_impl=impl)
-            out, lse = gather_sequence(out, mesh, sh), gather_sequence(lse, mesh, sh, dim=2)
-            errs[f"rect {name} {impl}"] = check(f"rect {name} {impl}", out, lse, ref, ref_lse)
+        out, lse = sequence_parallel_attention(q_l, k_l, v_l, backend=flex, mesh=mesh, shard=sh, kv_shard=kv_sh,
+                                               return_lse=True, block_mask=rect)
+        out, lse = gather_sequence(out, mesh, sh), gather_sequence(lse, mesh, sh, dim=2)
+        errs[f"rect {name}"] = check(f"rect {name}", out, lse, ref, ref_lse)
     # hand-made masks with empty steps: block diagonal (nothing travels), and one that needs forwarding
     diag_frames = torch.arange(40) * 5 // 50
     masks = {"block-diagonal": BlockSparseMask.from_blocks(diag_frames[:, None] == diag_frames[None, :], 5, 200)}
@@ -187,15 +177,13 @@ def _attention_cases(rank, world, meshes) -> dict:
         q, k, v = qkv(1, 1, mask.q_len, 3, 8)
         ref, ref_lse = masked_reference(q, k, v, mask.to_dense())
         for name, mesh in meshes.items():
-            for impl in ("rotate", "allgather") if mesh.ring_size > 1 else ("-",):
-                with Counters() as c:
-                    out, lse = sp_run(mesh, q, k, v, flex, mask, ring_impl="allgather" if impl == "allgather" else "rotate",
-                                      ring_chunks=1)
-                errs[f"{mname} {name} {impl}"] = check(f"{mname} {name} {impl}", out, lse, ref, ref_lse)
-                counts[(mname, name, impl)] = (len(CountingFlex.calls), c.sends, c.gather_sends)
-                if mesh.ring_size > 1 and mesh.ulysses_size == 1:
-                    chunk = -(-mask.q_len // mesh.ring_size)
-                    counts[(mname, name, "schedule")] = RingSchedule.from_mask(mask, chunk, chunk, mesh.ring_size).stats()
+            with Counters() as c:
+                out, lse = sp_run(mesh, q, k, v, flex, mask)
+            errs[f"{mname} {name}"] = check(f"{mname} {name}", out, lse, ref, ref_lse)
+            counts[(mname, name, "run")] = (len(CountingFlex.calls), c.sends)
+            if mesh.ring_size > 1 and mesh.ulysses_size == 1:
+                chunk = -(-mask.q_len // mesh.ring_size)
+                counts[(mname, name, "schedule")] = RingSchedule.from_mask(mask, chunk, chunk, mesh.ring_size).stats()
     # a block mask with a kernel that takes none, or of the wrong shape: refused on every rank before any communication
     from ditfleet.parallel import SeqShard, sequence_parallel_attention
 
@@ -281,25 +269,23 @@ def test_radial_sequence_parallel(world, tmp_path):
     errs = per_rank[0]["errs"]
     print(f"\n{world} ranks, worst rel L2 {max(errs.values()):.1e} over {len(errs)} cases")
     counts = [r["counts"] for r in per_rank]
-    total = {key: tuple(sum(c[key][i] for c in counts) for i in range(3)) for key in counts[0] if key[2] != "schedule"}
+    total = {key: tuple(sum(c[key][i] for c in counts) for i in range(2)) for key in counts[0] if key[2] != "schedule"}
     r = world
     # Ulysses: one kernel call per rank, whole mask
-    assert total[("block-diagonal", f"ulysses{r}", "-")][0] == r
+    assert total[("block-diagonal", f"ulysses{r}", "run")][0] == r
     # ring, block-diagonal: every rank computes only its own chunk; no K/V travels at all
-    assert total[("block-diagonal", f"ring{r}", "rotate")] == (r, 0, 0)
-    assert total[("block-diagonal", f"ring{r}", "allgather")] == (r, 0, 0)
+    assert total[("block-diagonal", f"ring{r}", "run")] == (r, 0)
     sched = counts[0][("block-diagonal", f"ring{r}", "schedule")]
     assert sched == {"ring_size": r, "steps": r, "steps_skipped": r * r - r, "sends": 0, "sends_skipped": r * (r - 1)}
     if world == 4:
         # diagonal 4 + (1,0) (0,2) (1,3): 7 kernel calls of 16; transfers: chunk 0 once (0->1), chunk 1 never,
-        # chunk 2 twice (2->3->0, rank 3 forwards), chunk 3 twice (3->0->1): 5 of 12; allgather: 3 chunks x (K, V)
-        assert total[("forwarding", "ring4", "rotate")] == (7, 5, 0)
-        assert total[("forwarding", "ring4", "allgather")] == (4, 0, 6)
+        # chunk 2 twice (2->3->0, rank 3 forwards), chunk 3 twice (3->0->1): 5 of 12
+        assert total[("forwarding", "ring4", "run")] == (7, 5)
         assert counts[0][("forwarding", "ring4", "schedule")] == {"ring_size": 4, "steps": 7, "steps_skipped": 9,
                                                                    "sends": 5, "sends_skipped": 7}
         # USP 2 x 2: super-chunks [0, 40) and [40, 78); only the first needs the second's keys ((0, 2), (1, 3)):
         # one transfer in each of the two rings (one per Ulysses rank)
-        assert total[("forwarding", "usp2x2", "rotate")][1] == 2
+        assert total[("forwarding", "usp2x2", "run")][1] == 2
 
 
 # ------------------------------------------------------------------ single process: the model

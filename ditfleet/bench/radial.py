@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: time radial vs dense sequence-parallel in these modes (ring: R = N, "
                              "usp: U = 2 x R = N/2, ulysses: U = N) instead of the one-device run; every case then "
                              "runs with --heads or 40 heads, and --kernels defaults to the best radial kernel")
-    parser.add_argument("--ring-impl", choices=("auto", "rotate", "pull", "allgather"), default="auto",
-                        help="--sp: ring implementation (default: %(default)s)")
+    parser.add_argument("--transport", choices=("auto", "nccl", "copy_engine"), default="auto",
+                        help="--sp: parallel.transport of the meshes (default: %(default)s)")
 
 
 def parse_case(name: str) -> tuple[int, int]:
@@ -281,7 +281,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
     t_start = time.perf_counter()
     report = {"suite": "radial-sp", "environment": {**environment(world), "device": str(device)},
               "config": {"dtype": args.dtype, "batch": 1, "head_dim": args.head_dim, "decay_factor": args.decay_factor,
-                         "block_size": args.block_size, "modes": args.sp, "ring_impl": args.ring_impl,
+                         "block_size": args.block_size, "modes": args.sp, "transport": args.transport,
                          "warmup": args.warmup, "iters": args.iters, "ref_rows": args.ref_rows, "seed": args.seed,
                          "dense_kernel": dense_key,
                          "timed_call": "sequence_parallel_attention(q, k, v[, block_mask]) on the local shards; median "
@@ -315,7 +315,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
                 rec["modes"][mode] = {"skipped": sizes}
                 continue
             u, r = sizes
-            mesh = meshes.get(u, r)
+            mesh = meshes.get(u, r, transport=args.transport)
             local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
             shard = SeqShard.for_length(s, mesh)
             m = rec["modes"][mode] = {"ulysses": u, "ring": r}
@@ -323,8 +323,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, int, int]], env) -> 
                 m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, r).stats()
 
             def call(backend, block_mask):
-                return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale,
-                                                   ring_impl=args.ring_impl, block_mask=block_mask)
+                return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale, block_mask=block_mask)
 
             with torch.no_grad():
                 try:

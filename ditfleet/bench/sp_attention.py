@@ -1,4 +1,4 @@
-"""``ditfleet bench sp-attention``: sequence-parallel attention vs one GPU, every implementation variant, vs yunchang.
+"""``ditfleet bench sp-attention``: sequence-parallel attention vs one GPU, on each transport, vs yunchang.
 
 Run under torchrun, one process per GPU::
 
@@ -10,15 +10,13 @@ For each kernel (default ``sdpa_cudnn``, plus ``fa4`` when it can run) it measur
   the run (``single_gpu_ms``, with the reference output) and again in each mode's rounds (the mode's
   ``single_gpu``: its speedups are computed from that one);
 * ditfleet's ``sequence_parallel_attention`` for each mode (``ulysses``: U = N; ``ring``: R = N;
-  ``usp``: U = 2, R = N / 2, from 4 GPUs) and each implementation *variant* of that mode (see
-  :func:`variants`; ``ulysses_chunks=N`` entries are the original packed all-to-all / rotating
-  ring with a torch merge), each with its speedup over one GPU and its rel L2 against the one-GPU
-  output (gathered); the variant the code's defaults select is marked ``is_default`` and the
-  fastest one is named in the mode's ``best``;
-* a breakdown of the same shapes, piece by piece: communication alone (all-to-alls, ring
-  rotation, the p2p / all-gather paths with no kernel), the kernel alone on the per-GPU shapes,
-  and the LSE merges (torch and fused); so a missed target can be told apart into comm, kernel
-  efficiency and overhead;
+  ``usp``: U = 2, R = N / 2, from 4 GPUs) on each ``--transports`` entry (``parallel.transport``:
+  ``nccl``, ``copy_engine`` where it can run; one mesh per transport), each with its speedup over one
+  GPU and its rel L2 against the one-GPU output (gathered); the transport ``auto`` resolves to is
+  marked ``is_default`` and the fastest one is named in the mode's ``best``;
+* a breakdown of the same shapes, piece by piece: communication alone (the all-to-all, the ring
+  rotation), the kernel alone on the per-GPU shapes, and the LSE merges (torch and fused); so a missed
+  target can be told apart into comm, kernel efficiency and overhead;
 * kernel diagnostics (``diagnostics_ms``): the kernel alone at the ring's shapes with and without
   the LSE, with 1, 2 and all key chunks, and split into head groups; and at the Ulysses shape
   split into head groups, to see what the LSE, short keys and small head groups cost;
@@ -36,7 +34,6 @@ the mode's one-GPU rows and the winner.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import time
 import traceback
@@ -46,12 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from ..attention.base import AttentionBackend
 from ..parallel import (
-    RingComm,
-    UlyssesComm,
+    RingSchedule,
     gather_sequence,
     init_distributed,
     init_parallel,
@@ -61,9 +56,8 @@ from ..parallel import (
 )
 from ..parallel.copy_engine import ce_unavailable
 from ..parallel.merge import merge_step
-from ..parallel.mesh import nccl_sp_options
-from ..parallel.ring import allgather_forward
-from ..parallel.ulysses import pad_heads, padded_heads, ulysses_forward
+from ..parallel.transport import transport_for
+from ..parallel.ulysses import pad_heads, padded_heads
 from .attention import _free, card_slug, kernel_availability, make_inputs
 from .common import environment, rel_l2, time_cuda, write_json
 
@@ -72,12 +66,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS_4GPU = {"ulysses": 3.9, "ring": 3.75}
 YUNCHANG_TYPES = {"sdpa_cudnn": ["torch_cudnn", "torch_flash"], "sdpa_flash": ["torch_flash"],
                   "sdpa_efficient": ["torch_efficient"], "fa2": ["fa"], "fa3": ["fa3"]}
-# The original implementation, kept as the baseline of every mode ("ulysses_chunks=N" entries).
-LEGACY = {"ulysses_impl": "packed", "ring_impl": "rotate", "merge_impl": "torch"}
 # What the kernel's ``single_gpu_ms`` is (its label in the JSON): the speedups use each mode's own.
 START_OF_RUN = "start of run (the reference output); speedups use each mode's single_gpu, timed in its rounds"
-# Implementation keywords of sequence_parallel_attention.
-SP_KEYWORDS = ("ulysses_impl", "ulysses_chunks", "ring_impl", "ring_chunks", "merge_impl", "compute_streams")
+BENCH_TRANSPORTS = ("nccl", "copy_engine")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,13 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="+", default=None, metavar="KEY",
                         help="kernel keys (default: sdpa_cudnn, plus fa4 when it can run; sdpa_cpu_flash on CPU)")
     parser.add_argument("--modes", nargs="+", default=["ulysses", "ring", "usp"], choices=["ulysses", "ring", "usp"])
-    parser.add_argument("--ulysses-chunks", type=int, nargs="+", default=[1], metavar="G",
-                        help="head groups of the original (packed) Ulysses path, each timed as the baseline "
-                             "entry 'ulysses_chunks=G' (default: %(default)s)")
-    parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
-                        help="run only these variants: a variant's whole name selects it alone ('p2p g1', not "
-                             "'p2p g10'), other text every variant whose name contains it ('ce g'); the baseline "
-                             "and the default always run; default: all")
+    parser.add_argument("--transports", nargs="+", default=list(BENCH_TRANSPORTS), choices=BENCH_TRANSPORTS,
+                        help="parallel.transport values to time, one mesh each (default: %(default)s; copy_engine "
+                             "is skipped where it cannot run, with the reason)")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the kernel-alone diagnostics")
     parser.add_argument("--yunchang-attn-types", nargs="+", default=None, metavar="TYPE",
                         help="yunchang AttnType values to run (default: the kernel's match; for sdpa_cudnn "
@@ -114,73 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/sp_attention_<card>_<n>gpu.json)")
-
-
-# ---------------------------------------------------------------- variants
-def variants(mode: str, args) -> list[tuple[str, dict, dict]]:
-    """The implementations timed for ``mode``: ``(name, sequence_parallel_attention keywords, mesh options)``.
-
-    Mesh options (``nccl_max_ctas``, ``nccl_high_priority``) build a separate mesh whose Ulysses /
-    ring groups carry those NCCL settings (``hiprio``: NCCL streams at high priority, so their
-    CTAs are scheduled before the attention kernel's next ones; ``ctas8``: at most 8 CTAs per NCCL
-    kernel). ``gN``: head groups pipelined against the communication; ``2streams``: the groups'
-    kernels alternate over two CUDA streams. Names are stable JSON keys.
-    """
-    out = [(f"ulysses_chunks={c}", {**LEGACY, "ulysses_chunks": c}, {})
-           for c in (args.ulysses_chunks if mode != "ring" else [1])]
-    hi = {"nccl_high_priority": True}
-    hi_ctas = {"nccl_high_priority": True, "nccl_max_ctas": 8}
-    if mode == "ulysses":
-        p2p = {"ulysses_impl": "p2p"}
-        out += [(f"p2p g{g}", {**p2p, "ulysses_chunks": g}, {}) for g in (1, 5, 10)]
-        out += [("p2p g5 2streams", {**p2p, "ulysses_chunks": 5, "compute_streams": 2}, {}),
-                ("p2p g5 hiprio", {**p2p, "ulysses_chunks": 5}, hi),
-                ("p2p g5 hiprio ctas8", {**p2p, "ulysses_chunks": 5}, hi_ctas)]
-        out += [(f"ce g{g}", {"ulysses_impl": "ce", "ulysses_chunks": g}, {}) for g in (1, 2, 5, 10)]
-    elif mode == "ring":
-        ag = {"ring_impl": "allgather"}
-        out += [("rotate fused-merge", {"ring_impl": "rotate", "merge_impl": "auto"}, {}),
-                ("pull fused-merge", {"ring_impl": "pull", "merge_impl": "auto"}, {})]
-        out += [(f"allgather g{g}", {**ag, "ring_chunks": g}, {}) for g in (1, 5)]
-        out += [("allgather g5 2streams", {**ag, "ring_chunks": 5, "compute_streams": 2}, {}),
-                ("allgather g5 hiprio", {**ag, "ring_chunks": 5}, hi),
-                ("allgather g5 hiprio ctas8", {**ag, "ring_chunks": 5}, hi_ctas)]
-    else:
-        p2p = {"ulysses_impl": "p2p"}
-        out += [("p2p + rotate fused-merge", {**p2p, "ring_impl": "rotate", "merge_impl": "auto"}, {}),
-                ("p2p + allgather g1", {**p2p, "ring_impl": "allgather", "ring_chunks": 1}, {}),
-                ("p2p + allgather g5", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, {}),
-                ("p2p + allgather g5 hiprio", {**p2p, "ring_impl": "allgather", "ring_chunks": 5}, hi),
-                ("p2p + pull fused-merge", {**p2p, "ring_impl": "pull", "merge_impl": "auto"}, {})]
-        out += [(f"ce g{g} + pull fused-merge", {"ulysses_impl": "ce", "ulysses_chunks": g, "ring_impl": "pull",
-                                                 "merge_impl": "auto"}, {}) for g in (1, 2, 5, 10)]
-    if args.variants:
-        names = {v[0] for v in out}
-        exact = {t for t in args.variants if t in names}  # a whole name selects that variant only
-        out = [v for v in out if v[0].startswith("ulysses_chunks=") or v[0] in exact
-               or any(t in v[0] for t in args.variants if t not in exact)]
-    return out
-
-
-def _effective(kwargs: dict, mode: str) -> dict:
-    """The implementation keywords that matter to ``mode``, defaults filled in (to spot the default variant)."""
-    params = inspect.signature(sequence_parallel_attention).parameters
-    full = {k: kwargs.get(k, params[k].default) for k in SP_KEYWORDS}
-    keys = []
-    if mode in ("ulysses", "usp"):
-        keys += ["ulysses_impl", "ulysses_chunks", "compute_streams"]
-    if mode in ("ring", "usp"):
-        keys += ["ring_impl"] + (["ring_chunks", "compute_streams"] if full["ring_impl"] == "allgather" else ["merge_impl"])
-    return {k: full[k] for k in keys}
-
-
-def _with_default(mode: str, vs: list) -> tuple[list, str]:
-    """``vs`` plus a ``"default"`` variant when none of them is what the code's defaults select."""
-    target = _effective({}, mode)
-    for name, kw, opts in vs:
-        if not opts and _effective(kw, mode) == target:
-            return vs, name
-    return vs + [("default", {}, {})], "default"
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -212,8 +132,8 @@ def _all_ok(ok: bool, device) -> bool:
 
 
 class MeshCache:
-    """The benches' meshes: one :class:`~ditfleet.parallel.ParallelMesh` per (Ulysses size, ring size, NCCL
-    options), built on first use (a collective: every rank asks for the same meshes in the same order)."""
+    """The benches' meshes: one :class:`~ditfleet.parallel.ParallelMesh` per (Ulysses size, ring size, transport),
+    built on first use (a collective: every rank asks for the same meshes in the same order)."""
 
     def __init__(self):
         self._meshes: dict = {}
@@ -267,42 +187,46 @@ def sp_timed(entry: dict, fn, args, device, on_first=None) -> bool:
 
 # ---------------------------------------------------------------- breakdown
 def _breakdown(mesh, backend: AttentionBackend, q_l, k_l, v_l, shard, scale, args, device) -> dict:
-    """Each piece of one SP attention call alone, on the same shapes (ms, slowest rank)."""
+    """Each piece of one SP attention call alone, on the same shapes, on ``mesh``'s transport (ms, slowest rank)."""
     u, r = mesh.ulysses_size, mesh.ring_size
-    b, _, num_heads, _ = q_l.shape
+    b, _, num_heads, d = q_l.shape
     parts: dict[str, float] = {}
     q, kv = q_l, torch.stack((k_l, v_l))
     if u > 1:
-        comm = UlyssesComm.from_mesh(mesh)
-        h_pad = padded_heads(num_heads, u)
-        tensors = tuple(pad_heads(t, h_pad) for t in (q_l, k_l, v_l))
-        parts["a2a_in_with_pack"] = _time(lambda: comm.scatter_heads(tensors, 0, h_pad // u)[1].wait(), args, device)
-        recv, work, meta = comm.scatter_heads(tensors, 0, h_pad // u)
-        work.wait()
-        parts["unpack"] = _time(lambda: comm.unpack(recv, meta), args, device)
-        q, kv = comm.unpack(recv, meta)
-        parts["a2a_out_with_copies"] = _time(
-            lambda: [w.wait() for w in comm.gather_heads(torch.empty_like(q), None)[2]], args, device)
-        del recv, meta
-        # The p2p path with no kernel (its attend returns q as the output): in + out + all copies.
-        parts["p2p_comm_only"] = _time(lambda: ulysses_forward(*tensors, comm=comm, attend=lambda q_g, kv_g, _l, _h: (q_g, None),
-                                                               return_lse=False, impl="p2p"), args, device)
+        t = transport_for(mesh, "ulysses")
+        h = padded_heads(num_heads, u) // u
+        n = b * (q_l.shape[1] + 2 * k_l.shape[1]) * h * d
+
+        def a2a():
+            t.all_to_all(t.send_buffer((u, n), q_l.dtype, device), "bench")
+
+        parts["all_to_all_qkv"] = _time(a2a, args, device)
+        q = pad_heads(q_l, h * u)[:, :, :h].repeat(1, u, 1, 1)  # the kernel's shapes: the group's sequence, h heads
+        kv = pad_heads(kv.flatten(0, 1), h * u)[:, :, :h].unflatten(0, (2, b)).repeat(1, 1, u, 1, 1)
     n_valid = shard.chunk_valid(0, u)
     lens = None if n_valid == kv.shape[2] else [n_valid] * b
     if r == 1:
         parts["kernel"] = _time(lambda: backend(q, kv[0], kv[1], scale=scale, kv_lens=lens), args, device)
     else:
-        ring = RingComm.from_mesh(mesh)
-        nxt = torch.empty_like(kv)
-        parts["ring_rotation"] = _time(lambda: [ring.wait(ring.start(kv, nxt)) for _ in range(r - 1)], args, device)
-        parts["allgather_comm_only"] = _time(lambda: allgather_forward(
-            q, kv[0], kv[1], comm=ring, attend=lambda q_g, k_g, v_g, _l, _h: (q_g, None), return_lse=False), args, device)
+        ring = transport_for(mesh, "ring")
+        sched = RingSchedule.dense([1] * r)
+
+        def rotation():
+            ring.ring_begin(kv.clone(), sched)
+            for step in range(r):
+                ring.ring_prefetch(step)
+                if step:
+                    ring.ring_chunk(step)
+                ring.ring_advance(step)
+            ring.ring_end()
+
+        parts["ring_rotation"] = _time(rotation, args, device)
         parts["kernel_all_blocks"] = r * _time(lambda: backend(q, kv[0], kv[1], scale=scale, return_lse=True),
                                                args, device)
         o, l = backend(q, kv[0], kv[1], scale=scale, return_lse=True)
         acc, acc_lse = o.float(), l.clone()
         parts["lse_merges"] = (r - 1) * _time(lambda: merge_attention_(acc, acc_lse, o, l), args, device)
-        # The fused merge as the rotating ring uses it: in place on a float32 running state.
+        # The fused merge as the ring uses it: in place on a float32 running state.
         parts["lse_merges_fused"] = (r - 1) * _time(lambda: merge_step(acc, acc_lse, o, l), args, device)
     return {k: round(_slowest(v, device), 3) for k, v in parts.items()}
 
@@ -312,8 +236,8 @@ def _diagnostics(backend: AttentionBackend, q, k, v, world: int, scale, args, de
     """The kernel alone (ms, slowest rank) at the per-GPU shapes of ring and Ulysses on ``world`` GPUs.
 
     Ring shapes (``n = S / R`` queries, all H heads): keys ``n`` with and without the LSE (one
-    rotating-ring block), ``2n`` keys with the LSE, all ``S`` keys with and without the LSE (one
-    all-gather call), and all keys split into 5 head groups (all-gather with ``ring_chunks=5``).
+    ring block), ``2n`` keys with the LSE, all ``S`` keys with and without the LSE (what one call over
+    the whole key sequence would cost), and all keys split into 5 head groups.
     Ulysses shapes (all S queries and keys, ``H / U`` heads): one call, and the same heads split
     into 2, 5 and 10 groups. Totals over all the calls of one attention, so they compare directly.
     """
@@ -334,8 +258,8 @@ def _diagnostics(backend: AttentionBackend, q, k, v, world: int, scale, args, de
         timed(f"ring_block q{n} k{n} lse={int(lse)} x{world}", [(q_n, k_n, v_n, lse)] * world)
     timed(f"ring_2blocks q{n} k{2 * n} lse=1 x{world // 2}", [(q_n, k[:, : 2 * n], v[:, : 2 * n], True)] * (world // 2))
     for lse in (False, True):
-        timed(f"allgather q{n} k{s} lse={int(lse)}", [(q_n, k, v, lse)])
-    timed(f"allgather q{n} k{s} lse=0 5groups", groups(q_n, k, v, 5))
+        timed(f"all_keys q{n} k{s} lse={int(lse)}", [(q_n, k, v, lse)])
+    timed(f"all_keys q{n} k{s} lse=0 5groups", groups(q_n, k, v, 5))
     hu = -(-h // world)
     qu, ku, vu = (t[:, :, :hu].contiguous() for t in (q, k, v))
     timed(f"ulysses q{s} k{s} h{hu}", [(qu, ku, vu, False)])
@@ -420,17 +344,6 @@ def _err(e: BaseException) -> str:
     """One line: the exception's type and the first line of its message, at most 300 characters."""
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:300]
-
-
-def _mesh_options_record(opts: dict, device) -> dict:
-    """What the mesh options asked for and whether this torch/NCCL could apply them."""
-    if not opts:
-        return {}
-    nccl = device.type == "cuda" and nccl_sp_options(opts.get("nccl_max_ctas"), opts.get("nccl_high_priority", False))
-    applied = bool(nccl) and "backend_override" in inspect.signature(init_device_mesh).parameters
-    if applied and opts.get("nccl_max_ctas") is not None:
-        applied = hasattr(getattr(nccl, "config", None), "max_ctas")
-    return {**opts, "applied": applied}
 
 
 @dataclass
@@ -521,30 +434,26 @@ def _speedups(mres: dict, target) -> None:
 
 def _ditfleet_plan(mres: dict, mode: str, u: int, r: int, meshes: MeshCache, backend, qkv_l, shard, scale, ref,
                    args, device) -> tuple[list, str]:
-    """The mode's variants, each recorded in ``mres["ditfleet"]`` (skipped ones say why), and the default's name."""
-    vs, default_name = _with_default(mode, variants(mode, args))
-    plan = []
-    for name, kwargs, opts in vs:
-        entry = mres["ditfleet"][name] = {"kwargs": kwargs}
-        if opts:
-            entry["mesh_options"] = _mesh_options_record(opts, device)
-        if name == default_name:
-            entry["is_default"] = True
-        needs_ce = "ce" in (kwargs.get("ulysses_impl"), kwargs.get("ring_impl")) or kwargs.get("ring_impl") == "pull"
-        if needs_ce and ce_unavailable(device):
+    """The mode's transports, each recorded in ``mres["ditfleet"]`` (skipped ones say why), and the default's name."""
+    plan, default_name = [], None
+    for name in args.transports:
+        entry = mres["ditfleet"][name] = {"transport": name}
+        if name == "copy_engine" and ce_unavailable(device):
             entry["skipped"] = ce_unavailable(device)
             continue
         try:
-            vmesh = meshes.get(u, r, **opts)
-        except Exception as e:  # noqa: BLE001
-            entry["error"] = f"mesh with {opts}: {_err(e)}"
+            vmesh = meshes.get(u, r, transport=name)
+        except Exception as e:  # noqa: BLE001 - e.g. copy_engine refused at mesh build (a ConfigError naming why)
+            entry["error"] = f"mesh with transport {name}: {_err(e)}"
             continue
+        if vmesh.transport == meshes.get(u, r).transport and default_name is None:
+            entry["is_default"], default_name = True, name
 
-        def fn(kwargs=kwargs, vmesh=vmesh):
-            return sequence_parallel_attention(*qkv_l, backend=backend, mesh=vmesh, shard=shard, scale=scale, **kwargs)
+        def fn(vmesh=vmesh):
+            return sequence_parallel_attention(*qkv_l, backend=backend, mesh=vmesh, shard=shard, scale=scale)
 
         plan.append(_Timed(entry, fn, check=_compare(vmesh, shard, ref, lambda out: out[0])))
-    return plan, default_name
+    return plan, default_name or "auto (not timed)"
 
 
 def main(args) -> int:

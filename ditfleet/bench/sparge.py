@@ -99,9 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "where it is installed, else flex_attention)")
     parser.add_argument("--no-all-on", action="store_true",
                         help="skip the all-blocks-on mask (the block-sparse kernel's cost over dense FA4)")
-    parser.add_argument("--ring-impl", choices=("auto", "rotate", "pull", "allgather"), default="auto",
-                        help="--sp: ring transport of sequence_parallel_attention (default: %(default)s: pull where "
-                             "the ring is on one host with symmetric memory, else rotate)")
+    parser.add_argument("--transport", choices=("auto", "nccl", "copy_engine"), default="auto",
+                        help="--sp: parallel.transport of the meshes (default: %(default)s)")
 
 
 def parse_case(name: str) -> tuple[int, int, int]:
@@ -463,8 +462,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                          "cases": args.cases, "inputs": args.inputs, "settings": args.settings, "modes": args.sp,
                          "topk": args.topk, "cdfthreshd": args.cdfthreshd, "simthreshd1": args.simthreshd1,
                          "blocks": [args.block_q, args.block_k], "warmup": args.warmup, "iters": args.iters,
-                         "seed": args.seed, "dense_kernel": dense_key, "ring_impl": args.ring_impl,
-                         "ulysses_impl": "p2p",
+                         "seed": args.seed, "dense_kernel": dense_key, "transport": args.transport,
                          "timed_call": "sequence_parallel_attention(q, k, v) on the local shards with the bound Sparge "
                                        "layer (mask prediction included: Ulysses ranks on their heads' whole sequence, "
                                        "ring / USP from all-reduced block statistics) or the dense kernel; median of "
@@ -520,7 +518,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                             r["modes"][mode] = {"skipped": sizes}
                             continue
                         u, rr = sizes
-                        mesh = meshes.get(u, rr)
+                        mesh = meshes.get(u, rr, transport=args.transport)
                         shard = SeqShard.for_length(s, mesh)
                         local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
                         m = r["modes"][mode] = {"ulysses": u, "ring": rr}
@@ -528,8 +526,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                             m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr, exact=True).stats()
 
                         def call(backend):
-                            return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale,
-                                                               ring_impl=args.ring_impl)
+                            return sequence_parallel_attention(*local, backend=backend, mesh=mesh, shard=shard, scale=scale)
 
                         dense_sp = rec["dense"]["modes"].get(mode)
                         if dense_sp is None:  # once per input kind and mode: it does not depend on the setting

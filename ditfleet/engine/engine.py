@@ -288,7 +288,10 @@ class Engine:
         return GenerateResult(output, rpath, report, latents, writer.written, timings)
 
     def _engine_report(self, attempt: int) -> dict:
-        keys = ("rank", "pid", "hostname", "node_ip", "gpu_ids", "device", "backend", "sparge_sha256", "sparge_bound")
+        keys = ("rank", "pid", "hostname", "node_ip", "gpu_ids", "device", "backend", "transport", "sparge_sha256",
+                "sparge_bound")
+        first = self.executor.infos[0] if self.executor.infos else {}
+        par = self.cfg.parallel
         return {
             "launcher": self.executor.launcher,
             "world_size": self.executor.world_size,
@@ -297,6 +300,8 @@ class Engine:
             "startup_s": dict(self.startup_s),
             "startup_excl_load_s": sum(v for k, v in self.startup_s.items() if k != "load"),
             "placement_strategy": getattr(self.executor, "strategy", None),
+            "parallel": {"transport": first.get("transport"), "transport_reason": first.get("transport_reason"),
+                         "transport_configured": par.transport, "timeout_s": par.timeout_s},
             "workers": [{k: i.get(k) for k in keys} for i in self.executor.infos],
             "sparge": self.sparge_info or None,
         }

@@ -128,6 +128,8 @@ class Worker:
             "device": str(self.device) if self.device is not None else None, "backend": self.backend,
             "sparge_sha256": self.sparge_sha256, "sparge_tensors": len(self.sparge) if self.sparge else 0,
             "sparge_bound": self.sparge_bound,
+            "transport": self.mesh.transport if self.mesh is not None else None,
+            "transport_reason": self.mesh.transport_reason if self.mesh is not None else None,
         }
 
     def free_port(self) -> int:
@@ -182,8 +184,9 @@ class Worker:
         if env.rank != self.rank or env.world_size != self.world_size:
             raise RuntimeError(f"process group rank {env.rank}/{env.world_size} != worker rank {self.rank}/{self.world_size}")
         par = self.cfg.parallel
-        self.mesh = init_parallel(ulysses_size=par.ulysses_degree, ring_size=par.ring_degree, cfg_size=par.cfg_p_size)
-        return {"backend": self.backend, "mesh": self.mesh.describe()}
+        self.mesh = init_parallel(ulysses_size=par.ulysses_degree, ring_size=par.ring_degree, cfg_size=par.cfg_p_size,
+                                  transport=par.transport, timeout_s=par.timeout_s)
+        return {"backend": self.backend, "mesh": self.mesh.describe(), "transport": self.mesh.transport}
 
     @_portable
     def load_model(self, sparge_state: dict | None = None) -> dict:

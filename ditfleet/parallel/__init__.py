@@ -3,7 +3,7 @@
 Public API::
 
     from ditfleet.parallel import init_parallel, shard_sequence, gather_sequence, sequence_parallel_attention
-    mesh = init_parallel(ulysses_size=4, ring_size=2)          # under torchrun, 8 processes
+    mesh = init_parallel(ulysses_size=4, ring_size=2)          # under torchrun, 8 processes; transport="auto"
     check_backend_for_mesh(backend, mesh)                      # at start-up: ConfigError if ring needs LSE
     q_l, shard = shard_sequence(q, mesh)                       # [B, S, H, D] -> local chunk + SeqShard
     out_l, _ = sequence_parallel_attention(q_l, k_l, v_l, backend=backend, mesh=mesh, shard=shard)
@@ -18,20 +18,21 @@ from .attention import SEQ_P_ATTN_KEY, check_backend_for_mesh, cross_attention, 
 from .cfg import cfg_branch, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .merge import merge_attention, merge_attention_
 from .mesh import MESH_AXES, DistEnv, ParallelMesh, init_distributed, init_parallel
-from .ring import RingComm, ring_attention
+from .ring import ring_attention
 from .ring_schedule import RingSchedule, sp_schedule
 from .shard import SeqShard, gather_sequence, shard_sequence
-from .ulysses import UlyssesComm, padded_heads, ulysses_attention
+from .transport import TRANSPORTS, PeerError
+from .ulysses import padded_heads, ulysses_attention
 
 __all__ = [
     "MESH_AXES",
     "SEQ_P_ATTN_KEY",
     "DistEnv",
     "ParallelMesh",
-    "RingComm",
+    "PeerError",
     "RingSchedule",
     "SeqShard",
-    "UlyssesComm",
+    "TRANSPORTS",
     "cfg_branch",
     "cfg_combine",
     "cfg_exchange",

@@ -7,9 +7,8 @@ contiguous *super-chunk* of ``U * chunk`` tokens (for ``H_pad / U`` heads). Ring
 Ulysses rank, successive ring ranks) then rotate (default) or all-gather super-chunks. Padding is
 only at the global end, so the valid keys of super-chunk ``c`` are ``clamp(S - c * U * chunk, 0, U * chunk)``.
 
-Implementation choices (``ulysses_impl``, ``ring_impl``, head-group pipelining, merge kernel)
-are keywords of :func:`sequence_parallel_attention`; every choice gives the same result, and
-``ditfleet bench sp-attention`` times them all.
+How the data moves (NCCL, or the copy engine) is the mesh's transport, chosen once when the mesh is built
+(``parallel.transport``; :mod:`ditfleet.parallel.transport`); the algorithms here do not depend on it.
 
 Block-sparse masks (radial attention): ``block_mask`` is one mask over the *global unpadded*
 sequences, the same on every rank. Ulysses runs the kernel on the whole (padded) group sequence
@@ -36,9 +35,10 @@ from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
 from ..errors import ConfigError
 from .mesh import ParallelMesh
-from .ring import RING_IMPLS, RingComm, ring_attention, ring_run
+from .ring import ring_attention, ring_run
 from .shard import SeqShard
-from .ulysses import ULYSSES_IMPLS, UlyssesComm, pad_heads, padded_heads, ulysses_attention, ulysses_forward
+from .transport import transport_for
+from .ulysses import pad_heads, padded_heads, ulysses_attention, ulysses_forward
 
 SEQ_P_ATTN_KEY = "parallel.seq_p_attn_type"
 
@@ -79,12 +79,6 @@ def sequence_parallel_attention(
     kv_shard: SeqShard | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    ulysses_chunks: int | None = None,
-    ulysses_impl: str = "auto",
-    ring_impl: str = "auto",
-    ring_chunks: int = 5,
-    compute_streams: int = 1,
-    merge_impl: str = "auto",
     block_mask: BlockSparseMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a sharded query sequence over a sharded key sequence, across the SP group.
@@ -104,27 +98,6 @@ def sequence_parallel_attention(
         kv_shard: the key sequence's shard; ``None`` means ``shard`` (self-attention).
         scale: softmax scale; ``None`` = ``D ** -0.5``.
         return_lse: also return the float32 LSE of the local queries.
-        ulysses_chunks: head groups whose all-to-alls overlap the kernel (1 = no overlap). ``None``
-            (the default): Ulysses picks by implementation (:func:`~ditfleet.parallel.ulysses.default_chunks`:
-            groups of two heads on ``"ce"``, one group on NCCL); USP takes one group (each group
-            would run a whole ring).
-        ulysses_impl: ``"auto"`` (the default: ``"ce"`` where the Ulysses group is on one host with
-            CUDA symmetric memory and peer access, else ``"p2p"``), ``"ce"`` (CUDA: copy-engine pushes
-            into symmetric memory, flags instead of barriers: no SM spent on transfers), ``"p2p"``
-            (direct receives into the kernel's buffers) or ``"packed"`` (``all_to_all_single`` +
-            unpack); see :mod:`ditfleet.parallel.ulysses`.
-        ring_impl: ``"auto"`` (the default: ``"pull"`` where the ring group is on one host with CUDA
-            symmetric memory, else ``"rotate"``), ``"rotate"`` (the ring: K/V chunks rotate by P2P
-            sends, LSE merges), ``"pull"`` (CUDA: the same steps and merges, each chunk pulled from its
-            owner by the copy engines) or
-            ``"allgather"`` (head-group K/V all-gathers, one kernel call per group over all keys, no
-            merges: faster per call, but every rank holds a head group of the whole K/V, which is
-            what ring attention exists to avoid); see :mod:`ditfleet.parallel.ring`.
-        ring_chunks: ``"allgather"``: head groups pipelined against the gathers (of the heads
-            the ring sees: ``H`` for ring, ``H_pad / U`` for USP).
-        compute_streams: 1, or 2 to alternate head groups' kernels over two CUDA streams
-            (``"p2p"`` Ulysses and ``"allgather"`` ring).
-        merge_impl: ``"rotate"`` / ``"pull"``: LSE merge implementation (``"auto"``, ``"triton"``, ``"torch"``).
         block_mask: a :class:`~ditfleet.attention.blockmask.BlockSparseMask` of shape
             ``(shard.global_len, kv_shard.global_len)`` over the *global unpadded* sequences, identical
             on every rank (radial attention); needs a backend with ``caps.block_mask``. ``None``: dense,
@@ -150,31 +123,22 @@ def sequence_parallel_attention(
             raise ValueError(f"{backend.key} predicts its own block mask; block_mask must be None")
         _check_mask(backend, block_mask, shard, kv_shard)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if ulysses_impl not in ULYSSES_IMPLS or ring_impl not in RING_IMPLS:
-        raise ValueError(f"ulysses_impl must be one of {ULYSSES_IMPLS} (got {ulysses_impl!r}) and ring_impl one of "
-                         f"{RING_IMPLS} (got {ring_impl!r})")
     u, r = mesh.ulysses_size, mesh.ring_size
     if u == 1 and r == 1:
         lens = None if kv_shard.pad == 0 else [kv_shard.global_len] * q.shape[0]
         mask = None if block_mask is None else block_mask.sub(0, q.shape[1], 0, k.shape[1])
         return backend(q, k, v, scale=scale, kv_lens=lens, return_lse=return_lse, block_mask=mask)
     if r == 1:
-        return ulysses_attention(
-            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
-            chunks=ulysses_chunks, impl=ulysses_impl, compute_streams=compute_streams, block_mask=block_mask,
-        )
+        return ulysses_attention(q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale,
+                                 return_lse=return_lse, block_mask=block_mask)
     if u == 1:
         if backend.predicts_mask:
             block_mask = _sharded_mask(backend, q, k, mesh, q_offset=mesh.ring_rank * shard.chunk,
                                        k_offset=mesh.ring_rank * kv_shard.chunk, shard=shard, kv_shard=kv_shard, scale=scale)
-        return ring_attention(
-            q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale, return_lse=return_lse,
-            impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
-            block_mask=block_mask,
-        )
+        return ring_attention(q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale,
+                              return_lse=return_lse, block_mask=block_mask)
     return _usp(q, k, v, backend=backend, mesh=mesh, shard=shard, kv_shard=kv_shard, scale=scale,
-                return_lse=return_lse, chunks=1 if ulysses_chunks is None else ulysses_chunks, ulysses_impl=ulysses_impl, ring_impl=ring_impl,
-                ring_chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl, block_mask=block_mask)
+                return_lse=return_lse, block_mask=block_mask)
 
 
 def _check_mask(backend: AttentionBackend, mask: BlockSparseMask, shard: SeqShard, kv_shard: SeqShard) -> None:
@@ -196,30 +160,25 @@ def _sharded_mask(backend: AttentionBackend, q, k, mesh: ParallelMesh, *, q_offs
                                         all_reduce=lambda t: dist.all_reduce(t, group=group))
 
 
-def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: SeqShard, scale, return_lse, chunks,
-         ulysses_impl, ring_impl, ring_chunks, compute_streams, merge_impl, block_mask):
+def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: SeqShard, scale, return_lse, block_mask):
     """Ulysses inside each ring group: all-to-all to super-chunks, ring over them, all-to-all back."""
     u = mesh.ulysses_size
     num_heads = q.shape[2]
     h_pad = padded_heads(num_heads, u)
-    ring = RingComm.from_mesh(mesh)
-    first_head = mesh.ulysses_rank * (h_pad // u)  # this rank's heads after the all-to-all
+    ring = transport_for(mesh, "ring")
+    first = mesh.ulysses_rank * (h_pad // u)  # this rank's heads after the all-to-all
+    kernel = backend.for_heads(first, first + h_pad // u)
 
-    def attend(q_super, kv_super, want_lse, heads):
-        kernel = backend.for_heads(first_head + heads[0], first_head + heads[1])
+    def attend(q_super, kv_super, want_lse):
         mask = block_mask
         if kernel.predicts_mask:  # every rank of this ring holds the same heads: the collectives match
-            mask = _sharded_mask(kernel, q_super, kv_super[0], mesh, q_offset=ring.rank * u * shard.chunk,
-                                 k_offset=ring.rank * u * kv_shard.chunk, shard=shard, kv_shard=kv_shard, scale=scale)
-        return ring_run(q_super, kv_super[0], kv_super[1], kv_super, comm=ring, backend=kernel, scale=scale,
-                        q_chunk=u * shard.chunk, kv_shard=kv_shard, per_chunk=u, block_mask=mask,
-                        impl=ring_impl, chunks=ring_chunks, compute_streams=compute_streams, merge_impl=merge_impl,
-                        return_lse=want_lse)
+            mask = _sharded_mask(kernel, q_super, kv_super[0], mesh, q_offset=ring.g.rank * u * shard.chunk,
+                                 k_offset=ring.g.rank * u * kv_shard.chunk, shard=shard, kv_shard=kv_shard, scale=scale)
+        return ring_run(q_super, kv_super, transport=ring, backend=kernel, scale=scale, q_chunk=u * shard.chunk,
+                        kv_shard=kv_shard, per_chunk=u, block_mask=mask, return_lse=want_lse)
 
-    out, lse = ulysses_forward(
-        pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad), comm=UlyssesComm.from_mesh(mesh),
-        attend=attend, return_lse=return_lse, chunks=chunks, impl=ulysses_impl, compute_streams=compute_streams,
-    )
+    out, lse = ulysses_forward(pad_heads(q, h_pad), pad_heads(k, h_pad), pad_heads(v, h_pad),
+                               transport=transport_for(mesh, "ulysses"), attend=attend, return_lse=return_lse)
     if h_pad != num_heads:
         out = out[:, :, :num_heads].contiguous()
         lse = lse[:, :num_heads].contiguous() if lse is not None else None

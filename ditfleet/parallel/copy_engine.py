@@ -1,25 +1,27 @@
-"""Sequence-parallel transfers on the GPUs' copy engines: Ulysses ``"ce"`` and ring ``"pull"``.
+"""The copy-engine transport (``parallel.transport: copy_engine``): SP transfers over CUDA symmetric memory.
 
-NCCL moves data with kernels, and those kernels take SMs from the attention kernel they are meant
-to hide behind (measured: every NCCL overlap variant of Ulysses was slower than none, and the
-rotating ring's kernel runs ~10 % slower while K/V travel). Here one side of every transfer is
-*symmetric memory* (``torch.distributed._symmetric_memory``: every peer's buffer mapped into each
-process through CUDA IPC; NVLink multicast is never used) -- the ring's outgoing chunks, Ulysses'
-inboxes and outboxes -- and data moves between a peer's buffer and a local one by
-``cudaMemcpyAsync`` / ``cuMemcpy2DAsync``, which the driver runs on copy engines: no SM is taken. The ring orders its accesses with the symmetric-memory barrier (a one-block kernel on
-the issuing stream that waits for every peer's matching barrier); Ulysses with int32 flags written
-and awaited by stream memory operations (:class:`CudaLink`, :mod:`ditfleet.parallel.cuda_driver`).
+NCCL moves data with kernels, and those kernels take SMs from the attention kernel they are meant to hide
+behind. Here every rank's outgoing data sits in *symmetric memory* (``torch.distributed._symmetric_memory``:
+each peer's buffer mapped into every process through CUDA IPC; NVLink multicast is never used), and the
+receiver *pulls* it with one contiguous ``copy_`` per peer, which the driver runs on a copy engine: no SM is
+taken. Accesses are ordered by the symmetric-memory barrier (a one-block kernel on the issuing stream that
+waits for every peer's matching barrier, with ``parallel.timeout_s`` as its timeout).
 
-* Ulysses ``"ce"`` (:mod:`ditfleet.parallel.ulysses_ce`): the owner pushes each head group's rows
-  into every peer's symmetric inbox by strided copy-engine copies and raises a flag there; no
-  kernel, no barrier on any side stream.
-* Ring ``"pull"``: each rank copies its K/V chunk into its symmetric buffer once; at step ``s`` a
-  rank computes on key chunk ``(r - s) mod R`` and has already pulled the next one directly from
-  its owner (chunks nobody needs under a mask are never pulled); partial results merge by LSE as
-  in the rotating ring. The order of steps and merges, and therefore the result, is the rotating
-  ring's; only the transport differs (one hop from the owner instead of R - 1 neighbour hops).
+* Ulysses (:meth:`CopyEngineTransport.all_to_all`): the caller packs its ``[U, N]`` rows straight into its
+  symmetric buffer (:meth:`~CopyEngineTransport.send_buffer`, after a barrier: every peer has finished
+  reading the previous exchange), a barrier (every row is written), then rank ``i`` pulls row ``i`` of every
+  peer's buffer.
+* Ring (``ring_*``): each rank copies its K/V chunk into its symmetric buffer once per call; at step ``s`` it
+  computes on chunk ``(r - s) mod R`` and has already pulled the next chunk it needs straight from its owner
+  on a side stream (one hop instead of ``R - 1`` neighbour hops; chunks it does not need are never pulled).
+  Two pull buffers are reused in turn; a pull waits for the kernel that last read its buffer.
 
-CUDA only (symmetric memory needs CUDA IPC); on other devices these implementations raise.
+Usable only where every rank of each group is on one host with peer access between the GPUs;
+:func:`ce_usable` checks that once, when the mesh is built (:func:`~ditfleet.parallel.transport.resolve_transport`).
+Measured on 4 x H100 (S = 75,600, attention only, commit 85e48fd): ring 54.4 vs 56.3 ms (cuDNN), 45.8 vs
+49.7 ms (FA4) against NCCL -- inside the run-to-run spread, so ``auto`` is NCCL (see the transport module).
+The CPU tests run this module's logic with threads standing in for the ranks and an in-process buffer for
+symmetric memory (the ``buffers`` argument).
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .pipeline import Pipeline
-
-BARRIER_TIMEOUT_MS = 600_000  # a peer that never arrives is a hang: fail instead, after 10 minutes
+from .transport import Group
 
 
 def ce_unavailable(device: torch.device) -> str | None:
@@ -43,12 +43,6 @@ def ce_unavailable(device: torch.device) -> str | None:
     except ImportError as e:  # pragma: no cover - depends on the torch build
         return f"torch.distributed._symmetric_memory is not available ({e})"
     return None
-
-
-def _require_ce(device: torch.device) -> None:
-    reason = ce_unavailable(device)
-    if reason:
-        raise NotImplementedError(f"ulysses_impl 'ce' / ring_impl 'pull': {reason}; use 'p2p' / 'rotate'")
 
 
 _USABLE: dict[tuple[int, str], bool] = {}
@@ -128,7 +122,6 @@ def release_all() -> None:
         b.storage = None
         b.nbytes = 0
     SymmBuffer._all.clear()
-    CudaLink._all.clear()
     _USABLE.clear()
 
 
@@ -181,169 +174,131 @@ class SymmBuffer:
         ``dtype`` starting ``offset`` elements in; on this process's device."""
         return self.handle.get_buffer(rank, list(shape), dtype, offset)
 
-    def barrier(self) -> None:
-        """Every rank of the group reaches its matching barrier (on the current stream) before work after it runs."""
-        self.handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+    def barrier(self, timeout_s: float) -> None:
+        """Every rank of the group reaches its matching barrier (on the current stream) before work after it runs;
+        a peer that does not arrive within ``timeout_s`` is a device-side error, not a hang."""
+        self.handle.barrier(channel=0, timeout_ms=max(1, int(timeout_s * 1000)))
 
 
-# ---------------------------------------------------------------- the link of Ulysses "ce"
-class CudaLink:
-    """The transport of :func:`~ditfleet.parallel.ulysses_ce.ulysses_ce_forward` on one process group: a
-    symmetric data buffer, symmetric int32 flags, copy-engine copies and stream flag operations
-    (:mod:`ditfleet.parallel.cuda_driver`). One per group, kept until :func:`release_all`.
 
-    Args:
-        group: the Ulysses process group; ``size`` its size, ``rank`` this process's index in it.
-        device: this process's CUDA device.
-    """
+class _Streams:
+    """A side stream for the pulls and the events between it and the caller's stream (no-ops off CUDA)."""
 
-    _all: dict[tuple[int, str], CudaLink] = {}
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device=device) if self.cuda else None
 
-    def __init__(self, group, size: int, rank: int, device: torch.device):
-        self.group, self.size, self.rank, self.device = group, size, rank, device
-        self.data = SymmBuffer.get(group, "ulysses_ce.data")
-        self.flags = SymmBuffer.get(group, "ulysses_ce.flags")
-        self.epoch = 0
-        self.layout = None
-        self._bases: tuple = (None, [], [])  # (data handle, per-rank byte views, per-rank flag views)
-        self.memo: dict = {}  # the caller's per-shape plans (views of these buffers): emptied when they move
+    def mark(self, stream=None):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
 
-    @classmethod
-    def get(cls, group, size: int, rank: int, device: torch.device) -> CudaLink:
-        _require_ce(device)
-        key = _group_key(group)
-        if key not in cls._all:
-            cls._all[key] = cls(group, size, rank, device)
-        return cls._all[key]
+    def side_waits(self, event) -> None:
+        if event is not None:
+            self.side.wait_event(event)
 
-    def begin(self, nbytes: int, layout=None) -> int:
-        """Buffers of at least ``nbytes`` on every rank (collective when they grow); this call's epoch.
+    def caller_waits(self, event) -> None:
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
-        ``layout``: where the regions start; when it differs from the last call's, every rank's work so
-        far completes before anyone goes on (a host sync and a barrier: only when shapes change).
-        """
-        if self.layout is not None and layout != self.layout:
-            _quiesce(self.group, self.device)
-        self.layout = layout
-        if self.flags.handle is None:  # first call: zeroed flags on every rank before anyone writes one
-            from .ulysses_ce import flag_count
+    def on_side(self):
+        import contextlib
 
-            self.flags.ensure(flag_count(self.size) * 4, self.device)
-            self.flags.view(self.rank, (flag_count(self.size),), torch.int32).zero_()
-            _quiesce(self.group, self.device)
-            self.epoch = 0
-        self.data.ensure(nbytes, self.device)
-        if self._bases[0] is not self.data.handle:  # every rank's buffers as flat views, made once per allocation
-            self.memo.clear()
-            n = self.data.nbytes
-            self._bases = (self.data.handle, [self.data.view(r, (n,), torch.uint8) for r in range(self.size)],
-                           [self.flags.view(r, (self.flags.nbytes // 4,), torch.int32) for r in range(self.size)])
-        self.epoch += 1
-        return self.epoch
-
-    def view(self, rank: int, shape: Sequence[int], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
-        esz = dtype.itemsize
-        return self._bases[1][rank][offset * esz:(offset + math.prod(shape)) * esz].view(dtype).view(shape)
-
-    def flag(self, rank: int, index: int) -> torch.Tensor:
-        return self._bases[2][rank][index:index + 1]
-
-    @staticmethod
-    def copier(dst: torch.Tensor, offset: int, pitch: int, src_numel: int):
-        """A prepared copy into ``dst`` of the rows at ``offset``, ``pitch`` apart, of sources of ``src_numel``
-        elements (:class:`~ditfleet.parallel.cuda_driver.Copy2D`): ``copier(...)(src, stream)``."""
-        from .cuda_driver import Copy2D
-
-        return Copy2D(dst, offset, pitch, src_numel)
-
-    @staticmethod
-    def signal(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
-        from .cuda_driver import write_flag
-
-        write_flag(flag, value, stream)
-
-    @staticmethod
-    def wait(flag: torch.Tensor, value: int, stream: int | None = None) -> None:
-        from .cuda_driver import wait_flag
-
-        wait_flag(flag, value, stream)
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
 
 
-# ---------------------------------------------------------------- ring over copy engines
-# attend(q, k, v, n_valid, chunk_index) -> (out, lse); merge(out, lse, block_out, block_lse, last) -> (out, lse)
-BlockAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def ring_pull_forward(q, k, v, *, comm, attend: BlockAttend, chunk_valid: Sequence[int], computes: Callable[[int, int], bool],
-                      merge, buffer=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``"pull"`` ring: the rotating ring's steps and merges, each key chunk pulled from its owner.
+class CopyEngineTransport:
+    """The copy-engine transfers of one group (see the module docstring); same methods as
+    :class:`~ditfleet.parallel.transport.NcclTransport`.
 
     Args:
-        q: ``[B, S_q, H, D]`` local queries; ``k``, ``v``: ``[B, S_k, H, D]`` the local key chunk.
-        comm: the ring's :class:`~ditfleet.parallel.ring.RingComm` (group rank ``i`` owns chunk ``i``).
-        attend: block kernel, called with the chunk's valid keys and its index.
-        chunk_valid: valid keys per chunk index (0: all padding, never pulled or computed).
-        computes: ``computes(rank, step)``: the schedule (identical on every rank).
-        merge: ``merge(out, lse, block_out, block_lse, last)`` -> the running ``(out, lse)``.
-        buffer: the ring's shared buffer (``view(rank, shape, dtype)``, ``barrier()``); ``None``: this
-            group's :class:`SymmBuffer` (CUDA). Tests pass an in-process stand-in to check the step logic on CPU.
-
-    Returns:
-        ``(out, lse)`` as :func:`~ditfleet.parallel.ring.ring_forward`.
+        group: the mesh group.
+        buffers: ``buffers(name)`` -> a buffer with ``ensure(nbytes, device)``, ``view(rank, shape, dtype)`` and
+            ``barrier(timeout_s)``; ``None``: this group's :class:`SymmBuffer` (CUDA). Tests pass a stand-in.
     """
-    size, rank = comm.size, comm.rank
-    b, s_k, h, d = k.shape
-    shape = (2, b, s_k, h, d)
-    if buffer is None:
-        _require_ce(q.device)
-        buffer = SymmBuffer.get(comm.group, "ring.kv").ensure(math.prod(shape) * k.element_size(), k.device)
-    buf = buffer
-    pipe = Pipeline(q, "ring_pull")
-    pipe.keep(q, k, v)
-    with pipe.on_comm():
-        buf.barrier()  # every peer is done pulling my previous chunk
-        mine = buf.view(rank, shape, k.dtype)
-        mine[0].copy_(k)
-        mine[1].copy_(v)
-        buf.barrier()  # every chunk is in place
 
-    # Two pull buffers, reused in turn: the pull for the j-th remote step waits (on the comm stream)
-    # until the kernel of remote step j - 2, which read the same buffer, is done.
-    bufs = [None, None]
-    freed = [None, None]
+    name = "copy_engine"
 
-    def pull(j: int, step: int):
-        c = (rank - step) % size
-        slot = j % 2
-        with pipe.on_comm():
-            pipe.comm_wait(freed[slot])
-            if bufs[slot] is None:
-                bufs[slot] = k.new_empty(shape)
-            bufs[slot].copy_(buf.view(c, shape, k.dtype))  # one contiguous copy-engine transfer from the owner
-            return bufs[slot], pipe.mark()
+    def __init__(self, group: Group, buffers: Callable[[str], object] | None = None):
+        self.g = group
+        self._buffers = buffers or (lambda name: SymmBuffer.get(group.group, name))
+        self._streams: _Streams | None = None
 
-    steps = [st for st in range(size) if computes(rank, st)]
-    remote = [st for st in steps if st != 0]  # step 0 is the local chunk
-    pulled = {remote[0]: pull(0, remote[0])} if remote else {}
-    out = lse = None
-    for i, st in enumerate(steps):
-        later = [x for x in remote if x > st]
-        if later and later[0] not in pulled:  # the next pull overlaps this step's kernel
-            pulled[later[0]] = pull(remote.index(later[0]), later[0])
-        c = (rank - st) % size
-        held, ready = pulled.pop(st) if st else (None, None)
-        kk, vv = (k, v) if held is None else (held[0], held[1])
-        with pipe.on_compute(0, after=ready):
-            pipe.used_here(held)
-            block_out, block_lse = attend(q, kk, vv, chunk_valid[c], c)
-            if out is None:  # the first block's result is the running state as is
-                out, lse = block_out, block_lse.float()
-            else:
-                out, lse = merge(out, lse, block_out, block_lse, i == len(steps) - 1)
-            if held is not None:
-                freed[remote.index(st) % 2] = pipe.mark()
-        del held, kk, vv
-    pipe.finish()
-    if out is None:
-        return q.new_zeros(q.shape), torch.full((b, h, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-    return out.to(q.dtype), lse
+    def _buffer(self, name: str, nbytes: int, device: torch.device):
+        return self._buffers(name).ensure(nbytes, device)
+
+    # ---- Ulysses
+    def send_buffer(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """This rank's ``[U, N]`` rows in its symmetric buffer, once every peer has read the previous ones."""
+        buf = self._buffer("ulysses", math.prod(shape) * dtype.itemsize, device)
+        buf.barrier(self.g.timeout_s)
+        return buf.view(self.g.rank, tuple(shape), dtype)
+
+    def all_to_all(self, send: torch.Tensor, what: str) -> torch.Tensor:
+        """As :meth:`NcclTransport.all_to_all`; ``send`` must come from :meth:`send_buffer` (else it is copied there)."""
+        shape, me = tuple(send.shape), self.g.rank
+        buf = self._buffers("ulysses")
+        mine = buf.view(me, shape, send.dtype)
+        if send.data_ptr() != mine.data_ptr():
+            mine = self.send_buffer(shape, send.dtype, send.device)
+            mine.copy_(send)
+        buf.barrier(self.g.timeout_s)  # every rank's rows are in place
+        recv = torch.empty_like(send)
+        recv[me].copy_(mine[me])
+        for p in range(self.g.size):
+            if p != me:
+                recv[p].copy_(buf.view(p, shape, send.dtype)[me])  # one contiguous pull from the owner
+        return recv
+
+    # ---- ring
+    def ring_begin(self, kv: torch.Tensor, schedule) -> None:
+        size, rank = self.g.size, self.g.rank
+        if self._streams is None:
+            self._streams = _Streams(kv.device)
+        self.kv, self.shape = kv, tuple(kv.shape)
+        self.buf = self._buffer("ring", kv.numel() * kv.element_size(), kv.device)
+        self.buf.barrier(self.g.timeout_s)  # every peer is done pulling my previous chunk
+        self.buf.view(rank, self.shape, kv.dtype).copy_(kv)
+        self.buf.barrier(self.g.timeout_s)  # every chunk is in place
+        self.begun = self._streams.mark()
+        self.remote = [s for s in range(1, size) if schedule.computes(rank, s)]  # step 0: the local chunk
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.freed = [None, None]
+        self.pulled: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def _pull(self, step: int) -> None:
+        j = self.remote.index(step)
+        slot, st = j % 2, self._streams
+        owner = (self.g.rank - step) % self.g.size
+        with st.on_side():
+            st.side_waits(self.begun)
+            st.side_waits(self.freed[slot])  # the kernel that last read this slot is done
+            if self.slots[slot] is None:
+                self.slots[slot] = torch.empty(self.shape, dtype=self.kv.dtype, device=self.kv.device)
+            self.slots[slot].copy_(self.buf.view(owner, self.shape, self.kv.dtype))
+            self.pulled[step] = (self.slots[slot], st.mark())
+
+    def ring_prefetch(self, step: int) -> None:
+        later = [s for s in self.remote if s > step]
+        if later and later[0] not in self.pulled:  # the next pull overlaps this step's kernel
+            self._pull(later[0])
+
+    def ring_chunk(self, step: int) -> torch.Tensor:
+        if step == 0:
+            return self.kv
+        if step not in self.pulled:
+            self._pull(step)
+        chunk, ready = self.pulled[step]
+        self._streams.caller_waits(ready)
+        return chunk
+
+    def ring_advance(self, step: int) -> None:
+        if step in self.pulled:
+            self.pulled.pop(step)
+            self.freed[self.remote.index(step) % 2] = self._streams.mark()
+
+    def ring_end(self) -> None:
+        self.kv = self.buf = self.slots = None
+        self.pulled = {}

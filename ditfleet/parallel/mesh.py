@@ -13,7 +13,6 @@ and equals the index of the sequence chunk it holds.
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -120,6 +119,10 @@ class ParallelMesh:
         world_size: number of processes; must equal the product of the three sizes.
         device_mesh: the ``DeviceMesh`` with axes ``("cfg", "ring", "ulysses")``, or ``None``.
         sp_group: the flattened ring x ulysses (sequence-parallel) process group of this rank.
+        transport: how SP data moves, resolved when the mesh was built: ``"nccl"`` (``torch.distributed``:
+            NCCL on GPUs, gloo on CPU) or ``"copy_engine"`` (:mod:`ditfleet.parallel.copy_engine`).
+        transport_reason: why (``parallel.transport`` as configured, or what ``auto`` decided).
+        timeout_s: the mesh groups' timeout (``parallel.timeout_s``): the longest any wait on a peer may take.
     """
 
     cfg_size: int = 1
@@ -128,6 +131,9 @@ class ParallelMesh:
     world_size: int = 1
     device_mesh: object | None = field(default=None, compare=False, repr=False)
     sp_group: object | None = field(default=None, compare=False, repr=False)
+    transport: str = "nccl"
+    transport_reason: str = field(default="default", compare=False)
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         sizes = {"cfg_size": self.cfg_size, "ring_size": self.ring_size, "ulysses_size": self.ulysses_size}
@@ -144,6 +150,10 @@ class ParallelMesh:
                 f"{desc} = {product}, but the world has {self.world_size} process(es); "
                 f"the product of the sizes must equal the world size",
             )
+        if self.transport not in ("nccl", "copy_engine"):
+            raise ConfigError("parallel.transport", f"a built mesh runs 'nccl' or 'copy_engine', got {self.transport!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ConfigError("parallel.timeout_s", f"must be a number of seconds > 0, got {self.timeout_s!r}")
         if self.device_mesh is not None and tuple(self.device_mesh.mesh_dim_names) != MESH_AXES:
             raise ValueError(f"device mesh axes must be {MESH_AXES}, got {self.device_mesh.mesh_dim_names}")
         object.__setattr__(self, "_cache", {})
@@ -224,27 +234,20 @@ class ParallelMesh:
         return f"cfg {self.cfg_size} x ring {self.ring_size} x ulysses {self.ulysses_size} = {self.world_size}"
 
 
-def nccl_sp_options(max_ctas: int | None = None, high_priority: bool = False):
-    """``ProcessGroupNCCL.Options`` for the Ulysses / ring groups, or ``None`` when nothing is set
-    or this torch build has no NCCL.
+def _set_pg_timeout(timeout: datetime.timedelta, group) -> None:
+    """Set ``group``'s timeout. torch has no public call for a group made by ``init_device_mesh`` (it takes no
+    timeout), so this uses ``distributed_c10d._set_pg_timeout``; where that is missing the group keeps torch's
+    default and a warning says so."""
+    from torch.distributed import distributed_c10d
 
-    Args:
-        max_ctas: cap on the CTAs (SMs) an NCCL kernel of these groups may use, so that
-            communication overlapped with attention takes fewer SMs from the kernel.
-        high_priority: run the groups' NCCL streams at high priority.
-    """
-    if max_ctas is None and not high_priority:
-        return None
-    options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
-    if options_cls is None:
-        return None
-    opts = options_cls()
-    if high_priority and hasattr(opts, "is_high_priority_stream"):
-        opts.is_high_priority_stream = True
-    config = getattr(opts, "config", None)
-    if max_ctas is not None and config is not None and hasattr(config, "max_ctas"):
-        config.max_ctas = int(max_ctas)
-    return opts
+    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # pragma: no cover - depends on the torch build
+        import warnings
+
+        warnings.warn("this torch has no _set_pg_timeout: parallel.timeout_s does not apply to the mesh groups",
+                      RuntimeWarning, stacklevel=3)
+        return
+    setter(timeout, group)
 
 
 def init_parallel(
@@ -252,8 +255,8 @@ def init_parallel(
     ulysses_size: int = 1,
     ring_size: int = 1,
     cfg_size: int = 1,
-    nccl_max_ctas: int | None = None,
-    nccl_high_priority: bool = False,
+    transport: str = "auto",
+    timeout_s: float = 300.0,
 ) -> ParallelMesh:
     """Build the cfg x ring x ulysses mesh over the default process group (created if needed).
 
@@ -261,32 +264,27 @@ def init_parallel(
         ulysses_size: Ulysses degree (all-to-all over neighbouring ranks).
         ring_size: ring degree.
         cfg_size: 1 or 2.
-        nccl_max_ctas: NCCL only: cap on the CTAs of the Ulysses and ring groups' kernels
-            (see :func:`nccl_sp_options`); ignored on gloo or where torch cannot pass options.
-        nccl_high_priority: NCCL only: high-priority NCCL streams for those groups.
+        transport: ``parallel.transport``: ``"auto"`` (= ``"nccl"``), ``"nccl"`` or ``"copy_engine"``
+            (checked here, once: :func:`~ditfleet.parallel.transport.resolve_transport`).
+        timeout_s: ``parallel.timeout_s``: the timeout of every mesh group (the Ulysses, ring, cfg and
+            sequence-parallel groups), so a wait on a stopped or dead peer ends within it.
 
     Returns:
-        A :class:`ParallelMesh` holding the ``DeviceMesh`` and its sub-groups.
+        A :class:`ParallelMesh` holding the ``DeviceMesh``, its sub-groups and the resolved transport.
 
     Raises:
-        ConfigError: the product of the sizes differs from the world size (message names all sizes).
+        ConfigError: the product of the sizes differs from the world size (message names all sizes), an
+            unknown transport, ``copy_engine`` where it cannot run, or a timeout <= 0.
     """
     env = init_distributed()
     # Validate before any group is created, so a bad config fails identically on every rank.
-    ParallelMesh(cfg_size, ring_size, ulysses_size, env.world_size)
+    ParallelMesh(cfg_size, ring_size, ulysses_size, env.world_size, timeout_s=timeout_s)
     from torch.distributed.device_mesh import init_device_mesh
 
+    from .transport import Group, resolve_transport
+
     device_type = "cuda" if env.device.type == "cuda" else "cpu"
-    kwargs = {}
-    if env.backend == "nccl" and "backend_override" in inspect.signature(init_device_mesh).parameters:
-        override = {}
-        for axis, size in (("ring", ring_size), ("ulysses", ulysses_size)):
-            opts = nccl_sp_options(nccl_max_ctas, nccl_high_priority) if size > 1 else None
-            if opts is not None:
-                override[axis] = ("nccl", opts)
-        if override:
-            kwargs["backend_override"] = override
-    mesh = init_device_mesh(device_type, (cfg_size, ring_size, ulysses_size), mesh_dim_names=MESH_AXES, **kwargs)
+    mesh = init_device_mesh(device_type, (cfg_size, ring_size, ulysses_size), mesh_dim_names=MESH_AXES)
     try:
         sp_group = mesh["ring", "ulysses"]._flatten("sp").get_group()
     except (AttributeError, NotImplementedError, RuntimeError):  # older/newer torch without _flatten
@@ -296,4 +294,18 @@ def init_parallel(
             g = dist.new_group(ranks)
             if env.rank in ranks:
                 sp_group = g
-    return ParallelMesh(cfg_size, ring_size, ulysses_size, env.world_size, mesh, sp_group)
+    sized = ParallelMesh(cfg_size, ring_size, ulysses_size, env.world_size, mesh, sp_group, timeout_s=timeout_s)
+    # DeviceMesh gives its groups torch's default timeout (10-30 min), not the default group's: set ours. A mesh
+    # axis that spans the world *is* the default group; its timeout (the launcher's, which also bounds the waits
+    # between requests while rank 0 decodes) is left alone -- the transports bound their own waits.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    default = dist.distributed_c10d._get_default_group()
+    for axis in (*MESH_AXES, "sp"):
+        group = sized.group(axis)
+        if group is not None and group is not default and dist.get_world_size(group) > 1:
+            _set_pg_timeout(timeout, group)
+    groups = [Group(sized.group(a), sized.axis_ranks(a), getattr(sized, f"{a}_rank"), timeout_s)
+              for a in ("ulysses", "ring") if getattr(sized, f"{a}_size") > 1]
+    resolved, why = resolve_transport(transport, groups, env.device)
+    return ParallelMesh(cfg_size, ring_size, ulysses_size, env.world_size, mesh, sp_group, transport=resolved,
+                        transport_reason=why, timeout_s=timeout_s)
