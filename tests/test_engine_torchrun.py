@@ -88,6 +88,10 @@ def test_torchrun_matches_local_and_broadcasts_sparge(local_ref, tmp_path):
     assert e["launcher"] == "torchrun" and [w["rank"] for w in e["workers"]] == [0, 1]
     assert all(w["sparge_sha256"] == want and w["backend"] == "gloo" for w in e["workers"])
     assert e["sparge"]["sha256"] == want and {"device", "process_group", "load"} <= set(e["startup_s"])
+    # the transport the mesh resolved (auto -> nccl: gloo on CPU), recorded per worker and for the run
+    assert e["parallel"] == {"transport": "nccl", "transport_reason": e["parallel"]["transport_reason"],
+                             "transport_configured": "auto", "timeout_s": 300.0}
+    assert "auto" in e["parallel"]["transport_reason"] and all(w["transport"] == "nccl" for w in e["workers"])
 
 
 def test_sparge_run_binds_blocks_on_every_rank(tmp_path):
