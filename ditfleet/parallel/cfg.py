@@ -15,6 +15,7 @@ import torch
 
 from .mesh import ParallelMesh
 from .shard import all_gather_single
+from .transport import peer_wait
 
 COND, UNCOND = 0, 1
 
@@ -58,7 +59,9 @@ def cfg_exchange(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, 
         return cond, uncond
     pred = pred.contiguous()
     both = pred.new_empty((2, *pred.shape))
-    all_gather_single(both, pred.unsqueeze(0), group=mesh.group("cfg"))
+    peers = [r for i, r in enumerate(mesh.axis_ranks("cfg")) if i != mesh.cfg_rank]
+    with peer_wait("cfg exchange", peers, mesh.timeout_s):
+        all_gather_single(both, pred.unsqueeze(0), group=mesh.group("cfg"))
     return both[COND], both[UNCOND]
 
 
