@@ -170,6 +170,17 @@ class AttentionBackend(ABC):
 
     __call__ = forward
 
+    @property
+    def seq_tile(self) -> tuple[int, int] | None:
+        """The ``(query, key)`` tile in tokens of this kernel's block-sparse path; ``None``: dense kernels.
+
+        A mask window whose query / key offsets are multiples of it is cut into the tiles of the whole
+        sequence (:meth:`~ditfleet.attention.blockmask.BlockSparseMask.on_tiles`), so full tiles stay full
+        and no tile is split between two windows. The parallel layer aligns ring chunks to it
+        (:func:`ditfleet.parallel.shard.tile_align`); a dense kernel needs no alignment (no extra padding).
+        """
+        return None
+
     # ---- hooks for kernels with per-head settings or their own masks (Sparge); others keep the defaults
     def for_heads(self, start: int, stop: int) -> AttentionBackend:
         """This kernel restricted to heads ``[start, stop)`` of the heads it was set up for.

@@ -20,6 +20,15 @@ with the token-level predicate :func:`allowed_tokens`, applied only inside those
 empty (skipped). Exactness is therefore kept at token level whatever the offsets, and aligned
 windows (offsets and tile sizes multiples of ``bs``) have no partial tiles at all.
 
+Tile-aligned windows (sequence parallelism): a window whose query / key offsets are multiples of
+the kernel's tile is cut into exactly the tiles of the whole sequence, so it classifies them as
+the whole sequence does (:meth:`on_tiles`). The one difference is padding: a sharded sequence pads
+at its end, so the last window holds query rows past the real ones (``q_lim``); with
+``real_rows=True`` :meth:`kernel_blocks` classifies a tile by its real rows only (the caller sets
+the padding rows to "no key" itself), so the tile that ends the sequence stays full and a tile of
+padding rows only is empty. Keys past ``k_lim`` are never ignored (they would enter the softmax of
+real rows): kernels slice them off first (``kv_lens``).
+
 Per-(batch, head) masks (Sparge attention predicts one per head): the grid may carry two
 leading dims, ``[B, H, NA, NB]``, and the blocks may be rectangular, ``(block_q, block_k)`` tokens
 (Sparge: 128 x 64). Windows, counting and tile classification work the same, per leading index;
@@ -222,6 +231,17 @@ class BlockSparseMask:
         return (self._grid.q_total, self._grid.k_total)
 
     @property
+    def q_real(self) -> int:
+        """Real (non-padding) query rows of the window: its leading rows before ``q_lim``."""
+        return max(0, min(self.q_len, self.q_lim - self.q_start))
+
+    def on_tiles(self, bq: int, bk: int) -> bool:
+        """The window starts on the ``bq x bk`` tiles of the whole sequence (both offsets multiples of them),
+        so its kernel tiles are tiles of the global tile grid: tile ``(u, w)`` is global tile
+        ``(q_start / bq + u, k_start / bk + w)``."""
+        return self.q_start % bq == 0 and self.k_start % bk == 0
+
+    @property
     def key(self) -> tuple:
         """Hashable identity of this window (grid identity + offsets); used for kernel caches."""
         return (id(self._grid), self.q_start, self.k_start, self.q_len, self.k_len, self.q_lim, self.k_lim)
@@ -254,12 +274,15 @@ class BlockSparseMask:
         glob = torch.clamp(local + start, max=lim)  # positions past lim count as masked
         return glob, local[1:] - local[:-1]
 
-    def _rect_counts(self, bq: int, bk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Allowed pairs per ``bq x bk`` tile of the window: int64 ``[*lead, NU, NV]``; and each tile's size ``[NU, NV]``."""
+    def _rect_counts(self, bq: int, bk: int, device, real_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Allowed pairs per ``bq x bk`` tile of the window: int64 ``[*lead, NU, NV]``; and each tile's size ``[NU, NV]``
+        (``real_rows``: its real query rows, those before ``q_lim``, times its keys)."""
         gx, sx = self._edges(bq, "q", device)
         gy, sy = self._edges(bk, "k", device)
         f = self._count(gx[:, None], gy[None, :], device)
         counts = f[..., 1:, 1:] - f[..., :-1, 1:] - f[..., 1:, :-1] + f[..., :-1, :-1]
+        if real_rows:
+            sx = gx[1:] - gx[:-1]  # global edges are clipped at q_lim: the real rows of each tile
         return counts, sx[:, None] * sy[None, :]
 
     def allowed_counts(self) -> torch.Tensor:
@@ -301,22 +324,32 @@ class BlockSparseMask:
         return occ.cpu()
 
     # ------------------------------------------------------------------ kernel views
-    def kernel_blocks(self, bq: int, bk: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_blocks(self, bq: int, bk: int, device: torch.device | str = "cpu", *,
+                      real_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Classify the window's ``bq x bk`` kernel tiles (local, starting at token 0 of the window).
+
+        Args:
+            bq, bk: the kernel's tile in tokens.
+            device: where the result goes.
+            real_rows: judge a tile by its real query rows only (before ``q_lim``): a tile whose real
+                rows attend all its keys is full even when padding rows past the sequence's end share
+                it. The caller must then give the padding rows ``out = 0``, ``lse = -inf`` itself
+                (rows from :attr:`q_real` on), since a full tile runs them unmasked.
 
         Returns:
             ``(full, partial)``: bool ``[*lead, ceil(q_len/bq), ceil(k_len/bk)]`` on ``device``. ``full``: every
-            token pair of the tile (tile clipped to ``q_len x k_len``) is allowed; ``partial``: some
-            but not all are; neither: none. Cached per window, tile size and device.
+            token pair of the tile (tile clipped to ``q_len x k_len``; to its real rows with ``real_rows``)
+            is allowed; ``partial``: some but not all are; neither: none. Cached per window, tile size,
+            device and ``real_rows``.
         """
         device = torch.device(device)
 
         def build():
-            counts, area = self._rect_counts(bq, bk, device)
+            counts, area = self._rect_counts(bq, bk, device, real_rows)
             full = (counts == area) & (counts > 0)
             return full, (counts > 0) & ~full
 
-        return self._grid.cached(("tiles", self.key, bq, bk, str(device)), build)
+        return self._grid.cached(("tiles", self.key, bq, bk, str(device), bool(real_rows)), build)
 
     def token_params(self, device: torch.device | str) -> dict[str, torch.Tensor | int | tuple[int, int]]:
         """Arguments of :func:`allowed_tokens` for this window on ``device``.

@@ -37,6 +37,13 @@ Kernels (both ``caps.block_mask``, both return the LSE, both dense when given no
 - :class:`RadialFA4`: FlashAttention-4's block-sparse forward (Hopper / Blackwell; the call lives in
   :mod:`ditfleet.attention.fa4_sparse`, shared with Sparge) on the full tiles; partial tiles (unaligned ring windows, Blackwell's 256-row tiles) go to flex and merge
   by LSE, so no CuTe ``mask_mod`` is needed.
+
+Both declare their tile (:attr:`~ditfleet.attention.base.AttentionBackend.seq_tile`): ring chunks
+aligned to it give windows cut into the whole sequence's tiles, so with the mask's blocks a multiple
+of the tile (the default 128 on 128) no tile is partial and FA4 runs every step alone, with no flex
+call and no extra LSE merge. Tiles are classified by their real query rows (``real_rows``): the
+padding rows a sharded sequence ends with do not turn the last tile partial; they get ``out = 0``,
+``lse = -inf`` afterwards (one slice).
 """
 
 from __future__ import annotations
@@ -227,7 +234,7 @@ def flex_block_mask(mask: BlockSparseMask, device: torch.device, tile: tuple[int
     device = torch.device(device)
 
     def build():
-        full, partial = mask.kernel_blocks(tile[0], tile[1], device)
+        full, partial = mask.kernel_blocks(tile[0], tile[1], device, real_rows=True)
         kv_cnt, kv_idx = _lists(partial)
         full_cnt, full_idx = _lists(torch.zeros_like(full) if partial_only else full)
         p = mask.token_params(device)
@@ -256,10 +263,21 @@ def flex_masked_attention(q, k, v, mask: BlockSparseMask, *, scale: float, retur
                           tile: tuple[int, int] = (128, 128), partial_only: bool = False):
     """Block-sparse attention through flex: ``[B, S, H, D]`` in, ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)``.
 
-    Rows with no allowed key get ``out = 0`` and ``lse = -inf``.
+    Rows with no allowed key get ``out = 0`` and ``lse = -inf`` (padding rows past the window's real ones too).
     """
-    return run_flex(q, k, v, flex_block_mask(mask, q.device, tile, partial_only=partial_only), scale=scale,
-                    return_lse=return_lse)
+    out, lse = run_flex(q, k, v, flex_block_mask(mask, q.device, tile, partial_only=partial_only), scale=scale,
+                        return_lse=return_lse)
+    return no_key_rows(out, lse, mask.q_real)
+
+
+def no_key_rows(out: torch.Tensor, lse: torch.Tensor | None, real: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows from ``real`` on (padding queries, run unmasked inside full tiles) set to ``out = 0``, ``lse = -inf``,
+    in place: ``out`` ``[B, S_q, H, D]``, ``lse`` ``[B, H, S_q]`` or ``None``."""
+    if real < out.shape[1]:
+        out[:, real:] = 0
+        if lse is not None:
+            lse[:, :, real:] = float("-inf")
+    return out, lse
 
 
 def run_flex(q, k, v, block_mask, *, scale: float, return_lse: bool):
@@ -309,6 +327,10 @@ class RadialFlex(AttentionBackend):
     install_hint = "needs torch >= 2.5 (torch.nn.attention.flex_attention)"
     requires_modules = ("torch.nn.attention.flex_attention",)
     tile: tuple[int, int] = (128, 128)
+
+    @property
+    def seq_tile(self) -> tuple[int, int]:
+        return tuple(self.tile)
 
     @functools.cached_property
     def dense(self) -> AttentionBackend:
@@ -366,6 +388,13 @@ class RadialFA4(AttentionBackend):
 
         return FlashAttn4(device=self.device, dtype=self.dtype)
 
+    @property
+    def seq_tile(self) -> tuple[int, int]:
+        """The tile of long query windows on this GPU (``(tile_m, tile_n)`` where no GPU is visible)."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return (self.tile_m, self.tile_n)
+        return self.tiles(1 << 30)
+
     def tiles(self, s_q: int) -> tuple[int, int]:
         """FA4's block-sparse tile ``(bq, bk)`` for ``s_q`` queries on this GPU (or what FA4 asked for last time)."""
         major = torch.cuda.get_device_capability(self.device)[0]
@@ -390,9 +419,10 @@ class RadialFA4(AttentionBackend):
         """FA4 tile lists of a window (cached with the mask: no per-call argsort or host sync)."""
 
         def build():
-            full, partial = mask.kernel_blocks(bq, bk, device)
+            full, partial = mask.kernel_blocks(bq, bk, device, real_rows=True)
             full_cnt, full_idx = _lists(full)
             no_tile = (full.sum(-1) == 0).repeat_interleave(bq)[: mask.q_len]  # rows FA4 computes nothing for
+            no_tile[mask.q_real :] = False  # padding rows: set by no_key_rows (a slice, not a masked pass)
             return {"full_cnt": full_cnt, "full_idx": full_idx, "has_partial": bool(partial.any()),
                     "no_tile": no_tile if bool(no_tile.any()) else None}
 
@@ -419,6 +449,7 @@ class RadialFA4(AttentionBackend):
             o2, l2 = flex_masked_attention(q, k, v, block_mask, scale=scale, return_lse=True, tile=(bq, bk), partial_only=True)
             merged, lse = merge_partials(out, lse, o2, l2)
             out = merged.to(q.dtype)
+        out, lse = no_key_rows(out, lse, block_mask.q_real)  # padding rows FA4 ran inside full tiles
         return out, (lse if return_lse else None)
 
     def _fa4(self, q, k, v, plan: dict, block: tuple[int, int], scale: float, need_lse: bool):

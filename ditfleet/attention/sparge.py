@@ -45,7 +45,11 @@ Kernels:
   (``from_kv_blocks``, 128 x 64 tiles; full tiles without ``mask_mod``, partial ones — only in
   unaligned ring windows — with the exact token predicate; compiled on CUDA, eager on CPU).
   Returns the LSE, so it runs under Ulysses, ring and USP (the ring computes the mask from
-  gathered statistics: :func:`block_stats`, :func:`predict_from_stats`).
+  gathered statistics: :func:`block_stats`, :func:`predict_from_stats`). Its tile
+  (:attr:`~ditfleet.attention.base.AttentionBackend.seq_tile`) is the mask's block, so ring chunks
+  aligned to it put every ring step on the mask's grid: FA4 runs each step on the grid's own tiles
+  (no flex, no partial tile), with the ring's one LSE merge per step and no host sync (the mask stays
+  on the device; the ring runs every real step, an empty one on an empty tile list).
 - :class:`SpargeSpas`: ``spas_sage_attn.spas_sage2_attn_meansim_cuda`` (INT8 QK, FP8 PV) with the
   per-head tensors; no LSE, so Ulysses only.
 
@@ -356,7 +360,7 @@ def flex_block_mask(mask: BlockSparseMask, device: torch.device, tile: tuple[int
     tile = mask.block_shape if tile is None else tile
 
     def build():
-        full, partial = mask.kernel_blocks(tile[0], tile[1], device)
+        full, partial = mask.kernel_blocks(tile[0], tile[1], device, real_rows=True)
         kv_cnt, kv_idx = _lists(partial)
         full_cnt, full_idx = _lists(full)
         prm = mask.token_params(device)
@@ -387,11 +391,13 @@ def _check_lead(mask: BlockSparseMask, q: torch.Tensor) -> None:
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, *, scale: float,
                      return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through flex (compiled on CUDA, eager on CPU): ``[B, S, H, D]`` in,
-    ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` out; rows without any key get 0 / ``-inf``."""
-    from .radial import run_flex
+    ``(out [B, S_q, H, D], lse float32 [B, H, S_q] | None)`` out; rows without any key get 0 / ``-inf``
+    (padding rows past the window's real ones too)."""
+    from .radial import no_key_rows, run_flex
 
     _check_lead(mask, q)
-    return run_flex(q, k, v, flex_block_mask(mask, q.device), scale=scale, return_lse=return_lse)
+    out, lse = run_flex(q, k, v, flex_block_mask(mask, q.device), scale=scale, return_lse=return_lse)
+    return no_key_rows(out, lse, mask.q_real)
 
 
 def block_sparse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, block: tuple[int, int], *,
@@ -544,6 +550,14 @@ class SpargeFlex(_SpargeBase):
     def __post_init__(self) -> None:
         if self.impl not in KERNEL_IMPLS:
             raise ValueError(f"{self.key}: impl must be one of {KERNEL_IMPLS}, got {self.impl!r}")
+
+    @property
+    def seq_tile(self) -> tuple[int, int] | None:
+        """The mask's ``(block_q, block_k)``: FA4's (and flex's) tile here; ``None`` for a bound dense layer.
+        An unbound site kernel has SpargeAttn's 128 x 64 (what :meth:`for_layer` settings use)."""
+        if not self.bound:
+            return (BLOCK_Q, BLOCK_K)
+        return None if self.params is None else (self.params.block_q, self.params.block_k)
 
     @classmethod
     def unavailable_reasons(cls, device, dtype):

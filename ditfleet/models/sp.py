@@ -7,6 +7,12 @@ points, and runs its self-attention through :meth:`SeqParallel.attention`. Witho
 with an SP degree of 1, all three are the identity / the plain kernel, so model code has no
 ``world_size`` branches. The splitting itself is ``ditfleet.parallel.shard_sequence``: contiguous
 chunks by SP rank, zero padding at the global end, padded keys excluded by the attention layer.
+
+Block-sparse kernels under a ring: the model names its self-attention kernels once at start-up
+(:meth:`SeqParallel.use_kernels`), and the split aligns every chunk to their tiles
+(:func:`ditfleet.parallel.shard.tile_align`), so each ring step's window is cut into the tiles of the
+whole sequence (full tiles stay on the block-sparse path). Dense kernels, Ulysses and a single
+process keep unaligned chunks (no extra padding).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from ..attention.base import AttentionBackend
 from ..attention.blockmask import BlockSparseMask
 from ..parallel import ParallelMesh, SeqShard, check_backend_for_mesh, gather_sequence, sequence_parallel_attention, shard_sequence
+from ..parallel.shard import tile_align
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class SeqParallel:
     def __init__(self, plan: SeqParallelPlan, mesh: ParallelMesh | None = None):
         self.plan = plan
         self.mesh = mesh
+        self.align = 1  # chunks are a multiple of it (use_kernels)
 
     @property
     def active(self) -> bool:
@@ -53,6 +61,15 @@ class SeqParallel:
         """Start-up check that ``backend`` can run the sharded self-attention (ring needs the LSE)."""
         if self.active:
             check_backend_for_mesh(backend, self.mesh)
+
+    def use_kernels(self, *backends: AttentionBackend | None) -> None:
+        """Start-up: every kernel the sharded self-attention may run (``None`` entries skipped), replacing any
+        earlier set. Each is checked (:meth:`check_backend`) and :meth:`split` aligns chunks to their
+        block-sparse tiles under a ring (:attr:`align`; 1 for dense kernels, Ulysses, or no mesh)."""
+        for backend in backends:
+            if backend is not None:
+                self.check_backend(backend)
+        self.align = tile_align(self.mesh, backends) if self.active else 1
 
     def split(self, **tensors: torch.Tensor) -> tuple[dict[str, torch.Tensor], SeqShard | None]:
         """This process's chunk of each tensor named in ``plan.split``.
@@ -66,7 +83,7 @@ class SeqParallel:
             return dict(tensors), None
         out, shard = {}, None
         for name, t in tensors.items():
-            out[name], s = shard_sequence(t, self.mesh, dim=self.plan.split[name])
+            out[name], s = shard_sequence(t, self.mesh, dim=self.plan.split[name], align=self.align)
             if shard is not None and s != shard:
                 raise ValueError(f"sequence-parallel split: {name!r} has {s.global_len} tokens, others {shard.global_len}")
             shard = s

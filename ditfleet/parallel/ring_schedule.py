@@ -27,6 +27,12 @@ per layer. Its schedule is the padding-only one (every real (query chunk, key ch
 needed-by-padding rule holds), and a step whose window is empty costs what the kernel costs on an
 empty tile list (FA4: no key tile is loaded; flex: none either), on the device, without the host
 waiting. :func:`sp_schedule` with ``exact=True`` reads the device anyway (reports, not the forward).
+
+What the kernels compute in those steps is counted by :func:`sp_tiles` (reports, tests): per step the
+``bq x bk`` tiles of its window that run full (no mask inside) or partial (a token predicate inside;
+FA4's block-sparse path sends these to flex). Chunks aligned to the tile
+(:func:`~ditfleet.parallel.shard.tile_align`) give windows cut into the whole sequence's tiles: every
+tile is full or empty exactly as on one device, and the steps' tiles add up to the single-device ones.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..attention.blockmask import BlockSparseMask
+from .shard import SeqShard
 
 
 @dataclass(frozen=True)
@@ -101,3 +108,44 @@ def sp_schedule(mask: BlockSparseMask, chunk_q: int, chunk_k: int, ulysses_size:
     (``ulysses_size`` SP chunks of ``chunk_q`` / ``chunk_k`` tokens). ``exact``: read a device grid too
     (what the mask would allow to skip; a host sync, for reports)."""
     return RingSchedule.from_mask(mask, chunk_q * ulysses_size, chunk_k * ulysses_size, ring_size, exact=exact)
+
+
+def sp_tiles(mask: BlockSparseMask, shard: SeqShard, kv_shard: SeqShard | None, ulysses_size: int, ring_size: int,
+             tile: tuple[int, int]) -> dict:
+    """The kernel tiles of every ring / USP step under ``mask`` (a host computation, for reports and tests).
+
+    Step ``(a, c)`` (query super-chunk ``a``, key super-chunk ``c``) runs the window the ring gives its
+    kernel: queries ``[a * Cq, (a + 1) * Cq)`` against the *valid* keys of super-chunk ``c`` (``kv_lens``
+    cuts the padding off before a kernel sees it), ``C = ulysses_size * chunk``; its ``bq x bk`` tiles are
+    classified as the block-sparse kernels do (:meth:`BlockSparseMask.kernel_blocks` with ``real_rows``).
+    Steps the schedule skips (no valid key, or, for a grid in host memory, an empty window) count nothing.
+
+    Args:
+        mask: the mask over the global unpadded sequences (a grid on a GPU is read: a host sync).
+        shard, kv_shard: the query / key shards (``kv_shard`` ``None``: ``shard``).
+        ulysses_size, ring_size: the mesh's degrees.
+        tile: the kernel's ``(bq, bk)``.
+
+    Returns:
+        ``{"tile", "aligned" (every window starts on the global tiles), "full", "partial" (summed over
+        steps and any (batch, head) dims), "steps" ([a][c] = [full, partial])}``.
+    """
+    kv_shard = kv_shard or shard
+    bq, bk = int(tile[0]), int(tile[1])
+    cq, ck = ulysses_size * shard.chunk, ulysses_size * kv_shard.chunk
+    valid = [kv_shard.chunk_valid(c, ulysses_size) for c in range(ring_size)]
+    sched = RingSchedule.from_mask(mask, cq, ck, ring_size, exact=True)
+    steps, aligned = [], True
+    for a in range(ring_size):
+        row = []
+        for c in range(ring_size):
+            if not (valid[c] and sched.needs[a][c]):
+                row.append([0, 0])
+                continue
+            window = mask.sub(a * cq, cq, c * ck, valid[c])
+            aligned &= window.on_tiles(bq, bk)
+            full, partial = window.kernel_blocks(bq, bk, real_rows=True)
+            row.append([int(full.sum()), int(partial.sum())])
+        steps.append(row)
+    return {"tile": [bq, bk], "aligned": aligned, "full": sum(f for r in steps for f, _ in r),
+            "partial": sum(p for r in steps for _, p in r), "steps": steps}

@@ -309,8 +309,13 @@ class WanDiT(nn.Module):
                               "torch_sdpa, flash_attn2, flash_attn3, flash_attn4, sage_attn2")
         self.backends = backends
         self.self_layers = ()  # a per-layer kernel waits for set_sparge / set_sparge_weights
-        self.sp.check_backend(backends[SELF_SITE])
+        self.sp.use_kernels(*self._sp_kernels())
         return self
+
+    def _sp_kernels(self) -> tuple[AttentionBackend | None, ...]:
+        """The kernels the sharded self-attention runs (checked against the mesh; the split aligns to their tiles)."""
+        main = self.self_layers or (self.backends.get(SELF_SITE),)
+        return (*main, self.dense_fallback)
 
     @property
     def sparge_active(self) -> bool:
@@ -342,8 +347,7 @@ class WanDiT(nn.Module):
         if bad:
             raise ValueError(f"set_sparge: block {bad[0]} has settings for {layers[bad[0]].num_heads} heads, the DiT has {h}")
         self.self_layers = tuple(bind_layers(self.backends[SELF_SITE], layers))
-        for b in self.self_layers:
-            self.sp.check_backend(b)
+        self.sp.use_kernels(*self._sp_kernels())
         return self
 
     def set_sparge_weights(self, state: Mapping[str, torch.Tensor], *, source: str = "sparge_ckpt") -> WanDiT:
@@ -371,9 +375,9 @@ class WanDiT(nn.Module):
     def set_parallel(self, mesh) -> WanDiT:
         """Run self-attention sequence-parallel over ``mesh`` (a ``ParallelMesh``; ``None``: single process)."""
         self.sp = SeqParallel(self.sp_plan, mesh)
-        for backend in (self.backends.get(SELF_SITE), self.dense_fallback, *self.self_layers):
-            if backend is not None:
-                self.sp.check_backend(backend)
+        if self.backends.get(SELF_SITE) is not None:
+            self.sp.check_backend(self.backends[SELF_SITE])
+        self.sp.use_kernels(*self._sp_kernels())
         return self
 
     def set_radial(self, setting, *, dense_fallback: AttentionBackend | None = None) -> WanDiT:
@@ -397,6 +401,7 @@ class WanDiT(nn.Module):
         if dense_fallback is not None:
             self.sp.check_backend(dense_fallback)
         self.radial, self.dense_fallback = setting, dense_fallback
+        self.sp.use_kernels(*self._sp_kernels())
         return self
 
     def set_step(self, step: int | None) -> WanDiT:
