@@ -446,6 +446,7 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
     import torch.distributed as dist
 
     from ..parallel import SeqShard, gather_sequence, sequence_parallel_attention, shard_sequence, sp_schedule
+    from ..parallel.shard import tile_align
     from .sp_attention import MeshCache, _err, _mode_sizes, _time
 
     device, rank, world = env.device, env.rank, env.world_size
@@ -519,9 +520,10 @@ def run_sp(args: argparse.Namespace, cases: list[tuple[str, tuple[int, int, int]
                             continue
                         u, rr = sizes
                         mesh = meshes.get(u, rr, transport=args.transport)
-                        shard = SeqShard.for_length(s, mesh)
-                        local = [shard_sequence(t, mesh)[0] for t in (q, k, v)]
-                        m = r["modes"][mode] = {"ulysses": u, "ring": rr}
+                        align = tile_align(mesh, [bound])  # as a model's SeqParallel: the kernel's tiles under a ring
+                        shard = SeqShard.for_length(s, mesh, align=align)
+                        local = [shard_sequence(t, mesh, align=align)[0] for t in (q, k, v)]
+                        m = r["modes"][mode] = {"ulysses": u, "ring": rr, "align": align, "chunk": shard.chunk}
                         if rr > 1 and mask is not None:
                             m["schedule"] = sp_schedule(mask, shard.chunk, shard.chunk, u, rr, exact=True).stats()
 
