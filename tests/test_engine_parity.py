@@ -163,7 +163,7 @@ def test_cfg_off_and_sequential_cfg_match_diffusers(tmp_path, torch_threads):
                    guidance_scale=1.0, generator=torch.Generator().manual_seed(SEED), output_type="latent").frames
     ours = pipe.generate(req.replace(enable_cfg=False), decode=False, quiet=True).latents
     assert rel_l2(ours, ref) <= TOL
+    sequential = pipe.generate(req, decode=False, quiet=True).latents  # the default
+    pipe.runner.cfg_batch = True
     batched = pipe.generate(req, decode=False, quiet=True).latents
-    pipe.runner.cfg_batch = False
-    sequential = pipe.generate(req, decode=False, quiet=True).latents
     assert rel_l2(sequential, batched) <= 1e-5

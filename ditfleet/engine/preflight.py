@@ -184,7 +184,7 @@ def check_size(geom: ModelGeometry, frames: int, height: int, width: int, *, cfg
                                f"{geom.rope_max} RoPE positions per axis ({geom.source}); at most {top}")
     par = cfg.parallel
     est = estimate_bytes(geom, frames, height, width, dtype_bytes=torch.empty(0, dtype=cfg.torch_dtype).element_size(),
-                         seq_p=par.seq_p_size, cfg_batch=2 if cfg.enable_cfg and par.cfg_p_size == 1 else 1)
+                         seq_p=par.seq_p_size, cfg_batch=1)  # the runner runs CFG branches one at a time
     cap = device_memory(device, ranks_on_host) if device is not None else None
     if cap is not None and est["total"] > cap[0]:
         raise RequestError(
