@@ -61,6 +61,14 @@ def test_layouts():
             assert lay.gpus == n, lay
     usp = step.layouts_for(8)[2]
     assert (usp.ulysses, usp.ring, usp.seq_p_attn_type) == (2, 4, "usp") and step.SINGLE.seq_p_attn_type is None
+    # each SP layout once per transport; cfg 2 alone has no SP transport
+    both = step.layouts_for(2, ("nccl", "copy_engine"))
+    assert [lay.name for lay in both] == ["ulysses2", "ulysses2+ce", "ring2", "ring2+ce", "cfg2"]
+    assert [lay.transport for lay in both] == ["nccl", "copy_engine", "nccl", "copy_engine", "nccl"]
+    from types import SimpleNamespace
+
+    assert step.transports_of(SimpleNamespace(transports=None), cuda=True) == ("nccl", "copy_engine")
+    assert step.transports_of(SimpleNamespace(transports=None), cuda=False) == ("nccl",)
 
 
 @pytest.fixture
@@ -106,11 +114,11 @@ def _two_ranks(rank, world, out):
 
     real, calls = step.transport, []
 
-    def failing_on_rank_1(lay, mesh, device):  # an error on one rank only, in the set-up of the first ulysses2
+    def failing_on_rank_1(lay, mesh):  # an error on one rank only, in the set-up of the first ulysses2
         calls.append(lay.name)
         if calls == ["ulysses2"] and rank == 1:
             raise RuntimeError("injected on rank 1")
-        return real(lay, mesh, device)
+        return real(lay, mesh)
 
     step.transport = failing_on_rank_1
     # Diffusers is covered by the world of one (its context parallelism needs an accelerator): not imported here
@@ -139,7 +147,8 @@ def test_bench_step_two_ranks(tmp_path):
             tr = e["transport"]
             assert tr["backend"] == "gloo" and tr["seq_p_attn_type"] == {"ulysses2": "ulysses", "ring2": "ring",
                                                                           "cfg2": None}[lay]
-            assert {"ulysses2": "ulysses", "ring2": "ring", "cfg2": "cfg"}[lay] in tr
+            assert tr.get("sp") == {"ulysses2": "nccl", "ring2": "nccl", "cfg2": None}[lay], tr  # CPU: nccl (gloo)
+            assert ("cfg" in tr) == (lay == "cfg2")
     assert ours[("sage_attn2", "ring2")]["resolution"]["kernel"] == "sdpa_cpu_flash"  # resolved with need_lse
     assert ours[("sage_attn2", "1gpu")]["fallback"] is True
     summary = data["summary"]["torch_sdpa"]

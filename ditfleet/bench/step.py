@@ -55,9 +55,10 @@ DEFAULT_VIDEO = {"t2v-1.3b": "480p81", "t2v-14b": "720p81", "i2v-14b": "720p81"}
 GIB = float(1 << 30)
 SELF_SITE = "self_attn_1_type"
 SHIFT, GUIDE_SCALE = 5.0, 5.0  # the config's sample_shift / sample_guide_scale defaults
-TRANSPORT_NOTE = ("parallel.seq_p_attn_type of the layout; the implementation 'auto' picks (copy engine or "
-                  "NCCL/gloo P2P) is derived from ditfleet.parallel.copy_engine.ce_usable, the verdict 'auto' "
-                  "takes: the parallel layer keeps no record of the implementation it ran")
+TRANSPORT_NOTE = ("parallel.seq_p_attn_type of the layout and the transport its mesh resolved (ParallelMesh.transport: "
+                  "nccl = torch.distributed, NCCL on GPUs / gloo on CPU; copy_engine = symmetric memory + copy-engine "
+                  "pulls); layouts named '+ce' run on copy_engine (--transports)")
+TRANSPORT_SUFFIX = {"nccl": "", "copy_engine": "+ce"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cross-kernel", default=None, metavar="KEY",
                         help="dense kernel of the cross-attention sites (default: fa4 where it runs, else the "
                              "torch_sdpa kernel)")
+    parser.add_argument("--transports", nargs="+", default=None, choices=sorted(TRANSPORT_SUFFIX),
+                        help="parallel.transport of the SP layouts, each timed as its own layout (copy_engine ones "
+                             "named '+ce'; a mesh that refuses it records why); default: nccl and copy_engine on "
+                             "CUDA, nccl on the CPU")
     parser.add_argument("--layouts", nargs="+", default=None, metavar="NAME",
                         help="run only these layouts of the world size (names as in the JSON: ulysses4, ring4, usp2x2, "
                              "cfg2, cfg2+ulysses2, ...); the 1-GPU baseline always runs")
@@ -115,6 +120,7 @@ class Layout:
     cfg: int = 1
     ring: int = 1
     ulysses: int = 1
+    transport: str = "nccl"
 
     @property
     def gpus(self) -> int:
@@ -138,14 +144,21 @@ def _sp_layouts(n: int) -> list[Layout]:
     return out + [Layout(f"usp{u}x{n // u}", ring=n // u, ulysses=u) for u in range(2, n) if n % u == 0]
 
 
-def layouts_for(world: int) -> list[Layout]:
+def layouts_for(world: int, transports=("nccl",)) -> list[Layout]:
     """Every layout of ``world`` processes: Ulysses N, ring N, USP ``u x r`` (u = Ulysses degree) for each
-    divisor, and, when N is even, cfg 2 with each of those of N / 2 (cfg 2 alone at N = 2)."""
+    divisor, and, when N is even, cfg 2 with each of those of N / 2 (cfg 2 alone at N = 2); the layouts with
+    sequence parallelism once per transport of ``transports`` (``+ce``: copy_engine)."""
     out = _sp_layouts(world)
     if world % 2 == 0:
         half = _sp_layouts(world // 2)
         out += [Layout(f"cfg2+{lay.name}", 2, lay.ring, lay.ulysses) for lay in half] if half else [Layout("cfg2", 2)]
-    return out
+    return [dataclasses.replace(lay, name=lay.name + TRANSPORT_SUFFIX[t], transport=t)
+            for lay in out for t in transports if t == "nccl" or lay.ring * lay.ulysses > 1]
+
+
+def transports_of(args, cuda: bool) -> tuple[str, ...]:
+    """``--transports``, or its default: both on CUDA (the whole-step comparison ``auto`` waits for), nccl on CPU."""
+    return tuple(args.transports or (("nccl", "copy_engine") if cuda else ("nccl",)))
 
 
 class Meshes:
@@ -158,24 +171,19 @@ class Meshes:
     def get(self, lay: Layout):
         from ..parallel import init_parallel
 
-        key = (lay.cfg, lay.ring, lay.ulysses)
+        key = (lay.cfg, lay.ring, lay.ulysses, lay.transport)
         if key not in self._meshes:
-            self._meshes[key] = init_parallel(ulysses_size=lay.ulysses, ring_size=lay.ring, cfg_size=lay.cfg)
+            self._meshes[key] = init_parallel(ulysses_size=lay.ulysses, ring_size=lay.ring, cfg_size=lay.cfg,
+                                              transport=lay.transport)
         return self._meshes[key]
 
 
-def transport(lay: Layout, mesh, device: torch.device) -> dict:
+def transport(lay: Layout, mesh) -> dict:
     """The SP transport of ``lay`` on ``mesh`` (see :data:`TRANSPORT_NOTE`)."""
     out: dict = {"seq_p_attn_type": lay.seq_p_attn_type,
                  "backend": str(dist.get_backend()) if dist.is_initialized() else None}
-    try:
-        from ..parallel.copy_engine import ce_usable
-    except ImportError as e:
-        return {**out, "impl": f"unknown ({e})"}
-    if lay.ulysses > 1:
-        out["ulysses"] = "ce (copy-engine pushes)" if ce_usable(mesh.group("ulysses"), device) else "p2p"
-    if lay.ring > 1:
-        out["ring"] = "pull (copy-engine pulls)" if ce_usable(mesh.group("ring"), device) else "rotate (P2P)"
+    if lay.ring * lay.ulysses > 1:
+        out.update(sp=mesh.transport, reason=mesh.transport_reason)
     if lay.cfg > 1:
         out["cfg"] = "all_gather of the two branches"
     return out
@@ -340,7 +348,7 @@ def check_args(args) -> None:
     if args.launcher != "ray" and args.world_size is not None:
         raise UserError("--world-size is for --launcher ray; under torchrun the world is torchrun's --nproc-per-node")
     world = args.world_size if args.launcher == "ray" else int(os.environ.get("WORLD_SIZE", "1"))
-    names = [lay.name for lay in layouts_for(world)]
+    names = [lay.name for lay in layouts_for(world, transports_of(args, cuda))]
     unknown = [n for n in args.layouts or [] if n not in names]
     if unknown:
         raise UserError(f"--layouts: {', '.join(unknown)} not a layout of {world} process(es); "
@@ -428,7 +436,8 @@ class Bench:
         self.enc = make_request(cfg, self.lat, self.steps, args.solver, args.seed)
         self.noise = initial_noise(self.enc.latent_shape, args.seed)
         self.meshes = Meshes()
-        self.layouts = [lay for lay in layouts_for(self.world) if not args.layouts or lay.name in args.layouts]
+        self.layouts = [lay for lay in layouts_for(self.world, transports_of(args, self.device.type == "cuda"))
+                        if not args.layouts or lay.name in args.layouts]
         env_rec = environment(self.world)
         env_rec["device"] = str(self.device)
         if self.device.type == "cuda":
@@ -518,7 +527,7 @@ class Bench:
                            kernels={s: b.key for s, b in model.backends.items()})
                 if mesh is not None:
                     model.set_parallel(mesh)
-                    rec["transport"] = transport(lay, mesh, self.device)
+                    rec["transport"] = transport(lay, mesh)
                 made["runner"] = ModelRunner(model, mesh=mesh)
                 return rec
 
@@ -678,7 +687,7 @@ def row(e: dict) -> str:
     if e.get("kernel") or e.get("attention_backend"):
         parts.append(f"[{e.get('kernel') or e['attention_backend']}]")
     if e.get("transport"):
-        parts.append(", ".join(f"{k} {v}" for k, v in e["transport"].items() if k in ("ulysses", "ring", "cfg")))
+        parts.append(", ".join(f"{k} {v}" for k, v in e["transport"].items() if k in ("sp", "cfg")))
     return "  ".join(parts)
 
 
