@@ -68,7 +68,7 @@ def main() -> int:
         x = bench.noise.to(bench.device, torch.float32)
         t = torch.full((1,), 900.0, device=bench.device)
         single = ModelRunner(model)
-        out["forward_b1_s"] = _time(lambda: single._model(x, t, e.context, e.clip_fea, e.y), args.warmup, args.iters)
+        out["forward_b1_s"] = _time(lambda: single.dit(x, t, e.context, clip_fea=e.clip_fea, y=e.y), args.warmup, args.iters)
         for batch in (True, False):
             runner = ModelRunner(model, cfg_batch=batch)
 

@@ -140,6 +140,15 @@ class RunConfig:
     """One run of ditfleet. Field names are the JSON keys."""
 
     task: str = _f("t2v", "`t2v` (text to video) or `i2v` (image + text to video).", choices=TASKS)
+    model_cls: str | None = _f(
+        None, "Model family (LightX2V's name): `wan2.1` (one DiT) or `wan2.2_moe` (Wan2.2 A14B: high- and low-noise "
+        "experts); null: from the model folder (`transformer_2/`, `high_noise_model/` or a `boundary_ratio` mean "
+        "wan2.2_moe).",
+    )
+    boundary: float | None = _f(
+        None, "wan2.2_moe: the timestep fraction (of 1000) at and above which the high-noise expert runs, in (0, 1); "
+        "null: the folder's `boundary_ratio` (official layout: T2V 0.875, I2V 0.9).",
+    )
     model_path: str | None = _f(
         None, "Wan2.1 weights: a Diffusers folder (`Wan-AI/Wan2.1-*-Diffusers`) for `generate`; the DiT alone also "
         "loads from an official release folder. Null: the embedded tiny random model."
@@ -165,7 +174,10 @@ class RunConfig:
     target_height: int = _f(480, "Video height in pixels; multiple of 16.")
     target_width: int = _f(832, "Video width in pixels; multiple of 16.")
     text_len: int = _f(512, "Text tokens the DiT attends to (UMT5 output padded to this length).")
-    sample_guide_scale: float = _f(5.0, "Classifier-free guidance scale.")
+    sample_guide_scale: float | list[float] = _f(
+        5.0, "Classifier-free guidance scale; for wan2.2_moe also `[high_noise, low_noise]` (LightX2V's form, e.g. "
+        "[4.0, 3.0]: one scale per expert).",
+    )
     sample_shift: float = _f(5.0, "Flow-matching timestep shift.")
     enable_cfg: bool = _f(True, "Run classifier-free guidance (two passes per step); false runs one.")
     self_attn_1_type: str = _f("torch_sdpa", "Kernel of video self-attention (any attention type).")
@@ -255,6 +267,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected an object with keys {', '.join(f.name for f in dataclasses.fields(tp))}, got {json.dumps(value)}")
         return _build(tp, value, prefix=key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of {_type_name(item)}s, got {json.dumps(value)}")
+        return [_coerce(v, item, key) for v in value]
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -481,8 +498,21 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     positive("fps", cfg.fps)
     positive("text_len", cfg.text_len)
     positive("sample_shift", cfg.sample_shift)
-    if cfg.sample_guide_scale < 0:
-        raise ConfigError("sample_guide_scale", f"must be >= 0, got {cfg.sample_guide_scale}")
+    scales = cfg.sample_guide_scale if isinstance(cfg.sample_guide_scale, list) else [cfg.sample_guide_scale]
+    if len(scales) not in (1, 2) or min(scales) < 0:
+        raise ConfigError("sample_guide_scale", f"must be a number >= 0 or [high_noise, low_noise] (two numbers >= 0), "
+                                                f"got {json.dumps(cfg.sample_guide_scale)}")
+    if cfg.boundary is not None and not 0.0 < cfg.boundary < 1.0:
+        raise ConfigError("boundary", f"must lie in (0, 1) (a fraction of the 1000 timesteps; Wan2.2 A14B: T2V 0.875, "
+                                      f"I2V 0.9), got {cfg.boundary}")
+    if cfg.model_cls is not None:
+        from .models.registry import spec_for
+
+        spec = spec_for(cfg.model_cls)  # unknown -> ConfigError naming the families
+        if spec.experts == 1 and (cfg.boundary is not None or len(scales) == 2):
+            raise ConfigError("boundary" if cfg.boundary is not None else "sample_guide_scale",
+                              f"model_cls {cfg.model_cls} has one denoiser: a boundary and per-expert scales need "
+                              "wan2.2_moe")
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError("seed", f"must lie in [0, 2**63), got {cfg.seed}")
     if cfg.cpu_offload:

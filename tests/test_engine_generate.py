@@ -176,9 +176,9 @@ def test_model_folder_errors(tmp_path):
     (corrupt / "text_encoder" / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFolderError, match="text_encoder"):
         Pipeline.from_config(config(model_path=str(corrupt)))
-    with pytest.raises(ModelFolderError, match="image_encoder/config.json"):  # T2V folder for an I2V run
+    with pytest.raises(ModelFolderError, match="task i2v needs an I2V model"):  # T2V folder for an I2V run
         Pipeline.from_config(config(task="i2v", model_path=str(src)))
-    with pytest.raises(ModelFolderError, match="describes an i2v DiT"):
+    with pytest.raises(ModelFolderError, match="describes an image-conditioned DiT"):
         Pipeline.from_config(config(model_path=str(tiny_model_path("i2v"))))
 
 

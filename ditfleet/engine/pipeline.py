@@ -85,7 +85,7 @@ def request_from_config(cfg, **overrides) -> GenerateRequest:
         width=cfg.target_width,
         steps=cfg.infer_steps,
         shift=cfg.sample_shift,
-        guide_scale=cfg.sample_guide_scale,
+        guide_scale=tuple(cfg.sample_guide_scale) if isinstance(cfg.sample_guide_scale, list) else cfg.sample_guide_scale,
         enable_cfg=cfg.enable_cfg,
         solver=getattr(cfg, "sample_solver", None) or "unipc",
         fps=getattr(cfg, "fps", None) or 16,
@@ -114,11 +114,39 @@ def _weights_present(folder: Path, single: str, index: str, problems: list[str],
             problems.append(f"{rel / single}{hint}")
 
 
-def check_model_folder(path: str | Path, task: str) -> Path:
-    """Check that ``path`` is a complete Diffusers Wan2.1 folder for ``task`` before loading anything.
+def model_spec(cfg, root: Path):
+    """The :class:`~ditfleet.models.spec.ModelSpec` of the run: ``model_cls``, or the folder's family."""
+    from ..models.registry import resolve_family
+
+    return resolve_family(cfg.model_cls, root)
+
+
+def dit_configs(root: Path, spec) -> list:
+    """Each denoiser's ``WanDiTConfig`` (read from its ``config.json``; no weights)."""
+    from ..models.wan import find_checkpoint
+
+    return [find_checkpoint(folder).config for _, folder in spec.dit_folders(root)]
+
+
+def _uses_clip(root: Path, spec) -> bool:
+    """The first denoiser has the CLIP image branch (Wan2.1 I2V; not Wan2.2 A14B I2V), by its config.json."""
+    (_, folder), *_ = spec.dit_folders(root)
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # the checks below name the file
+    return bool(data.get("image_dim") or data.get("added_kv_proj_dim") or data.get("model_type") in ("i2v", "flf2v"))
+
+
+def check_model_folder(path: str | Path, task: str, spec=None) -> Path:
+    """Check that ``path`` is a complete Diffusers Wan folder for ``task`` before loading anything.
+
+    ``spec``: the model family (its denoiser folders: ``transformer/``, and ``transformer_2/`` for Wan2.2 A14B);
+    ``None``: the folder's own.
 
     Raises:
         ModelFolderError: naming every missing file and what a valid layout holds.
+        CheckpointError: a two-expert folder with an expert missing.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -130,14 +158,20 @@ def check_model_folder(path: str | Path, task: str) -> Path:
             f"model_path {str(root)!r} is an official Wan2.1 release folder (.pth text encoder and VAE); the pipeline "
             f"reads the Diffusers layout (the Wan-AI/Wan2.1-*-Diffusers repositories): {LAYOUT_HELP}"
         )
+    if spec is None:
+        from ..models.registry import resolve_family
+
+        spec = resolve_family(None, root)
     problems: list[str] = []
     tok = root / "tokenizer"
     if not any((tok / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
         problems.append("tokenizer/tokenizer.json (or spiece.model)")
+    dits = [name for name, folder in spec.dit_folders(root) if folder != root] or ["transformer"]
     comps = [("text_encoder", "model.safetensors", "model.safetensors.index.json"),
-             ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
-             ("transformer", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
-    if task == "i2v":
+             ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
+    comps += [(folder.name, "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+              for name, folder in spec.dit_folders(root) if name in dits]
+    if task == "i2v" and _uses_clip(root, spec):
         comps.append(("image_encoder", "model.safetensors", "model.safetensors.index.json"))
         if not (root / "image_processor" / "preprocessor_config.json").is_file():
             problems.append("image_processor/preprocessor_config.json")
@@ -174,18 +208,36 @@ def model_root(cfg) -> Path:
 
 def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | None = None,
                 read_sparge_file: bool = True) -> ModelRunner:
-    """Only the DiT (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
+    """Only the denoiser(s) (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
     arguments as :meth:`Pipeline.from_config`."""
     root = model_root(cfg)
-    check_model_folder(root, cfg.task)
-    from ..models.wan import find_checkpoint
-
-    _check_task(root, cfg.task, find_checkpoint(root).config)
+    spec = model_spec(cfg, root)
+    check_model_folder(root, cfg.task, spec)
+    configs = dit_configs(root, spec)
+    for c in configs:
+        _check_task(root, cfg.task, c)
+    _check_experts(cfg, spec)
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
-                              radial=cfg.radial_attn_setting)
-    bind_sparge(runner.dit, cfg, sparge_state, read_file=read_sparge_file)
+                              radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary)
+    for dit in runner.denoisers:
+        bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
     return runner
+
+
+def _check_experts(cfg, spec) -> None:
+    """Settings that only fit a number of experts: per-expert scales, a boundary, one-DiT Sparge thresholds."""
+    from ..errors import ConfigError
+
+    two = isinstance(cfg.sample_guide_scale, list) and len(cfg.sample_guide_scale) == 2
+    if spec.experts == 1 and two:
+        raise ConfigError("sample_guide_scale", f"[high_noise, low_noise] scales need a two-expert model (wan2.2_moe); "
+                                                f"{spec.family} has one DiT: give one number")
+    if spec.experts == 1 and cfg.boundary is not None:
+        spec.check_boundary(cfg.boundary, "boundary")
+    if spec.experts == 2 and cfg.sparge and cfg.sparge_ckpt is not None:
+        raise ConfigError("sparge_ckpt", f"{cfg.sparge_ckpt}: tuned thresholds describe one DiT, and {spec.family} has "
+                                         "two experts; use sparge_attn_setting.topk (both experts), or drop sparge")
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -293,10 +345,11 @@ class Pipeline:
         tiny = cfg.model_path is None
         root = model_root(cfg)
         t_build = time.perf_counter() - t0
-        check_model_folder(root, cfg.task)
-        from ..models.wan import find_checkpoint
-
-        _check_task(root, cfg.task, find_checkpoint(root).config)  # before any weight is read
+        spec = model_spec(cfg, root)
+        check_model_folder(root, cfg.task, spec)
+        for c in dit_configs(root, spec):  # before any weight is read
+            _check_task(root, cfg.task, c)
+        _check_experts(cfg, spec)
         attention = cfg.resolve_attention(device)
         dtype = cfg.torch_dtype
         # UMT5 overflows in fp16: encode text in bf16 then (the official T5 dtype), else the run dtype.
@@ -304,15 +357,17 @@ class Pipeline:
         t1 = time.perf_counter()
         text = _load("text_encoder", root, lambda: TextEncoder.load(root, device=device, dtype=text_dtype, text_len=cfg.text_len))
         image = None
-        if cfg.task == "i2v":
+        if cfg.task == "i2v" and _uses_clip(root, spec):
             image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
-                                  radial=cfg.radial_attn_setting)
-        bind_sparge(runner.dit, cfg, sparge_state, read_file=read_sparge_file)
+                                  radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary)
+        for dit in runner.denoisers:
+            bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()
-        _check_compatible(root, cfg, runner.dit.config, text, image, vae)
+        for dit in runner.denoisers:
+            _check_compatible(root, cfg, dit.config, text, image, vae)
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
         from ..attention.registry import log_resolutions
 
@@ -347,7 +402,7 @@ class Pipeline:
         context_null = self.text_encoder.encode(neg) if req.enable_cfg else None
         timings["encode_text_s"] = time.perf_counter() - t0
         clip_fea = y = None
-        if self.image_encoder is not None:
+        if self.cfg.task == "i2v":
             t1 = time.perf_counter()
             from diffusers.video_processor import VideoProcessor
 
@@ -357,7 +412,7 @@ class Pipeline:
                             "crop it to the video's aspect, or set target_width / target_height to keep its shape",
                             "" if req.label == "request" else req.label + ": ", req.image, img.width, img.height, img.width / img.height, req.width,
                             req.height, req.width / req.height)
-            clip_fea = self.image_encoder.encode(img)
+            clip_fea = self.image_encoder.encode(img) if self.image_encoder is not None else None  # Wan2.2: no CLIP
             pixels = VideoProcessor(vae_scale_factor=self.vae.scale_s).preprocess(img, height=req.height, width=req.width)
             y = self.vae.encode_condition(pixels.to(self.vae.device, torch.float32), req.frames)
             timings["encode_image_s"] = time.perf_counter() - t1
@@ -436,15 +491,18 @@ class Pipeline:
             "seed": req.seed,
             "noise": "torch.randn(1, 16, F', H/8, W/8) float32 from torch.Generator('cpu').manual_seed(seed)",
             "model": {"path": str(self.model_path), "embedded_tiny_random": self.tiny, "task": cfg.task,
-                      "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.runner.dit.config.__dict__.items()}},
+                      "family": self.runner.family,
+                      "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.runner.dit.config.__dict__.items()},
+                      "denoisers": self.runner.denoisers.describe()},
             "device": str(self.device),
             "dtype": cfg.dtype,
             "attention": {site: (r.as_dict() if r is not None else None) for site, r in self.attention.items()},
             "parallel": {"launcher": cfg.launcher, "world_size": par.world_size, "cfg_p_size": par.cfg_p_size,
                          "seq_p_size": par.seq_p_size, "seq_p_attn_type": par.seq_p_attn_type,
                          "ring_degree": par.ring_degree, "ulysses_degree": par.ulysses_degree,
-                         "cfg_mode": "batch of 2" if enc.enable_cfg and par.cfg_p_size == 1 else
-                         ("split over cfg ranks" if enc.enable_cfg else "off")},
+                         "cfg_mode": ("split over cfg ranks" if par.cfg_p_size == 2 else
+                                      "batch of 2" if self.runner.cfg_batch else "one branch after the other")
+                         if enc.enable_cfg else "off"},
             "sampler": {**sampler.describe(), "shift": enc.shift, "schedule": self.runner.schedule,
                         "guide_scale": enc.guide_scale, "enable_cfg": enc.enable_cfg},
             "timings_s": timings,
@@ -455,12 +513,15 @@ class Pipeline:
 
 
 def _check_task(root: Path, task: str, dit_cfg) -> None:
+    """An I2V DiT takes the image condition ``y`` (in_dim > out_dim: Wan2.1 I2V with CLIP, Wan2.2 A14B I2V without)."""
     tcfg = root / "transformer" / "config.json"
-    if task == "i2v" and not dit_cfg.has_image_branch:
+    conditioned = dit_cfg.has_image_branch or dit_cfg.in_dim > dit_cfg.out_dim
+    if task == "i2v" and not conditioned:
         raise ModelFolderError(f"task i2v needs an I2V model, but {tcfg} describes a {dit_cfg.model_type} DiT (no image "
-                               "branch); set task to t2v or point model_path at Wan2.1-I2V weights")
-    if task == "t2v" and dit_cfg.has_image_branch:
-        raise ModelFolderError(f"task t2v, but {tcfg} describes an {dit_cfg.model_type} DiT; set task to i2v (and give an image)")
+                               "input); set task to t2v or point model_path at Wan2.1 / Wan2.2 I2V weights")
+    if task == "t2v" and conditioned:
+        raise ModelFolderError(f"task t2v, but {tcfg} describes an image-conditioned DiT (in_dim {dit_cfg.in_dim}); "
+                               "set task to i2v (and give an image)")
 
 
 def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageEncoder | None, vae: WanVAE) -> None:
@@ -474,7 +535,7 @@ def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageE
     if image is not None and image.dim != dit_cfg.image_dim:
         raise ModelFolderError(f"{root / 'image_encoder' / 'config.json'}: hidden_size {image.dim} != image_dim "
                                f"{dit_cfg.image_dim} of {tcfg}")
-    want_in = vae.z_dim * 2 + vae.scale_t if dit_cfg.has_image_branch else vae.z_dim
+    want_in = vae.z_dim * 2 + vae.scale_t if cfg.task == "i2v" else vae.z_dim
     if dit_cfg.in_dim != want_in or dit_cfg.out_dim != vae.z_dim:
         raise ModelFolderError(f"{root / 'vae' / 'config.json'}: z_dim {vae.z_dim} does not fit {tcfg} (in_dim "
                                f"{dit_cfg.in_dim}, out_dim {dit_cfg.out_dim}; expected {want_in} and {vae.z_dim})")

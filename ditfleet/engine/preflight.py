@@ -98,12 +98,15 @@ def model_geometry(cfg) -> ModelGeometry:
         return ModelGeometry("embedded tiny model", 2 ** sum(v["temperal_downsample"]), 2 ** (len(v["dim_mult"]) - 1),
                              patch, 1024, dim, d["ffn_dim"], d["num_layers"], d["num_attention_heads"], params,
                              0, v["base_dim"])
-    from ..models.wan import find_checkpoint
-    from .pipeline import _check_task, check_model_folder
+    from .pipeline import _check_task, check_model_folder, dit_configs, model_spec
 
-    root = check_model_folder(cfg.model_path, cfg.task)
-    c = find_checkpoint(root).config
-    _check_task(root, cfg.task, c)
+    root = Path(cfg.model_path).expanduser()
+    spec = model_spec(cfg, root) if root.is_dir() else None
+    root = check_model_folder(cfg.model_path, cfg.task, spec)
+    configs = dit_configs(root, spec)
+    for c in configs:
+        _check_task(root, cfg.task, c)
+    c = configs[0]
     try:
         vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -112,8 +115,8 @@ def model_geometry(cfg) -> ModelGeometry:
         raise ModelFolderError(f"{root / 'vae' / 'config.json'}: cannot be read ({e})") from None
     scale_t = int(vae.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in vae.get("temperal_downsample", [0, 1, 1])))
     scale_s = int(vae.get("scale_factor_spatial") or 2 ** (len(vae.get("dim_mult", [1, 2, 4, 4])) - 1))
-    params = _dit_params(c.dim, c.ffn_dim, c.num_layers, c.in_dim, c.out_dim, c.text_dim, c.freq_dim, c.patch_size,
-                         c.has_image_branch)
+    params = len(configs) * _dit_params(c.dim, c.ffn_dim, c.num_layers, c.in_dim, c.out_dim, c.text_dim, c.freq_dim,
+                                        c.patch_size, c.has_image_branch)  # every rank holds every expert
     other = sum(_folder_bytes(root / sub) for sub in ("text_encoder", "image_encoder", "vae"))
     return ModelGeometry(str(root), scale_t, scale_s, c.patch_size, c.rope_max_seq_len, c.dim, c.ffn_dim,
                          c.num_layers, c.num_heads, params, other, int(vae.get("base_dim", 96)))

@@ -24,7 +24,7 @@ class GenerateRequest:
         output: ``.mp4``, ``.npy``, or a folder (PNG frames).
         steps: denoising steps.
         shift: flow shift.
-        guide_scale: CFG scale.
+        guide_scale: CFG scale, or ``(high-noise, low-noise)`` scales of a two-expert model (Wan2.2 A14B).
         enable_cfg: two passes per step (False: one, conditional only).
         solver: ``"unipc"`` or ``"euler"``.
         fps: mp4 frame rate.
@@ -43,7 +43,7 @@ class GenerateRequest:
     width: int = 832
     steps: int = 50
     shift: float = 5.0
-    guide_scale: float = 5.0
+    guide_scale: float | tuple[float, float] = 5.0
     enable_cfg: bool = True
     solver: str = "unipc"
     fps: int = 16
@@ -93,7 +93,8 @@ class EncodedRequest:
         clip_fea: I2V ``[1, 257, image_dim]`` CLIP features, else ``None``.
         y: I2V ``[1, 4 + 16, F', h, w]`` mask + image latent, else ``None``.
         latent_shape: ``(16, F', h, w)``.
-        seed, steps, shift, guide_scale, enable_cfg, solver: sampling settings.
+        seed, steps, shift, guide_scale, enable_cfg, solver: sampling settings (``guide_scale``: one scale, or
+            one per expert, high noise first).
     """
 
     context: torch.Tensor
@@ -104,10 +105,15 @@ class EncodedRequest:
     seed: int
     steps: int
     shift: float
-    guide_scale: float
+    guide_scale: float | tuple[float, float]
     enable_cfg: bool
     solver: str = "unipc"
     meta: dict = field(default_factory=dict)
+
+    def scale_for(self, expert: int) -> float:
+        """The CFG scale of expert ``expert`` (0: high noise, 1: low noise); one scale serves every expert."""
+        g = self.guide_scale
+        return float(g[expert]) if isinstance(g, (tuple, list)) else float(g)
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"context": self.context, "context_null": self.context_null, "clip_fea": self.clip_fea, "y": self.y}

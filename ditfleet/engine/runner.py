@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from ..models.spec import Denoisers
 from ..parallel import ParallelMesh, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .request import EncodedRequest
 from .sampler import FlowSampler, make_sampler
@@ -36,7 +37,8 @@ class ModelRunner:
 
     Args:
         dit: a :class:`~ditfleet.models.wan.WanDiT` with its attention kernels set (and, under
-            sequence parallelism, ``set_parallel(mesh)`` called).
+            sequence parallelism, ``set_parallel(mesh)`` called), or the :class:`~ditfleet.models.spec.Denoisers`
+            of a family with experts: at each step :meth:`denoiser_for` picks the expert (Wan2.2 A14B).
         mesh: the parallel mesh; ``None`` is a world of one.
         cfg_batch: with ``cfg_size`` 1, run both CFG branches as one batch of 2 (True) or one
             after the other (False, the default: half the activation memory, and faster at the sizes users
@@ -46,7 +48,9 @@ class ModelRunner:
     """
 
     def __init__(self, dit, *, mesh: ParallelMesh | None = None, cfg_batch: bool = False, schedule: str = "wan"):
-        self.dit = dit
+        self.denoisers = dit if isinstance(dit, Denoisers) else Denoisers([dit], ["dit"])
+        self.dit = self.denoisers.primary  # the first expert: device, config and reports
+        self.family = getattr(dit, "family", None)
         self.mesh = mesh or ParallelMesh()
         self.cfg_batch = cfg_batch
         self.schedule = schedule
@@ -61,19 +65,31 @@ class ModelRunner:
         attention: Mapping[str, object],
         mesh: ParallelMesh | None = None,
         radial=None,
+        spec=None,
+        boundary: float | None = None,
         **kwargs,
     ) -> ModelRunner:
-        """Load the DiT from ``model_path`` (official or Diffusers layout) and wrap it.
+        """Load the denoiser(s) of ``model_path`` through its family's spec and wrap them.
 
-        ``radial``: the run's ``RadialAttnSetting`` (used when the self-attention kernel is radial).
+        ``radial``: the run's ``RadialAttnSetting`` (used when the self-attention kernel is radial); ``spec``:
+        the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
+        switch of a two-expert family (``None``: the folder's).
         """
-        from ..models.wan import load_dit
+        from pathlib import Path
 
-        dit = load_dit(model_path, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None})
-        dit.set_radial(radial)
-        if mesh is not None and mesh.sp_size > 1:
-            dit.set_parallel(mesh)
-        return cls(dit, mesh=mesh, **kwargs)
+        from ..models.registry import resolve_family
+
+        root = Path(model_path)
+        spec = spec or resolve_family(None, root)
+        den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
+                        boundary=boundary)
+        for dit in den:
+            dit.set_radial(radial)
+            if mesh is not None and mesh.sp_size > 1:
+                dit.set_parallel(mesh)
+        runner = cls(den, mesh=mesh, **kwargs)
+        runner.family = spec.family
+        return runner
 
     @property
     def device(self) -> torch.device:
@@ -82,26 +98,32 @@ class ModelRunner:
     def sampler(self, enc: EncodedRequest) -> FlowSampler:
         return make_sampler(enc.solver, enc.steps, enc.shift, schedule=self.schedule)
 
-    def _model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea, y) -> torch.Tensor:
-        b = x.shape[0]
-        return self.dit(x, t.expand(b), context, clip_fea=clip_fea, y=y)
+    def denoiser_for(self, t: torch.Tensor) -> tuple[int, object]:
+        """``(expert index, model)`` that denoises at timestep ``t`` (the same on every rank: same ``t``)."""
+        i = self.denoisers.index_for(t)
+        return i, self.denoisers.experts[i]
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, enc: EncodedRequest) -> torch.Tensor:
         """The (guided) velocity at ``x``, ``t``: float32 like ``x``, identical on every rank."""
+        i, dit = self.denoiser_for(t)
+
+        def model(x, t, context, clip_fea, y):
+            return dit(x, t.expand(x.shape[0]), context, clip_fea=clip_fea, y=y)
+
         if not enc.enable_cfg:
-            return self._model(x, t, enc.context, enc.clip_fea, enc.y)
+            return model(x, t, enc.context, enc.clip_fea, enc.y)
         mesh = self.mesh
         if mesh.cfg_size == 1 and not self.cfg_batch:
             cond = dict(x=x, t=t, context=enc.context, clip_fea=enc.clip_fea, y=enc.y)
-            cond_v, uncond_v = cfg_predict(self._model, cond, {**cond, "context": enc.context_null}, mesh)
+            cond_v, uncond_v = cfg_predict(model, cond, {**cond, "context": enc.context_null}, mesh)
         else:  # batch of 2 (cfg_size 1) or this rank's branch (cfg_size 2)
 
             def sel(a):
                 return None if a is None else cfg_select(a, a, mesh)
 
             ctx = cfg_select(enc.context, enc.context_null, mesh)
-            cond_v, uncond_v = cfg_exchange(self._model(sel(x), t, ctx, sel(enc.clip_fea), sel(enc.y)), mesh)
-        return cfg_combine(cond_v, uncond_v, enc.guide_scale)
+            cond_v, uncond_v = cfg_exchange(model(sel(x), t, ctx, sel(enc.clip_fea), sel(enc.y)), mesh)
+        return cfg_combine(cond_v, uncond_v, enc.scale_for(i))
 
     @torch.inference_mode()
     def denoise_iter(
@@ -121,7 +143,8 @@ class ModelRunner:
         x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
         sampler = self.sampler(enc)
         for i, t in enumerate(sampler.timesteps):
-            self.dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
+            for dit in self.denoisers:
+                dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
             v = self.predict(x, t.reshape(1).to(device), enc)
             x = sampler.step(v.float(), x)
             yield i, len(sampler), x

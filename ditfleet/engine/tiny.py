@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MARKER = "ditfleet_tiny.json"
 TASKS = ("t2v", "i2v")
+FAMILIES = ("wan2.1", "wan2.2_moe")
+#: Diffusers' Wan2.2 A14B boundary ratios (model_index.json), by task.
+MOE_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
 
 
 #: Builder settings; their hash names the cache folder. Text features (``text.d_model``) feed the
@@ -100,19 +103,25 @@ def _seeded(seed: int):
         yield
 
 
-def build_components(task: str = "t2v", spec: dict | None = None) -> dict:
-    """Build every component of a tiny Wan2.1 pipeline in memory (float32, CPU, eval mode, seeded).
+def build_components(task: str = "t2v", spec: dict | None = None, family: str = "wan2.1") -> dict:
+    """Build every component of a tiny Wan pipeline in memory (float32, CPU, eval mode, seeded).
 
     Args:
         task: ``"t2v"`` or ``"i2v"``.
         spec: builder settings (default :data:`TINY_SPEC`).
+        family: ``"wan2.1"`` (one DiT; I2V with the CLIP image branch) or ``"wan2.2_moe"`` (two experts of one
+            architecture, ``boundary_ratio`` by task; I2V without CLIP: the image enters as the condition latent only).
 
     Returns:
         Keyword arguments of ``WanPipeline`` (T2V) or ``WanImageToVideoPipeline`` (I2V):
-        ``tokenizer, text_encoder, transformer, vae, scheduler`` (+ ``image_encoder, image_processor``).
+        ``tokenizer, text_encoder, transformer, vae, scheduler`` (+ ``image_encoder, image_processor``;
+        Wan2.2: + ``transformer_2, boundary_ratio``, I2V with ``image_encoder`` / ``image_processor`` None).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    moe = family == "wan2.2_moe"
     spec = spec or TINY_SPEC
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -130,16 +139,21 @@ def build_components(task: str = "t2v", spec: dict | None = None) -> dict:
         )).eval()
     d = spec["dit"]
     image = task == "i2v"
+    clip = image and not moe  # Wan2.2 I2V has no CLIP branch
     c = spec["clip"]
     dim = d["num_attention_heads"] * d["attention_head_dim"]
-    with _seeded(seed + 2):
-        transformer = WanTransformer3DModel(
-            patch_size=tuple(d["patch_size"]), num_attention_heads=d["num_attention_heads"],
-            attention_head_dim=d["attention_head_dim"], in_channels=36 if image else 16, out_channels=16,
-            text_dim=t["d_model"], freq_dim=d["freq_dim"], ffn_dim=d["ffn_dim"], num_layers=d["num_layers"],
-            cross_attn_norm=d["cross_attn_norm"], qk_norm="rms_norm_across_heads", eps=d["eps"],
-            image_dim=c["hidden_size"] if image else None, added_kv_proj_dim=dim if image else None,
-        ).eval()
+
+    def dit(offset: int):
+        with _seeded(seed + offset):
+            return WanTransformer3DModel(
+                patch_size=tuple(d["patch_size"]), num_attention_heads=d["num_attention_heads"],
+                attention_head_dim=d["attention_head_dim"], in_channels=36 if image else 16, out_channels=16,
+                text_dim=t["d_model"], freq_dim=d["freq_dim"], ffn_dim=d["ffn_dim"], num_layers=d["num_layers"],
+                cross_attn_norm=d["cross_attn_norm"], qk_norm="rms_norm_across_heads", eps=d["eps"],
+                image_dim=c["hidden_size"] if clip else None, added_kv_proj_dim=dim if clip else None,
+            ).eval()
+
+    transformer = dit(2)
     v = spec["vae"]
     with _seeded(seed + 3):
         vae = AutoencoderKLWan(
@@ -151,7 +165,11 @@ def build_components(task: str = "t2v", spec: dict | None = None) -> dict:
         num_train_timesteps=1000,
     )
     out = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
-    if image:
+    if moe:
+        out.update(transformer_2=dit(5), boundary_ratio=MOE_BOUNDARY[task])
+        if image:
+            out.update(image_encoder=None, image_processor=None)
+    if clip:
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         with _seeded(seed + 4):

@@ -1,0 +1,115 @@
+"""What the engine asks of a model family: a :class:`ModelSpec` (vLLM's model registry, reduced).
+
+A family (``wan2.1``, ``wan2.2_moe``, ...) says which model folders are its own, where its denoiser(s) live
+in a folder, how to load them, and when each one runs. The engine never names a family: it asks
+:func:`ditfleet.models.registry.spec_for` for the spec and the spec for :class:`Denoisers`, whose
+:meth:`Denoisers.index_for` the runner calls at every step (Wan2.2 A14B switches experts there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+#: Training timesteps of the flow-matching schedule (Wan's ``num_train_timesteps``); a boundary ratio is a fraction of it.
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class Denoisers:
+    """The DiT(s) of one rank and when each runs.
+
+    Attributes:
+        experts: the models, in timestep order: ``[dit]``, or ``[high_noise, low_noise]`` (Wan2.2 A14B).
+        names: one name per expert (for logs and reports: ``"transformer"``, ``"transformer_2"``).
+        boundary: with two experts, the fraction of :data:`NUM_TRAIN_TIMESTEPS` at and above which the first
+            (high-noise) expert runs -- Diffusers' ``boundary_ratio`` (``t >= boundary * 1000``); ``None`` with one.
+    """
+
+    experts: list
+    names: list[str]
+    boundary: float | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.experts or len(self.experts) != len(self.names):
+            raise ValueError(f"Denoisers: {len(self.experts)} experts for {len(self.names)} names")
+        if len(self.experts) > 2:
+            raise ValueError(f"Denoisers: at most two experts (high / low noise), got {len(self.experts)}")
+        if (len(self.experts) == 2) != (self.boundary is not None):
+            raise ValueError("Denoisers: a boundary goes with exactly two experts")
+
+    def __iter__(self) -> Iterator:
+        return iter(self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    @property
+    def primary(self):
+        """The first expert (the only one of a single-DiT family)."""
+        return self.experts[0]
+
+    def index_for(self, t: float | torch.Tensor) -> int:
+        """Which expert denoises at timestep ``t`` (0..1000): 0 at and above the boundary, 1 below it."""
+        if self.boundary is None:
+            return 0
+        return 0 if float(t) >= self.boundary * NUM_TRAIN_TIMESTEPS else 1
+
+    def describe(self) -> dict:
+        return {"experts": list(self.names), "boundary": self.boundary, "sources": list(self.sources)}
+
+
+class ModelSpec:
+    """One model family. Subclasses set the class attributes and implement the methods.
+
+    Attributes:
+        family: the registry name (also the config's ``model_cls``).
+        description: one line for logs and errors.
+        experts: denoisers per folder (1, or 2 for a high / low-noise pair).
+    """
+
+    family: str = ""
+    description: str = ""
+    experts: int = 1
+
+    def claims(self, root: Path) -> bool:
+        """True when ``root`` (a model folder) is one of this family's (used to pick the family from a folder)."""
+        raise NotImplementedError
+
+    def dit_folders(self, root: Path) -> list[tuple[str, Path]]:
+        """``(name, folder)`` of each denoiser under ``root``, in timestep order (high noise first)."""
+        raise NotImplementedError
+
+    def default_boundary(self, root: Path) -> float | None:
+        """The expert boundary the folder states (``None``: one expert)."""
+        return None
+
+    def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
+             boundary: float | None = None) -> Denoisers:
+        """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`."""
+        raise NotImplementedError
+
+    def check_boundary(self, boundary: float | None, where: str) -> None:
+        """A two-expert family needs a boundary in (0, 1); a one-expert family none."""
+        from ..errors import ConfigError
+
+        if self.experts == 1 and boundary is not None:
+            raise ConfigError("boundary", f"{self.family} has one denoiser; a boundary needs a two-expert model "
+                                          f"(wan2.2_moe); set it to null")
+        if self.experts == 2 and (boundary is None or not 0.0 < boundary < 1.0):
+            raise ConfigError("boundary", f"{where}: {boundary!r} is not a fraction of the timesteps in (0, 1) "
+                                          f"(Wan2.2 A14B: T2V 0.875, I2V 0.9)")
+
+
+def load_experts(loader, folders: Sequence[tuple[str, Path]], **kwargs) -> tuple[list, list[str], list[str]]:
+    """``loader(folder, **kwargs)`` for each ``(name, folder)``: ``(models, names, folders as strings)``."""
+    models, names, sources = [], [], []
+    for name, folder in folders:
+        models.append(loader(folder, **kwargs))
+        names.append(name)
+        sources.append(str(folder))
+    return models, names, sources
