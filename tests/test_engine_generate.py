@@ -19,6 +19,7 @@ from ditfleet.config import load_config  # noqa: E402
 from ditfleet.defaults import TINY_DEFAULT  # noqa: E402
 from ditfleet.engine import generate_cli  # noqa: E402
 from ditfleet.engine.errors import ImageError, ModelFolderError, OutputError, RequestError  # noqa: E402
+from ditfleet.engine import Engine  # noqa: E402
 from ditfleet.engine.pipeline import Pipeline, request_from_config  # noqa: E402
 from ditfleet.engine.runner import initial_noise  # noqa: E402
 from ditfleet.engine.tiny import MARKER, tiny_model_path  # noqa: E402
@@ -40,12 +41,14 @@ def config(**changes):
 
 @pytest.fixture(scope="module")
 def t2v():
-    return Pipeline.from_config(config())
+    with Engine.start(config(), launcher="local") as eng:  # the one generate path; components: eng.pipeline
+        yield eng
 
 
 @pytest.fixture(scope="module")
 def i2v():
-    return Pipeline.from_config(config(task="i2v"))
+    with Engine.start(config(task="i2v"), launcher="local") as eng:
+        yield eng
 
 
 @pytest.fixture
@@ -110,7 +113,7 @@ def test_npy_png_and_latents_agree(t2v, tmp_path):
     assert np.array_equal(va, vb)
     assert sorted(p.name for p in b.output.iterdir()) == [f"{i:05d}.png" for i in range(5)]
     assert torch.equal(a.latents, b.latents)  # same seed, same result
-    assert np.array_equal(va, t2v.vae.decode(a.latents))
+    assert np.array_equal(va, t2v.pipeline.vae.decode(a.latents))
     assert (tmp_path / "frames.json").is_file() and (tmp_path / "v.json").is_file()
     c = t2v.generate(req.replace(seed=7), decode=False, quiet=True)
     assert not torch.equal(a.latents, c.latents)
@@ -118,10 +121,10 @@ def test_npy_png_and_latents_agree(t2v, tmp_path):
 
 def test_streamed_decode_equals_whole_video_decode(t2v):
     z = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    chunks = list(t2v.vae.decode_stream(z))
+    chunks = list(t2v.pipeline.vae.decode_stream(z))
     assert [c.shape[0] for c in chunks] == [1, 4, 4]
     with torch.no_grad():
-        whole = t2v.vae.vae.decode(t2v.vae.denormalize(z), return_dict=False)[0]
+        whole = t2v.pipeline.vae.vae.decode(t2v.pipeline.vae.denormalize(z), return_dict=False)[0]
     ref = ((whole[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     assert np.array_equal(np.concatenate(chunks), ref)
 
@@ -136,7 +139,7 @@ def test_i2v_generates_with_image_branch(i2v, image, tmp_path):
     res = i2v.generate(req, quiet=True)
     assert read_video(res.output).shape == (5, 64, 64, 3)
     assert res.report["attention"]["cross_attn_2_type"]["kernel"]
-    enc = i2v.encode(req)
+    enc = i2v.pipeline.encode(req)
     assert enc.clip_fea.shape == (1, 257, 32) and enc.y.shape == (1, 20, 2, 8, 8)
     assert torch.equal(enc.y[:, :4, 0], torch.ones_like(enc.y[:, :4, 0])) and not enc.y[:, :4, 1:].any()
 
@@ -146,7 +149,7 @@ def test_failure_mid_decode_leaves_nothing(t2v, tmp_path, monkeypatch):
         yield np.zeros((1, 64, 64, 3), np.uint8)
         raise RuntimeError("VAE exploded")
 
-    monkeypatch.setattr(t2v.vae, "decode_stream", broken)
+    monkeypatch.setattr(t2v.pipeline.vae, "decode_stream", broken)
     for name in ("v.mp4", "v.npy", "frames"):
         with pytest.raises(RuntimeError, match="exploded"):
             t2v.generate(request_from_config(t2v.cfg, output=str(tmp_path / name)), quiet=True)
@@ -255,14 +258,14 @@ def test_jobs_runtime_failure_does_not_stop_the_batch(t2v, tmp_path, monkeypatch
     jobs_file = tmp_path / "j.jsonl"
     jobs_file.write_text("\n".join(json.dumps({"prompt": "p", "seed": s, "output": str(tmp_path / f"{s}.npy")})
                                    for s in (1, 13, 2)))
-    real = t2v.runner.denoise
+    real = t2v.pipeline.runner.denoise_iter
 
     def flaky(enc, **kw):
         if enc.seed == 13:
             raise RuntimeError("CUDA error: out of memory (simulated)")
         return real(enc, **kw)
 
-    monkeypatch.setattr(t2v.runner, "denoise", flaky)
+    monkeypatch.setattr(t2v.pipeline.runner, "denoise_iter", flaky)
     base = request_from_config(t2v.cfg, output=str(tmp_path / "x.mp4"))
     summary = run_jobs(t2v, parse_jobs(jobs_file, base), path=str(jobs_file), quiet=True)
     assert (summary.ok, summary.failed) == (2, 1)

@@ -27,7 +27,8 @@ pytest.importorskip("diffusers")
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline  # noqa: E402
 
 from ditfleet.config import load_config  # noqa: E402
-from ditfleet.engine.pipeline import Pipeline, request_from_config  # noqa: E402
+from ditfleet.engine import Engine  # noqa: E402
+from ditfleet.engine.pipeline import request_from_config  # noqa: E402
 from ditfleet.engine.sampler import flow_sigmas  # noqa: E402
 from ditfleet.engine.tiny import build_components, save_components  # noqa: E402
 from ditfleet.engine.video import read_video  # noqa: E402
@@ -85,13 +86,14 @@ def build(task: str, folder) -> dict:
     return comps
 
 
-def ditfleet_pipeline(task: str, folder) -> Pipeline:
+def ditfleet_pipeline(task: str, folder) -> Engine:
+    """A local engine on the folder (the one generate path); its components are ``.pipeline``."""
     cfg = load_config(None, [], data={
         "task": task, "model_path": str(folder), "device": "cpu", "dtype": "fp32", "seed": SEED,
         "infer_steps": STEPS, "target_video_length": FRAMES, "target_height": HEIGHT, "target_width": WIDTH,
         "sample_guide_scale": SCALE, "sample_shift": SHIFT, "enable_cfg": True,
     })
-    return Pipeline.from_config(cfg)
+    return Engine.start(cfg, launcher="local")
 
 
 def diffusers_latents(cls, comps: dict, scheduler, **kwargs) -> torch.Tensor:
@@ -114,7 +116,7 @@ def test_t2v_latents_and_frames_match_diffusers(tmp_path, torch_threads):
     req = request_from_config(pipe.cfg, prompt=PROMPT, negative_prompt=NEGATIVE, output=str(tmp_path / "t2v.npy"))
     for schedule, scheduler in schedulers().items():
         ref = diffusers_latents(WanPipeline, comps, scheduler)
-        pipe.runner.schedule = schedule
+        pipe.pipeline.runner.schedule = schedule
         result = pipe.generate(req, decode=(schedule == "wan"), quiet=True)
         assert result.latents.shape == ref.shape == (1, 16, 3, HEIGHT // 8, WIDTH // 8)
         err = rel_l2(result.latents, ref)
@@ -145,7 +147,7 @@ def test_i2v_latents_match_diffusers(tmp_path, torch_threads):
                               output=str(tmp_path / "i2v.mp4"))
     for schedule, scheduler in schedulers().items():
         ref = diffusers_latents(WanImageToVideoPipeline, comps, scheduler, image=image)
-        pipe.runner.schedule = schedule
+        pipe.pipeline.runner.schedule = schedule
         ours = pipe.generate(req, decode=False, quiet=True).latents
         err = rel_l2(ours, ref)
         assert err <= TOL, (schedule, err)
@@ -156,7 +158,7 @@ def test_cfg_off_and_sequential_cfg_match_diffusers(tmp_path, torch_threads):
     comps = build("t2v", tmp_path / "t2v")
     pipe = ditfleet_pipeline("t2v", tmp_path / "t2v")
     req = request_from_config(pipe.cfg, prompt=PROMPT, negative_prompt=NEGATIVE, output=str(tmp_path / "x.mp4"))
-    pipe.runner.schedule = "diffusers"
+    pipe.pipeline.runner.schedule = "diffusers"
     pipe_ref = WanPipeline(**{**comps, "scheduler": schedulers()["diffusers"]})
     pipe_ref.set_progress_bar_config(disable=True)
     ref = pipe_ref(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS,
@@ -164,6 +166,6 @@ def test_cfg_off_and_sequential_cfg_match_diffusers(tmp_path, torch_threads):
     ours = pipe.generate(req.replace(enable_cfg=False), decode=False, quiet=True).latents
     assert rel_l2(ours, ref) <= TOL
     sequential = pipe.generate(req, decode=False, quiet=True).latents  # the default
-    pipe.runner.cfg_batch = True
+    pipe.pipeline.runner.cfg_batch = True
     batched = pipe.generate(req, decode=False, quiet=True).latents
     assert rel_l2(sequential, batched) <= 1e-5

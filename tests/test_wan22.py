@@ -19,7 +19,8 @@ pytest.importorskip("diffusers")
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline  # noqa: E402
 
 from ditfleet.config import load_config  # noqa: E402
-from ditfleet.engine.pipeline import Pipeline, request_from_config  # noqa: E402
+from ditfleet.engine import Engine  # noqa: E402
+from ditfleet.engine.pipeline import request_from_config  # noqa: E402
 from ditfleet.engine.tiny import build_components, save_components  # noqa: E402
 from ditfleet.errors import ConfigError, UserError  # noqa: E402
 from ditfleet.models.registry import detect, spec_for  # noqa: E402
@@ -80,8 +81,8 @@ def ours(task: str, folder, image=None, **extra):
         "target_video_length": FRAMES, "target_height": HEIGHT, "target_width": WIDTH, "sample_shift": SHIFT,
         "sample_guide_scale": [5.0, 3.0], **extra,
     })
-    pipe = Pipeline.from_config(cfg)
-    pipe.runner.schedule = "diffusers"  # Diffusers' sigma grid, so the pipelines are comparable step by step
+    pipe = Engine.start(cfg, launcher="local")  # the one generate path; components: pipe.pipeline
+    pipe.pipeline.runner.schedule = "diffusers"  # Diffusers' sigma grid, so the pipelines are comparable step by step
     req = request_from_config(cfg, prompt=PROMPT, negative_prompt=NEGATIVE, image=image, output=str(folder / "x.mp4"))
     return pipe, req
 
@@ -101,7 +102,7 @@ def theirs(cls, comps, switches: list, **kwargs):
 
 def our_switches(pipe) -> list:
     seen = []
-    for name, dit in zip(pipe.runner.denoisers.names, pipe.runner.denoisers.experts):
+    for name, dit in zip(pipe.pipeline.runner.denoisers.names, pipe.pipeline.runner.denoisers.experts):
         dit.register_forward_pre_hook(lambda m, a, k, name=name: seen.append(name), with_kwargs=True)
     return seen
 
@@ -123,7 +124,7 @@ def test_t2v_two_experts_match_diffusers(folders):
     assert rel_l2(got, ref) <= TOL
     # the same expert at every call (CFG: two calls per step), and the switch really happens inside the run
     assert mine == ref_calls and "transformer" in mine and "transformer_2" in mine, (mine, ref_calls)
-    report = pipe._report(req, pipe.encode(req), {}, None, 0)
+    report = pipe.pipeline.report(req, pipe.pipeline.encode(req), {}, None, 0)
     assert report["model"]["family"] == "wan2.2_moe" and report["model"]["denoisers"]["boundary"] == 0.875
 
 
@@ -137,7 +138,7 @@ def test_i2v_two_experts_without_clip_match_diffusers(folders, tmp_path):
     ref_calls = []
     ref = theirs(WanImageToVideoPipeline, comps, ref_calls, image=Image.open(img_path).convert("RGB"))
     pipe, req = ours("i2v", folder, image=str(img_path))
-    assert pipe.image_encoder is None  # Wan2.2 A14B I2V: the image enters as the condition latent only
+    assert pipe.pipeline.image_encoder is None  # Wan2.2 A14B I2V: the image enters as the condition latent only
     mine = our_switches(pipe)
     got = pipe.generate(req, decode=False, quiet=True).latents
     assert rel_l2(got, ref) <= TOL and mine == ref_calls and len(set(mine)) == 2
@@ -154,8 +155,8 @@ def test_official_layout_equals_diffusers_layout(folders, tmp_path):
     (off / "model_index.json").write_text(index)
     a, req_a = ours("t2v", folder)
     b, req_b = ours("t2v", off)
-    assert b.runner.denoisers.names == ["high_noise_model", "low_noise_model"] and b.runner.denoisers.boundary == 0.875
-    for x, y in zip(a.runner.denoisers, b.runner.denoisers):
+    assert b.pipeline.runner.denoisers.names == ["high_noise_model", "low_noise_model"] and b.pipeline.runner.denoisers.boundary == 0.875
+    for x, y in zip(a.pipeline.runner.denoisers, b.pipeline.runner.denoisers):
         assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
     la = a.generate(req_a, decode=False, quiet=True).latents
     lb = b.generate(req_b.replace(output=req_a.output), decode=False, quiet=True).latents
@@ -165,10 +166,10 @@ def test_official_layout_equals_diffusers_layout(folders, tmp_path):
 def test_boundary_override_moves_the_switch(folders):
     folder, _ = folders["t2v"]
     pipe, req = ours("t2v", folder, boundary=0.3)
-    assert pipe.runner.denoisers.boundary == 0.3
+    assert pipe.pipeline.runner.denoisers.boundary == 0.3
     seen = our_switches(pipe)
     pipe.generate(req, decode=False, quiet=True)
-    ts = pipe.runner.sampler(pipe.encode(req)).timesteps
+    ts = pipe.pipeline.runner.sampler(pipe.pipeline.encode(req)).timesteps
     want = ["transformer" if float(t) >= 300 else "transformer_2" for t in ts for _ in range(2)]
     assert seen == want
 
@@ -189,9 +190,8 @@ def test_user_errors(folders, tmp_path):
     assert info.value.key == "sample_guide_scale"
     from ditfleet.engine.tiny import tiny_model_path
 
-    with pytest.raises(ConfigError) as info:  # the tiny Wan2.1 folder has one DiT
+    # raised on the engine's worker: the same one-line message (a UserError: the CLI exits 2)
+    with pytest.raises(UserError, match=r"^model_cls: 'wan2.2_moe' .* is a wan2.1 folder"):  # one DiT there
         ours("t2v", tiny_model_path("t2v"), model_cls="wan2.2_moe")
-    assert info.value.key == "model_cls" and "wan2.1" in str(info.value)
-    with pytest.raises(ConfigError) as info:  # per-expert scales for a one-DiT folder found by detection
-        ours("t2v", tiny_model_path("t2v"))
-    assert info.value.key == "sample_guide_scale"
+    with pytest.raises(UserError, match=r"^sample_guide_scale: \[high_noise, low_noise\] scales need a two-expert"):
+        ours("t2v", tiny_model_path("t2v"))  # per-expert scales for a one-DiT folder found by detection

@@ -2,16 +2,11 @@
 
 Public API::
 
-    from ditfleet.engine import Pipeline, request_from_config
-    pipe = Pipeline.from_config(cfg)                       # every component loaded once
-    result = pipe.generate(request_from_config(cfg, prompt="a cat", output="cat.mp4"))
-
-    from ditfleet.engine import ModelRunner, make_sampler  # the per-rank pieces
-    latents = pipe.runner.denoise(pipe.encode(request))    # EncodedRequest: plain, broadcastable tensors
-
     from ditfleet.engine import Engine                     # workers started once (local | torchrun | ray)
-    with Engine.start(cfg, launcher="ray") as engine:
+    with Engine.start(cfg, launcher="local") as engine:    # every component loaded once
         result = engine.generate(prompt="a cat", output="cat.mp4")
+        pipe = engine.pipeline                             # a local engine's components (Pipeline)
+        latents = pipe.runner.denoise(pipe.encode(request))  # the per-rank pieces; EncodedRequest: plain tensors
 
 Modules: :mod:`.engine` (Engine), :mod:`.executor` (Local / worker-method list), :mod:`.worker`,
 :mod:`.ray_executor`, :mod:`.torchrun`, :mod:`.sparge_weights`, :mod:`.sampler` (flow UniPC / Euler, pure tensors), :mod:`.encoders` (UMT5, CLIP),

@@ -111,6 +111,19 @@ class Engine:
         return self.executor.is_driver
 
     @property
+    def pipeline(self):
+        """The components of a local engine (its rank-0 :class:`~.pipeline.Pipeline`: encoders, runner, VAE).
+
+        Raises:
+            RuntimeError: the engine's workers live in other processes (torchrun ranks, Ray actors).
+        """
+        worker = getattr(self.executor, "worker", None)
+        if self.executor.launcher != "local" or worker is None or worker.pipe is None:
+            raise RuntimeError(f"engine.pipeline is the components of a local engine; this one's launcher is "
+                               f"{self.executor.launcher} (its workers hold them)")
+        return worker.pipe
+
+    @property
     def workers(self) -> list[dict]:
         """``report()`` of every rank: rank, pid, node IP, GPU ids, device, sparge checksum."""
         return list(self.executor.infos)

@@ -202,13 +202,14 @@ def check_jobs(jobs: list[Job], cfg, geometry, *, check_files: bool = True) -> N
             job.error = f"line {job.line}: {str(e).removeprefix(job.label + ': ')}"
 
 
-def run_jobs(pipeline, jobs: list[Job], *, path: str = "jobs", quiet: bool = False) -> JobsSummary:
-    """Check every job, then run the valid ones on the already-loaded ``pipeline``; report each failure and go on."""
+def run_jobs(engine, jobs: list[Job], *, path: str = "jobs", quiet: bool = False) -> JobsSummary:
+    """Check every job, then run the valid ones on the started ``engine`` (an :class:`~.engine.Engine`); report each
+    failure and go on."""
     t0 = time.perf_counter()
     for job in jobs:
         if job.error is None:
             try:
-                pipeline.check(job.request)
+                engine.check(job.request)
             except UserError as e:
                 job.error = f"line {job.line}: {str(e).removeprefix(job.label + ': ')}"
     bad = [j for j in jobs if j.error]
@@ -222,7 +223,7 @@ def run_jobs(pipeline, jobs: list[Job], *, path: str = "jobs", quiet: bool = Fal
             continue
         t = time.perf_counter()
         try:
-            result = pipeline.generate(job.request, quiet=quiet)
+            result = engine.generate(job.request, quiet=quiet)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one failed job must not stop the batch; its reason is reported

@@ -1,11 +1,13 @@
-"""One request end to end: encode -> denoise -> decode (streamed) -> write, with a JSON report.
+"""The components of one model on one rank (:class:`Pipeline`: encoders, denoiser(s), VAE) and the request.
 
-Public API::
+A request runs through :class:`~ditfleet.engine.Engine` (one generate path for every launcher; a local run
+uses the in-process executor): rank 0's worker calls :meth:`Pipeline.check`, :meth:`Pipeline.encode`, the
+runner's denoising loop, :meth:`Pipeline.decode_stream` and :meth:`Pipeline.report`::
 
-    from ditfleet.engine import Pipeline, request_from_config
-    pipe = Pipeline.from_config(cfg)                     # loads every component once
-    result = pipe.generate(request_from_config(cfg, prompt="a cat", output="cat.mp4"))
-    result.output, result.report_path, result.latents
+    from ditfleet.engine import Engine
+    with Engine.start(cfg, launcher="local") as engine:   # loads every component once
+        result = engine.generate(prompt="a cat", output="cat.mp4")
+        engine.pipeline.runner                             # the components (a local engine)
 
 Components come from ``model_path`` in the Diffusers layout (``tokenizer/``, ``text_encoder/``,
 ``transformer/``, ``vae/``; ``image_encoder/``, ``image_processor/`` for I2V). The DiT is loaded
@@ -38,7 +40,7 @@ from .runner import ModelRunner
 from .sparge_weights import bind_sparge
 from .tiny import tiny_model_path
 from .vae import WanVAE
-from .video import VideoWriter, check_output, file_stamp, report_path, write_json_atomic
+from .video import check_output, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -422,62 +424,11 @@ class Pipeline:
             shift=req.shift, guide_scale=req.guide_scale, enable_cfg=req.enable_cfg, solver=req.solver,
         )
 
-    def generate(self, req: GenerateRequest, *, decode: bool = True, quiet: bool = False) -> GenerateResult:
-        """Run one request: encode, denoise, decode streamed into the writer, write the report.
+    def decode_stream(self, latents: torch.Tensor):
+        """Decode ``latents`` ``[1, z, F', h, w]`` (any device) frame chunk by frame chunk: uint8 ``[n, H, W, 3]`` each."""
+        yield from self.vae.decode_stream(latents.to(self.vae.device))
 
-        Args:
-            req: the request.
-            decode: False stops after denoising (no video, no report; ``result.latents`` only).
-            quiet: no progress bar.
-
-        Raises:
-            UserError: an invalid request, output path or image (before any work); nothing is
-                left behind on any failure.
-        """
-        self.check(req)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        timings: dict = {}
-        t0 = time.perf_counter()
-        enc = self.encode(req, timings)
-        progress = _Progress(req.steps, req.label if req.label != "request" else "denoise", quiet)
-        t1 = time.perf_counter()
-        try:
-            latents = self.runner.denoise(enc, progress=progress)
-        finally:
-            progress.close()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        timings["denoise_s"] = time.perf_counter() - t1
-        timings["denoise_step_s"] = timings["denoise_s"] / req.steps
-        latents = latents.float().cpu()
-        if not decode:
-            timings["total_s"] = time.perf_counter() - t0
-            return GenerateResult(None, None, self._report(req, enc, timings, None, 0), latents, 0, timings)
-        t2 = time.perf_counter()
-        h, w = req.height, req.width
-        log.info("%sdecoding %d latent frames into %d frames %dx%d", "" if req.label == "request" else req.label + ": ",
-                 latents.shape[2], req.frames, w, h)
-        dbar = _Progress(latents.shape[2], "decode", quiet, unit="latent frame")
-        try:
-            with VideoWriter(req.output, req.frames, h, w, fps=req.fps, overwrite=req.overwrite) as writer:
-                for chunk in self.vae.decode_stream(latents.to(self.vae.device)):
-                    writer.write(chunk)
-                    dbar(0, 0)
-                output = writer.commit()
-        finally:
-            dbar.close()
-        timings["decode_write_s"] = time.perf_counter() - t2
-        timings["total_s"] = time.perf_counter() - t0
-        report = self._report(req, enc, timings, output, writer.written)
-        try:
-            rpath = write_json_atomic(report_path(output), report)
-        except OSError as e:
-            raise UserError(f"report {report_path(output)}: cannot be written ({e.strerror})") from None
-        log.info("wrote %s (%d frames %dx%d) and %s in %.1f s", output, writer.written, w, h, rpath.name, timings["total_s"])
-        return GenerateResult(output, rpath, report, latents, writer.written, timings)
-
-    def _report(self, req: GenerateRequest, enc: EncodedRequest, timings: dict, output: Path | None, frames: int) -> dict:
+    def report(self, req: GenerateRequest, enc: EncodedRequest, timings: dict, output: Path | None, frames: int) -> dict:
         cfg, par = self.cfg, self.cfg.parallel
         sampler = self.runner.sampler(enc)
         return {

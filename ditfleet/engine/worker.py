@@ -256,7 +256,7 @@ class Worker:
         timings = dict(self._timings)
         timings["denoise_s"] = time.perf_counter() - t
         timings["denoise_step_s"] = timings["denoise_s"] / max(1, enc.steps)
-        report = self.pipe._report(self._req, enc, timings, None, 0) if self._req is not None else {}
+        report = self.pipe.report(self._req, enc, timings, None, 0) if self._req is not None else {}
         yield "result", {"latents": latents, "timings": timings, "report": report}
 
     @_portable
@@ -271,7 +271,7 @@ class Worker:
         pipe = self._need_pipeline("decode")
         if self._latents is None:
             raise RuntimeError("decode before execute")
-        for chunk in pipe.vae.decode_stream(self._latents.to(pipe.vae.device)):
+        for chunk in pipe.decode_stream(self._latents):
             yield "chunk", chunk
         yield "result", {"peak_memory": _peak_memory(self.device)}
 
