@@ -141,9 +141,9 @@ class RunConfig:
 
     task: str = _f("t2v", "`t2v` (text to video) or `i2v` (image + text to video).", choices=TASKS)
     model_cls: str | None = _f(
-        None, "Model family (LightX2V's name): `wan2.1` (one DiT) or `wan2.2_moe` (Wan2.2 A14B: high- and low-noise "
-        "experts); null: from the model folder (`transformer_2/`, `high_noise_model/` or a `boundary_ratio` mean "
-        "wan2.2_moe).",
+        None, "Model family (LightX2V's name): `wan2.1` (one DiT), `wan2.2_moe` (Wan2.2 A14B: high- and low-noise "
+        "experts) or `wan2.2` (TI2V-5B, 48-channel VAE; t2v); null: from the model folder (`transformer_2/`, "
+        "`high_noise_model/` or a `boundary_ratio` mean wan2.2_moe; `expand_timesteps` or a 48-channel VAE wan2.2).",
     )
     boundary: float | None = _f(
         None, "wan2.2_moe: the timestep fraction (of 1000) at and above which the high-noise expert runs, in (0, 1); "

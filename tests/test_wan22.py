@@ -195,3 +195,30 @@ def test_user_errors(folders, tmp_path):
         ours("t2v", tiny_model_path("t2v"), model_cls="wan2.2_moe")
     with pytest.raises(UserError, match=r"^sample_guide_scale: \[high_noise, low_noise\] scales need a two-expert"):
         ours("t2v", tiny_model_path("t2v"))  # per-expert scales for a one-DiT folder found by detection
+
+
+# ---- TI2V-5B (family wan2.2): one 48-channel DiT over the Wan2.2 VAE (4x16x16 with a 2x2 patch) -------------
+def test_ti2v_5b_text_to_video_matches_diffusers(tmp_path):
+    comps = build_components("t2v", family="wan2.2")
+    perturb_(comps["transformer"], seed=9)
+    folder = tmp_path / "ti2v"
+    save_components(comps, folder, "t2v")
+    assert detect(folder) == "wan2.2"
+    pipe = WanPipeline(**{**comps, "scheduler": scheduler()})  # expand_timesteps: one timestep per token
+    pipe.set_progress_bar_config(disable=True)
+    h, w = 64, 96  # multiples of 32 (VAE 16 x patch 2)
+    ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=h, width=w, num_frames=FRAMES, num_inference_steps=STEPS,
+               guidance_scale=5.0, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+               max_sequence_length=512).frames.float()
+    eng, req = ours("t2v", folder, sample_guide_scale=5.0, target_height=h, target_width=w)
+    got = eng.generate(req, decode=True, quiet=True)
+    assert got.latents.shape == ref.shape == (1, 48, 3, h // 16, w // 16)
+    assert rel_l2(got.latents, ref) <= TOL
+    from ditfleet.engine.video import read_video
+
+    assert read_video(got.output).shape == (FRAMES, h, w, 3) and got.report["model"]["family"] == "wan2.2"
+    # sizes follow the family's multiples (32 here), image-to-video is refused, never run as text-to-video
+    with pytest.raises(UserError, match=r"height: must be a positive multiple of 32, got 48"):
+        eng.generate(req.replace(height=48))
+    with pytest.raises(UserError, match=r"^task: Wan2.2 TI2V-5B image-to-video .* needs per-token timesteps"):
+        ours("i2v", folder, sample_guide_scale=5.0)

@@ -117,10 +117,13 @@ def _weights_present(folder: Path, single: str, index: str, problems: list[str],
 
 
 def model_spec(cfg, root: Path):
-    """The :class:`~ditfleet.models.spec.ModelSpec` of the run: ``model_cls``, or the folder's family."""
+    """The :class:`~ditfleet.models.spec.ModelSpec` of the run: ``model_cls``, or the folder's family (checked
+    against the task)."""
     from ..models.registry import resolve_family
 
-    return resolve_family(cfg.model_cls, root)
+    spec = resolve_family(cfg.model_cls, root)
+    spec.check_task(cfg.task)
+    return spec
 
 
 def dit_configs(root: Path, spec) -> list:

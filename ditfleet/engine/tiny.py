@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MARKER = "ditfleet_tiny.json"
 TASKS = ("t2v", "i2v")
-FAMILIES = ("wan2.1", "wan2.2_moe")
+FAMILIES = ("wan2.1", "wan2.2_moe", "wan2.2")
 #: Diffusers' Wan2.2 A14B boundary ratios (model_index.json), by task.
 MOE_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
+TI2V_Z_DIM = 48  # latent channels of the Wan2.2 VAE (TI2V-5B)
 
 
 #: Builder settings; their hash names the cache folder. Text features (``text.d_model``) feed the
@@ -109,8 +110,10 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
     Args:
         task: ``"t2v"`` or ``"i2v"``.
         spec: builder settings (default :data:`TINY_SPEC`).
-        family: ``"wan2.1"`` (one DiT; I2V with the CLIP image branch) or ``"wan2.2_moe"`` (two experts of one
-            architecture, ``boundary_ratio`` by task; I2V without CLIP: the image enters as the condition latent only).
+        family: ``"wan2.1"`` (one DiT; I2V with the CLIP image branch), ``"wan2.2_moe"`` (two experts of one
+            architecture, ``boundary_ratio`` by task; I2V without CLIP: the image enters as the condition latent only)
+            or ``"wan2.2"`` (TI2V-5B: the Wan2.2 VAE -- 48 latent channels, 4x16x16 with a 2x2 patch, residual --
+            and a 48-channel DiT; ``expand_timesteps``; T2V only here).
 
     Returns:
         Keyword arguments of ``WanPipeline`` (T2V) or ``WanImageToVideoPipeline`` (I2V):
@@ -122,6 +125,9 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     moe = family == "wan2.2_moe"
+    ti2v = family == "wan2.2"
+    if ti2v and task != "t2v":
+        raise ValueError("the tiny TI2V-5B model is built for t2v only")
     spec = spec or TINY_SPEC
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -147,24 +153,38 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
         with _seeded(seed + offset):
             return WanTransformer3DModel(
                 patch_size=tuple(d["patch_size"]), num_attention_heads=d["num_attention_heads"],
-                attention_head_dim=d["attention_head_dim"], in_channels=36 if image else 16, out_channels=16,
+                attention_head_dim=d["attention_head_dim"], in_channels=z if ti2v else (36 if image else 16),
+                out_channels=z if ti2v else 16,
                 text_dim=t["d_model"], freq_dim=d["freq_dim"], ffn_dim=d["ffn_dim"], num_layers=d["num_layers"],
                 cross_attn_norm=d["cross_attn_norm"], qk_norm="rms_norm_across_heads", eps=d["eps"],
                 image_dim=c["hidden_size"] if clip else None, added_kv_proj_dim=dim if clip else None,
             ).eval()
 
+    z = TI2V_Z_DIM
     transformer = dit(2)
     v = spec["vae"]
     with _seeded(seed + 3):
-        vae = AutoencoderKLWan(
-            base_dim=v["base_dim"], z_dim=v["z_dim"], dim_mult=list(v["dim_mult"]), num_res_blocks=v["num_res_blocks"],
-            temperal_downsample=list(v["temperal_downsample"]),
-        ).eval()
+        if ti2v:  # the Wan2.2 VAE's structure (residual, 2x2 patch: 16x spatial), tiny widths
+            g = torch.Generator().manual_seed(seed + 6)
+            vae = AutoencoderKLWan(
+                base_dim=v["base_dim"], decoder_base_dim=v["base_dim"], z_dim=z, dim_mult=list(v["dim_mult"]),
+                num_res_blocks=v["num_res_blocks"], temperal_downsample=list(v["temperal_downsample"]), is_residual=True,
+                in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                latents_mean=(torch.randn(z, generator=g) * 0.5).tolist(),
+                latents_std=(torch.rand(z, generator=g) + 0.5).tolist(),
+            ).eval()
+        else:
+            vae = AutoencoderKLWan(
+                base_dim=v["base_dim"], z_dim=v["z_dim"], dim_mult=list(v["dim_mult"]), num_res_blocks=v["num_res_blocks"],
+                temperal_downsample=list(v["temperal_downsample"]),
+            ).eval()
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec["scheduler"]["flow_shift"],
         num_train_timesteps=1000,
     )
     out = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+    if ti2v:
+        out["expand_timesteps"] = True
     if moe:
         out.update(transformer_2=dit(5), boundary_ratio=MOE_BOUNDARY[task])
         if image:

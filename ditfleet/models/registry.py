@@ -19,6 +19,7 @@ MODEL_CLS_KEY = "model_cls"
 #: family -> "module:class" of its ModelSpec. Order matters for :func:`detect`: the first that claims a folder.
 FAMILIES: dict[str, str] = {
     "wan2.2_moe": "ditfleet.models.wan22.spec:Wan22MoeSpec",
+    "wan2.2": "ditfleet.models.wan22.ti2v:Wan22Ti2vSpec",
     "wan2.1": "ditfleet.models.wan.spec:Wan21Spec",
 }
 

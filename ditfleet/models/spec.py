@@ -88,6 +88,9 @@ class ModelSpec:
         """The expert boundary the folder states (``None``: one expert)."""
         return None
 
+    def check_task(self, task: str) -> None:
+        """Refuse a task this family cannot run (ConfigError naming ``task``); every task by default."""
+
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
              boundary: float | None = None) -> Denoisers:
         """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`."""
