@@ -119,7 +119,7 @@ def cmd_check_config(args) -> int:
     lines.append("  " + format_table(used).replace("\n", "\n  "))
     lines += [f"  {site}: not used by task {cfg.task}" for site, r in resolutions.items() if r is None]
     if cfg.site_types()["self_attn_1_type"] == "radial_attn":
-        from .attention.radial import radial_density, wan_video_tokens
+        from .models.wan.sites import radial_density, wan_video_tokens
 
         rs = cfg.radial_attn_setting
         density = radial_density(cfg.target_video_length, cfg.target_height, cfg.target_width, rs)

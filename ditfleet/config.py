@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from .attention.registry import ATTN_TYPES, SELF_ATTENTION_ONLY, SITES, Resolution, resolve, valid_types
+from .attention.registry import ATTN_TYPES, SELF_ATTENTION_ONLY, Resolution, resolve, valid_types
 from .config_compat import ALIASES, classify, suggest
 from .errors import ConfigError
+from .models.wan.sites import SITES
 
 log = logging.getLogger(__name__)
 

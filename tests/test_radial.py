@@ -19,12 +19,11 @@ from ditfleet.attention.radial import (
     flex_block_mask,
     merge_partials,
     radial_block_mask,
-    radial_density,
-    radial_plan,
-    wan_video_tokens,
 )
 from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sdpa import SdpaMath
+from ditfleet.models.attention_policy import SelfAttentionPolicy
+from ditfleet.models.wan.sites import radial_density, wan_video_tokens
 from ditfleet.parallel.merge import merge_attention_
 
 CPU = torch.device("cpu")
@@ -236,12 +235,18 @@ def test_density_at_wan_sizes(capsys):
     assert wan_video_tokens(241, 720, 1280) == (61, 3600)
 
 
-def test_radial_plan_dense_steps_and_layers():
+def test_radial_policy_dense_steps_and_layers():
     st = SimpleNamespace(decay_factor=0.2, block_size=16, dense_timesteps=2, dense_layers=3)
-    assert radial_plan(7, 37, st, layer=5, step=0) is None and radial_plan(7, 37, st, layer=5, step=1) is None
-    assert radial_plan(7, 37, st, layer=2, step=10) is None
-    m = radial_plan(7, 37, st, layer=3, step=2)
-    assert isinstance(m, BlockSparseMask) and m is radial_plan(7, 37, st, layer=39, step=49)  # cached, shared
+    policy = SelfAttentionPolicy(RadialFlex(device=CPU, dtype=torch.float32), radial=st)
+    grid = (7, 37, 1)  # 7 frames of 37 tokens
+
+    def plan(layer, step):
+        return policy.choose(layer, step, grid).mask
+
+    assert plan(5, 0) is None and plan(5, 1) is None
+    assert plan(2, 10) is None
+    m = plan(3, 2)
+    assert isinstance(m, BlockSparseMask) and m is plan(39, 49)  # cached, shared
     assert m.shape == (259, 259) and m.block_size == 16
 
 

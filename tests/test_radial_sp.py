@@ -30,6 +30,7 @@ from ditfleet.attention.radial import RadialFlex, radial_block_mask
 from ditfleet.attention.reference import reference_attention
 from ditfleet.attention.sdpa import SdpaCpuFlash
 from ditfleet.bench.common import rel_l2
+from ditfleet.models.attention_policy import SelfAttentionPolicy
 
 TOL = 1e-5
 CPU = torch.device("cpu")
@@ -211,7 +212,7 @@ def _model_cases(rank, world, meshes) -> dict:
     for label, rs, fallback, step in (("radial", setting(), None, None),
                                       ("dense block 0, fallback sdpa", setting(dense_layers=1, dense_timesteps=1), sdpa, 1),
                                       ("dense step", setting(dense_timesteps=1), None, 0)):
-        model.set_radial(rs, dense_fallback=fallback)
+        model.set_policy(SelfAttentionPolicy(flex, radial=rs, dense_fallback=fallback))
         with torch.no_grad():
             model.set_parallel(None)
             ref = model(**inp, step=step)
@@ -318,24 +319,31 @@ def _with_self(model, backend, sdpa):
     return model.set_attention({SELF_SITE: backend, TEXT_SITE: sdpa})
 
 
+def set_radial(model, rs, dense_fallback=None):
+    """The engine's binding: a policy of the model's self-attention kernel with the radial setting ``rs``."""
+    from ditfleet.models.wan import SELF_SITE
+
+    return model.set_policy(SelfAttentionPolicy(model.backends[SELF_SITE], radial=rs, dense_fallback=dense_fallback))
+
+
 @torch.no_grad()
 def test_wan_radial_equals_masked_dense_attention(dit):
     model, sdpa = dit
     inp = inputs(model.config)
-    _with_self(model, RadialFlex(device=CPU, dtype=torch.float32), sdpa).set_radial(setting())
+    set_radial(_with_self(model, RadialFlex(device=CPU, dtype=torch.float32), sdpa), setting())
     state = model.prepare(**inp)
     f, h, w = state.grid
     assert (f, h * w) == (9, 15) and all(m is radial_block_mask(9, 15, 0.2, 4) for m in state.self_masks)
     assert 0.5 < state.self_masks[0].density < 0.8
     radial = model(**inp)
-    ref = _with_self(model, MaskedReference(CPU, torch.float32), sdpa)(**inp)
+    ref = set_radial(_with_self(model, MaskedReference(CPU, torch.float32), sdpa), setting())(**inp)
     dense = _with_self(model, sdpa, sdpa)(**inp)
     assert rel_l2(radial, ref) <= TOL, rel_l2(radial, ref)
     assert rel_l2(radial, dense) > 1e-3  # the mask changes the model's output
     # an all-allowed mask: radial == dense
     full = BlockSparseMask.from_blocks(torch.ones(34, 34, dtype=torch.bool), 4, 135)
-    _with_self(model, RadialFlex(device=CPU, dtype=torch.float32), sdpa)
-    with mock.patch("ditfleet.models.wan.dit.radial_plan", lambda *a, **kw: full):
+    set_radial(_with_self(model, RadialFlex(device=CPU, dtype=torch.float32), sdpa), setting())
+    with mock.patch("ditfleet.models.attention_policy.radial_mask_for", lambda *a, **kw: full):
         assert model.prepare(**inp).self_masks[0] is full
         assert rel_l2(model(**inp), dense) <= TOL
 
@@ -346,10 +354,9 @@ def test_wan_radial_dense_layers_and_steps(dit):
     inp = inputs(model.config)
     flex, fallback = CountingFlex(device=CPU, dtype=torch.float32), CountingSdpa(CPU, torch.float32)
     _with_self(model, flex, sdpa)
-    model.set_radial(None)
-    with pytest.raises(RuntimeError, match="set_radial"):  # radial kernel, no setting: never silently dense
+    with pytest.raises(RuntimeError, match="no radial setting"):  # radial kernel, no setting: never silently dense
         model(**inp)
-    model.set_radial(setting(dense_timesteps=2, dense_layers=1), dense_fallback=fallback)
+    set_radial(model, setting(dense_timesteps=2, dense_layers=1), dense_fallback=fallback)
     with pytest.raises(ValueError, match="set_step"):  # dense steps need the step index
         model(**inp)
     mask = radial_block_mask(9, 15, 0.2, 4)
@@ -364,13 +371,14 @@ def test_wan_radial_dense_layers_and_steps(dit):
         assert len(CountingSdpa.calls) == 2 - radial_layers  # dense blocks run the fallback kernel
     assert model.prepare(**inp, step=0).self_masks == (None, None)  # forward's step overrides set_step
     # dense blocks without a fallback: the radial kernel without a mask (its own dense SDPA kernel)
-    model.set_radial(setting(dense_layers=2))
+    set_radial(model, setting(dense_layers=2))
     CountingFlex.calls.clear()
     out = model(**inp)
     assert CountingFlex.calls == [None, None]
     assert rel_l2(out, _with_self(model, sdpa, sdpa)(**inp)) <= TOL
     # a non-radial self-attention kernel ignores the setting (an engine may always pass it)
-    assert model.prepare(**inp).self_masks == (None, None)
+    set_radial(_with_self(model, sdpa, sdpa), setting())
+    assert model.policy.kind == "dense" and model.prepare(**inp).self_masks == (None, None)
     model.set_step(None)
 
 
@@ -388,8 +396,8 @@ def test_sp_refuses_fallback_without_lse_under_ring():
                       attention={SELF_SITE: RadialFlex(device=CPU, dtype=torch.float32), TEXT_SITE: sdpa})
     model.set_parallel(ParallelMesh(ring_size=2, world_size=2))
     with pytest.raises(ConfigError, match="LSE"):
-        model.set_radial(setting(), dense_fallback=NoLse(CPU, torch.float32))
-    model.set_parallel(None).set_radial(setting(), dense_fallback=NoLse(CPU, torch.float32))
+        set_radial(model, setting(), dense_fallback=NoLse(CPU, torch.float32))
+    set_radial(model.set_parallel(None), setting(), dense_fallback=NoLse(CPU, torch.float32))
     with pytest.raises(ConfigError, match="LSE"):
         model.set_parallel(ParallelMesh(ring_size=2, world_size=2))
 

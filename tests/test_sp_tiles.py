@@ -139,6 +139,7 @@ def test_aligned_shard_and_tile_align():
 
 
 def test_dit_aligns_its_split_to_the_self_attention_kernel():
+    from ditfleet.models.attention_policy import build_policy
     from ditfleet.models.wan import SELF_SITE, TEXT_SITE, WanDiTConfig, build_dit
 
     cfg = WanDiTConfig(model_type="t2v", in_dim=16, dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=32,
@@ -161,8 +162,8 @@ def test_dit_aligns_its_split_to_the_self_attention_kernel():
     sparge_model.set_parallel(ParallelMesh(ring_size=2, world_size=2))
     assert sparge_model.sp.align == 128  # unbound: SpargeAttn's 128 x 64 blocks
     p = SpargeParams.topk_mode(3, 0.5, block_q=16, block_k=8)
-    sparge_model.set_sparge([p, None])  # the bound layers' blocks decide (the dense layer has none)
-    assert sparge_model.sp.align == 16
+    sparge_model.set_policy(build_policy(sparge_model.policy.kernel, num_layers=2, num_heads=3, sparge_layers=[p, None]))
+    assert sparge_model.sp.align == 16  # the bound layers' blocks decide (the dense layer has none)
     sparge_model.set_parallel(ParallelMesh(ring_size=4, world_size=4))  # a new mesh keeps the bound layers' tile
     assert sparge_model.sp.align == 16
 

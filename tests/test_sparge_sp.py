@@ -84,6 +84,15 @@ def build(self_backend):
                      attention={SELF_SITE: self_backend, TEXT_SITE: SdpaCpuFlash(CPU, DT)})
 
 
+def bind(model, layers=None, **kw):
+    """The engine's binding: a Sparge policy of the model's self-attention kernel (``layers`` or ``sparge_state=``)."""
+    from ditfleet.models.attention_policy import build_policy
+
+    c = model.config
+    return model.set_policy(build_policy(model.policy.kernel, num_layers=c.num_layers, num_heads=c.num_heads,
+                                         sparge_layers=layers, **kw))
+
+
 # ------------------------------------------------------------------ distributed
 def _attention_cases(meshes) -> dict:
     q, k, v = blocky(S, H, D, seed=1), blocky(S, H, D, seed=2), blocky(S, H, D, seed=3, strength=0.0)
@@ -125,7 +134,7 @@ def _misuse_cases(meshes) -> None:
 
 def _model_cases(meshes) -> dict:
     model = build(SpargeFlex(device=CPU, dtype=DT))
-    model.set_sparge([small_block_params(3), small_block_params(3)])
+    bind(model, [small_block_params(3), small_block_params(3)])
     inp = model_inputs(model.config)
     errs = {}
     with torch.no_grad():
@@ -165,27 +174,27 @@ def test_dit_binds_each_block_and_threshold_one_equals_sdpa():
     model = build(SpargeFlex(device=CPU, dtype=DT))
     model.load_state_dict(sdpa_model.state_dict())
     inp = model_inputs(model.config)
-    with pytest.raises(RuntimeError, match="set_sparge"):
+    with pytest.raises(RuntimeError, match="per-layer settings"):
         model(**inp)  # not bound yet: refuses instead of running something else
     with torch.no_grad():
         want = sdpa_model(**inp)
         # cdfthreshd = 1 in every block: exactly dense
         dense = SpargeParams.thresholds(3, cdfthreshd=1.0, simthreshd1=0.0, block_q=16, block_k=8)
-        model.set_sparge([dense, dense])
+        bind(model, [dense, dense])
         assert rel_l2(model(**inp), want) <= 1e-12
         # real thresholds: a different result
-        model.set_sparge([small_block_params(3), small_block_params(3)])
+        bind(model, [small_block_params(3), small_block_params(3)])
         sparse = model(**inp)
         assert rel_l2(sparse, want) > 1e-3
         # a state dict with block 1 only: block 0 dense, block 1 its own thresholds (exact key match)
         one = SpargeParams.thresholds(3, cdfthreshd=[0.2, 0.5, 0.9], simthreshd1=[0.0, 0.1, 0.2])
         state = SpargeCheckpoint(2, 3, {1: one}).state_dict()
         assert all(key.startswith("blocks.1.") for key in state)
-        model.set_sparge_weights(state, source="test state")
-        assert model.self_layers[0].params is None
-        assert torch.equal(model.self_layers[1].params.cdfthreshd, one.cdfthreshd)
-        assert model.describe_sparge() == "sparge (sparge_flex): 1 of 2 blocks sparse (threshold mode), dense blocks [0]"
+        bind(model, sparge_state=state, source="test state")
+        assert model.policy.layers[0].params is None
+        assert torch.equal(model.policy.layers[1].params.cdfthreshd, one.cdfthreshd)
+        assert model.policy.describe() == "sparge (sparge_flex): 1 of 2 blocks sparse (threshold mode), dense blocks [0]"
     with pytest.raises(ValueError, match="2 blocks"):
-        model.set_sparge([dense])
+        bind(model, [dense])
     with pytest.raises(ValueError, match="4 heads"):
-        model.set_sparge([dense, SpargeParams.thresholds(4, cdfthreshd=1.0, simthreshd1=0.0)])
+        bind(model, [dense, SpargeParams.thresholds(4, cdfthreshd=1.0, simthreshd1=0.0)])

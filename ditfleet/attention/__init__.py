@@ -9,11 +9,10 @@ Public API::
 
 from .base import AttentionBackend, Capabilities, attention_flops
 from .reference import reference_attention
-from .registry import ATTN_TYPES, SITES, Resolution, format_table, kernel_class, resolve, valid_types
+from .registry import ATTN_TYPES, Resolution, format_table, kernel_class, resolve, valid_types
 
 __all__ = [
     "ATTN_TYPES",
-    "SITES",
     "AttentionBackend",
     "Capabilities",
     "Resolution",

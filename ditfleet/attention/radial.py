@@ -1,7 +1,10 @@
 """Radial attention: a static O(n log n) block mask from spatio-temporal energy decay, and its kernels.
 
-The mask (for Wan; definition of mit-han-lab/radial-attention, ``radial_attn/attn_mask.py``,
-``gen_log_mask_shrinked`` with ``model_type="wan"``), rebuilt here vectorised at block level:
+The mask (definition of mit-han-lab/radial-attention, ``radial_attn/attn_mask.py``,
+``gen_log_mask_shrinked`` with ``model_type="wan"``), rebuilt here vectorised at block level; it knows
+only ``frames x tokens_per_frame`` (a model turns its video into that grid, e.g.
+:func:`ditfleet.models.wan.sites.wan_video_tokens`; which layer / step runs it is the model's attention
+policy, :mod:`ditfleet.models.attention_policy`):
 
 - tokens are frame-major: ``F`` latent frames of ``T`` tokens, ``S = F * T``;
 - query frame ``i`` / key frame ``j`` at temporal distance ``d = |i - j|`` get a token mask over
@@ -64,23 +67,11 @@ from .fa4_sparse import fa4_block_sparse_attention, fa4_block_sparse_reasons
 if TYPE_CHECKING:  # config imports the attention registry; avoid a cycle at runtime
     from ..config import RadialAttnSetting
 
-VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: time, height, width
-PATCH = (1, 2, 2)  # Wan2.1 DiT patch embedding
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
 CPU_DENSE_LOOKUP = 1 << 26  # token pairs up to which eager (CPU) flex gets a precomputed token table
 
 
 # ------------------------------------------------------------------------------ mask definition
-def wan_video_tokens(frames: int, height: int, width: int) -> tuple[int, int]:
-    """``(latent frames, tokens per frame)`` of a Wan2.1 video of ``frames`` x ``height`` x ``width`` pixels.
-
-    E.g. 81 x 480 x 832 -> (21, 1560) = 32,760 tokens; 81 x 720 x 1280 -> (21, 3600) = 75,600.
-    """
-    f = (frames - 1) // VAE_STRIDE[0] + 1
-    t = (height // VAE_STRIDE[1] // PATCH[1]) * (width // VAE_STRIDE[2] // PATCH[2])
-    return f, t
-
-
 def window_width(d: int, tokens_per_frame: int, decay_factor: float, block_size: int) -> int:
     """Half-width (tokens) of the diagonal band of a frame pair at temporal distance ``d`` (``>= tokens_per_frame``: dense)."""
     if d == 0:
@@ -161,26 +152,6 @@ def radial_block_mask(frames: int, tokens_per_frame: int, decay_factor: float = 
 def radial_mask_for(frames: int, tokens_per_frame: int, setting: RadialAttnSetting | Any) -> BlockSparseMask:
     """:func:`radial_block_mask` with ``setting``'s ``decay_factor`` and ``block_size``."""
     return radial_block_mask(int(frames), int(tokens_per_frame), float(setting.decay_factor), int(setting.block_size))
-
-
-def radial_density(frames: int, height: int, width: int, setting: RadialAttnSetting | Any) -> float:
-    """Token-level density of the radial mask of a ``frames x height x width`` (pixels) Wan video, for ``check-config``.
-
-    E.g. 81 x 480 x 832 with the defaults: 0.319; 81 x 720 x 1280: 0.241; 241 x 720 x 1280: 0.131.
-    """
-    f, t = wan_video_tokens(frames, height, width)
-    return radial_mask_for(f, t, setting).density
-
-
-def radial_plan(frames: int, tokens_per_frame: int, setting: RadialAttnSetting | Any, *, layer: int, step: int) -> BlockSparseMask | None:
-    """The mask block ``layer`` (0-based) uses at denoising step ``step`` (0-based); ``None`` = dense attention.
-
-    Dense while ``step < setting.dense_timesteps`` or ``layer < setting.dense_layers`` (the
-    reference's ``dense_timestep`` / ``dense_block``), radial otherwise.
-    """
-    if step < int(setting.dense_timesteps) or layer < int(setting.dense_layers):
-        return None
-    return radial_mask_for(frames, tokens_per_frame, setting)
 
 
 # ------------------------------------------------------------------------------ flex attention

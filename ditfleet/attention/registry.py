@@ -21,13 +21,11 @@ from .base import AttentionBackend
 
 log = logging.getLogger(__name__)
 
-# Attention sites of a Wan DiT block: config key -> what it attends to.
-SITES: dict[str, str] = {
-    "self_attn_1_type": "video self-attention",
-    "cross_attn_1_type": "video -> text cross-attention",
-    "cross_attn_2_type": "video -> reference-image cross-attention (I2V)",
-}
+# Types that only make sense on self-attention (a mask over the video's own tokens). Which sites a model
+# has is the model's (e.g. ditfleet.models.wan.sites.SITES); by convention a self-attention site's name
+# starts with SELF_ATTENTION_PREFIX.
 SELF_ATTENTION_ONLY = frozenset({"radial_attn", "sparge"})
+SELF_ATTENTION_PREFIX = "self_attn"
 
 # kernel key -> "module:Class", imported on first use.
 KERNELS: dict[str, str] = {
@@ -87,10 +85,15 @@ ATTN_TYPES: dict[str, AttnType] = {
 }
 
 
+def is_self_attention_site(site: str) -> bool:
+    """True when ``site`` (a config key) names a self-attention site (its name starts with ``self_attn``)."""
+    return site.startswith(SELF_ATTENTION_PREFIX)
+
+
 def valid_types(site: str | None = None) -> list[str]:
-    """The type names valid for ``site`` (a key of ``SITES``), or for any site."""
+    """The type names valid for ``site`` (a model's site key), or for any site."""
     names = list(ATTN_TYPES)
-    if site is not None and site != "self_attn_1_type":
+    if site is not None and not is_self_attention_site(site):
         names = [n for n in names if n not in SELF_ATTENTION_ONLY]
     return names
 
@@ -125,7 +128,7 @@ class Resolution:
     """What one site asked for and what will run there.
 
     Attributes:
-        site: the config key (``self_attn_1_type`` ...), or a free label for non-config uses.
+        site: the model's site key (a config key, e.g. a Wan block's self-attention), or a free label for non-config uses.
         requested: the attention type named in the config.
         kernel: key of the kernel that will run.
         description: human-readable name of that kernel.

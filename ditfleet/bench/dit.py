@@ -10,7 +10,7 @@ weights built directly on the GPU, a 720p x 81-frame input (latent ``[1, 16, 21,
   exactly as a run resolves ``self_attn_1_type`` (the resolved kernel and any fallback are recorded);
   the cross-attention sites run the dense ``--cross-kernel`` (default FlashAttention-4 where it runs,
   else the kernel ``torch_sdpa`` resolves to: cuDNN on a GPU). Radial attention is bound as the engine
-  binds it (``set_radial`` with the config's ``radial_attn_setting``: decay 0.2, block 128,
+  binds it (a self-attention policy with the config's ``radial_attn_setting``: decay 0.2, block 128,
   ``dense_timesteps`` 0, ``dense_layers`` 0, i.e. every block radial; ``set_step(0)``); Sparge in
   top-k mode (``--sparge-topk``, every block bound with ``layer_params(..., topk=...)`` as
   :func:`ditfleet.engine.sparge_weights.bind_sparge` does without a checkpoint).
@@ -196,10 +196,11 @@ def _sparsity(model, step, q: torch.Tensor, k: torch.Tensor) -> dict:
     if masks:
         out["radial_density_block0"] = step.self_masks[0].density if step.self_masks[0] is not None else 1.0
         out["radial_density_mean"] = sum(1.0 if m is None else m.density for m in step.self_masks) / len(step.self_masks)
-    if model.self_layers and model.self_layers[0].params is not None:
+    layers = model.policy.layers if model.policy is not None else None
+    if layers and layers[0].params is not None:
         from ..attention.sparge import predict_block_mask
 
-        out["sparge_density_block0"] = predict_block_mask(q, k, model.self_layers[0].params).density
+        out["sparge_density_block0"] = predict_block_mask(q, k, layers[0].params).density
     return out
 
 
@@ -435,22 +436,26 @@ def plan_runs(args, device: torch.device, dtype: torch.dtype, cfg) -> tuple[list
 
 
 def bind_self_attention(model, args, radial: RadialAttnSetting) -> dict:
-    """Bind a per-block (Sparge) self-attention kernel as the engine does without a checkpoint; describe radial.
+    """Give ``model`` the self-attention policy of its kernel as the engine does: the radial setting (used by a
+    radial kernel only), a Sparge kernel bound per block to ``args.sparge_topk`` (no checkpoint).
 
     Returns:
         Record fields: the Sparge binding and what runs it, or the radial setting and step.
     """
-    from ..attention.sparge_ckpt import layer_params
+    from ..models.attention_policy import build_policy
 
     rec: dict = {}
-    backend = model.backends[SELF_SITE_KEY]
-    if model.sparge_active:
-        c = model.config
-        model.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, topk=args.sparge_topk))
-        rec["sparge"] = {"topk": args.sparge_topk, "bound": model.describe_sparge(),
-                         "block": [model.self_layers[0].params.block_q, model.self_layers[0].params.block_k],
-                         "runs": getattr(model.self_layers[0], "runs", backend.description)}
-    elif model.radial_active:
+    c = model.config
+    policy = build_policy(model.backends[SELF_SITE_KEY], num_layers=c.num_layers, num_heads=c.num_heads, radial=radial,
+                          sparge_topk=args.sparge_topk)
+    model.set_policy(policy)
+    backend = policy.kernel
+    if policy.kind == "sparge":
+        first = policy.layers[0]
+        rec["sparge"] = {"topk": args.sparge_topk, "bound": policy.describe(),
+                         "block": [first.params.block_q, first.params.block_k],
+                         "runs": getattr(first, "runs", backend.description)}
+    elif policy.kind == "radial":
         # no dense_fallback, as ModelRunner.load: dense blocks / steps (none here) would run the radial kernel unmasked
         rec["radial"] = {**dataclasses.asdict(radial), "step": radial.dense_timesteps, "dense_fallback": None,
                          "runs": getattr(backend, "runs", backend.description)}
@@ -535,11 +540,10 @@ def main(args: argparse.Namespace) -> int:
     _reset_peak(device)
     sites = (SELF_SITE, TEXT_SITE, IMAGE_SITE) if cfg.has_image_branch else (SELF_SITE, TEXT_SITE)
     model = build_dit(cfg, device=device, dtype=dtype, attention=None, seed=args.seed, std=0.02)  # torch_sdpa until a run sets its own
-    # as the engine: the run's radial setting is given whatever the kernel (used only by a radial kernel), and
-    # the step index of each forward is set; dense_timesteps 0 makes step 0 a radial step
+    # as the engine: the run's radial setting goes into every kernel's policy (bind_self_attention; used only by a
+    # radial kernel), and the step index of each forward is set; dense_timesteps 0 makes step 0 a radial step
     radial = RadialAttnSetting(decay_factor=args.radial_decay, block_size=args.radial_block_size,
                                dense_timesteps=0, dense_layers=0)
-    model.set_radial(radial)
     model.set_step(radial.dense_timesteps)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     inputs = make_inputs(cfg, lat, device, dtype, args.seed)

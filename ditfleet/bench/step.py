@@ -431,7 +431,6 @@ class Bench:
         self.radial = RadialAttnSetting(decay_factor=args.radial_decay, block_size=args.radial_block_size,
                                         dense_timesteps=0, dense_layers=0)
         self.model = build_dit(cfg, device=self.device, dtype=self.dtype, seed=args.seed, std=0.02)
-        self.model.set_radial(self.radial)  # as the engine: given whatever the kernel, used by radial kernels only
         weights = same_weights(self.model, self.world, self.device)
         self.enc = make_request(cfg, self.lat, self.steps, args.solver, args.seed)
         self.noise = initial_noise(self.enc.latent_shape, args.seed)

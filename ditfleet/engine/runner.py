@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from ..models.attention_policy import build_policy
 from ..models.spec import Denoisers
 from ..parallel import ParallelMesh, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .request import EncodedRequest
@@ -71,7 +72,8 @@ class ModelRunner:
     ) -> ModelRunner:
         """Load the denoiser(s) of ``model_path`` through its family's spec and wrap them.
 
-        ``radial``: the run's ``RadialAttnSetting`` (used when the self-attention kernel is radial); ``spec``:
+        ``radial``: the run's ``RadialAttnSetting`` (in every expert's self-attention policy; used when the kernel
+        is radial); ``spec``:
         the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
         switch of a two-expert family (``None``: the folder's).
         """
@@ -83,8 +85,9 @@ class ModelRunner:
         spec = spec or resolve_family(None, root)
         den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
                         boundary=boundary)
-        for dit in den:
-            dit.set_radial(radial)
+        for dit in den:  # each expert its own policy (bind_sparge replaces a Sparge one with its bound layers)
+            c = dit.config
+            dit.set_policy(build_policy(dit.policy.kernel, num_layers=c.num_layers, num_heads=c.num_heads, radial=radial))
             if mesh is not None and mesh.sp_size > 1:
                 dit.set_parallel(mesh)
         runner = cls(den, mesh=mesh, **kwargs)

@@ -140,7 +140,8 @@ def load_for_run(cfg) -> tuple[dict[str, torch.Tensor] | None, dict]:
 
 
 def bind_sparge(dit, cfg, state: dict[str, torch.Tensor] | None, *, read_file: bool = True) -> str | None:
-    """Bind a Sparge self-attention kernel of ``dit`` to its per-block settings (start-up, every rank).
+    """Give a Sparge self-attention kernel of ``dit`` its per-block settings (start-up, every rank, every expert):
+    a new :class:`~ditfleet.models.attention_policy.SelfAttentionPolicy` with the kernel bound per block.
 
     Settings come from ``state`` (the thresholds the driver loaded and broadcast), else from
     ``cfg.sparge_ckpt`` read here (``read_file``: one process that owns its config, never an engine
@@ -154,20 +155,21 @@ def bind_sparge(dit, cfg, state: dict[str, torch.Tensor] | None, *, read_file: b
         SpargeCheckpointError: the thresholds do not fit the DiT (blocks, heads, values).
         RuntimeError: an engine worker (``read_file=False``) was given no thresholds for a ``sparge_ckpt`` run.
     """
-    from ..attention.sparge_ckpt import layer_params
+    from ..models.attention_policy import build_policy
 
-    if not getattr(dit, "sparge_active", False):
+    policy = getattr(dit, "policy", None)
+    if policy is None or policy.kind != "sparge":
         return None
     source = str(cfg.sparge_ckpt) if cfg.sparge_ckpt is not None else "sparge thresholds"
     if state is None and cfg.sparge_ckpt is not None:
         if not read_file:
             raise RuntimeError(f"sparge_ckpt {cfg.sparge_ckpt!r}: this worker received no thresholds from the driver")
         state = load_sparge_weights(cfg.sparge_ckpt)
-    if state is not None:
-        dit.set_sparge_weights(state, source=source)
-    else:
-        c = dit.config
-        dit.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, topk=cfg.sparge_attn_setting.topk))
-    line = dit.describe_sparge() + (f" from {source}" if state is not None else "")
+    c = dit.config
+    policy = build_policy(policy.kernel, num_layers=c.num_layers, num_heads=c.num_heads, radial=policy.radial,
+                          sparge_state=state, sparge_topk=None if state is not None else cfg.sparge_attn_setting.topk,
+                          source=source)
+    dit.set_policy(policy)
+    line = policy.describe() + (f" from {source}" if state is not None else "")
     log.info(line)
     return line

@@ -14,26 +14,15 @@ Attention runs through backends chosen once, at start-up, per site (``self_attn_
 :class:`~ditfleet.models.sp.SeqParallel`, which is the plain kernel unless a mesh with an SP
 degree > 1 was set (:meth:`WanDiT.set_parallel`).
 
-Radial attention: when the self-attention kernel takes block masks (``caps.block_mask``: the
-``radial_attn`` kernels), every forward builds (cached per video geometry) the radial mask of its
-token grid (``F'`` latent frames x ``H'*W'`` tokens per frame, after patching) from the
-:class:`~ditfleet.config.RadialAttnSetting` given to :meth:`WanDiT.set_radial`, and
-:func:`~ditfleet.attention.radial.radial_plan` decides per (block, denoising step) whether that
-block runs radial or dense (``dense_layers`` / ``dense_timesteps``). Dense blocks/steps run the
-``dense_fallback`` kernel of :meth:`WanDiT.set_radial`, or else the radial kernel called without a
-mask, which runs its own dense kernel (``radial_flex``: the first torch SDPA kernel that runs
-here, i.e. cuDNN on H100; ``radial_fa4``: FlashAttention-4). Nothing else ever runs dense: a radial
-kernel without a setting, or ``dense_timesteps > 0`` without a step index, is an error. The step
-index comes from ``forward(..., step=i)`` or :meth:`WanDiT.set_step`. Under sequence parallelism
-the same global mask goes to :func:`~ditfleet.parallel.sequence_parallel_attention`.
-
-Sparge attention: a Sparge self-attention kernel (``per_layer``) is bound once per block at
-start-up to that block's thresholds (:meth:`WanDiT.set_sparge` with one
-:class:`~ditfleet.attention.sparge.SpargeParams` or ``None`` (dense) per block, or
-:meth:`WanDiT.set_sparge_weights` with a SpargeAttn-format state dict: block ``i`` gets exactly the
-keys ``blocks.{i}.…``, never those of block ``1i``). Each block then predicts its own mask from its
-q and k; under sequence parallelism the parallel layer narrows the kernel to a rank's heads
-(Ulysses) or builds the global mask from gathered statistics (ring / USP).
+Self-attention asks the DiT's :class:`~ditfleet.models.attention_policy.SelfAttentionPolicy`
+(:meth:`WanDiT.set_policy`, built once at start-up by the engine from the run's kernel, radial setting
+and Sparge per-layer settings) which kernel and which block mask each block runs at the forward's
+denoising step (``forward(..., step=i)`` or :meth:`WanDiT.set_step`) on its ``(F', H', W')`` token grid;
+:meth:`WanDiT.set_attention` starts from the kernel's default policy (dense; radial without a setting
+and Sparge unbound both refuse to run). Under sequence parallelism the same global mask goes to
+:func:`~ditfleet.parallel.sequence_parallel_attention`; a Sparge block's kernel predicts its own mask
+(the parallel layer narrows it to a rank's heads under Ulysses or builds the global mask from gathered
+statistics under ring / USP).
 """
 
 from __future__ import annotations
@@ -48,16 +37,13 @@ import torch.nn.functional as F
 
 from ...attention.base import AttentionBackend
 from ...attention.blockmask import BlockSparseMask
-from ...attention.radial import radial_plan
 from ...errors import ConfigError
+from ..attention_policy import SelfAttentionPolicy
 from ..sp import SeqParallel, SeqParallelPlan
 from . import ops
 from .config import WanDiTConfig
 from .rope import rope_table, sinusoidal_embedding
-
-SELF_SITE = "self_attn_1_type"
-TEXT_SITE = "cross_attn_1_type"
-IMAGE_SITE = "cross_attn_2_type"
+from .sites import IMAGE_SITE, SELF_SITE, TEXT_SITE
 IMAGE_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the official img_emb (MLPProj)
 
 
@@ -277,9 +263,7 @@ class WanDiT(nn.Module):
             self.img_emb = WanImageEmbedding(cfg)
         self.sp = SeqParallel(self.sp_plan)
         self.backends: dict[str, AttentionBackend] = {}
-        self.radial = None  # RadialAttnSetting (set_radial); used when the self-attention kernel is radial
-        self.dense_fallback: AttentionBackend | None = None
-        self.self_layers: tuple[AttentionBackend, ...] = ()  # per-block self-attention kernels (Sparge), else ()
+        self.policy: SelfAttentionPolicy | None = None  # set_attention's default, or set_policy's
         self._step: int | None = None
         self._rope_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if attention is not None:
@@ -308,135 +292,43 @@ class WanDiT(nn.Module):
             raise ConfigError(per_layer[0], "sparge runs on self-attention only (self_attn_1_type); valid here: "
                               "torch_sdpa, flash_attn2, flash_attn3, flash_attn4, sage_attn2")
         self.backends = backends
-        self.self_layers = ()  # a per-layer kernel waits for set_sparge / set_sparge_weights
-        self.sp.use_kernels(*self._sp_kernels())
+        self.policy = SelfAttentionPolicy(backends[SELF_SITE])  # dense, or radial / Sparge waiting for set_policy
+        self.sp.use_kernels(*self.policy.kernels())
         return self
 
-    def _sp_kernels(self) -> tuple[AttentionBackend | None, ...]:
-        """The kernels the sharded self-attention runs (checked against the mesh; the split aligns to their tiles)."""
-        main = self.self_layers or (self.backends.get(SELF_SITE),)
-        return (*main, self.dense_fallback)
+    def set_policy(self, policy: SelfAttentionPolicy) -> WanDiT:
+        """Self-attention's policy (start-up; :func:`~ditfleet.models.attention_policy.build_policy`): its kernel
+        becomes the ``self_attn_1_type`` site's.
+
+        Raises:
+            ConfigError: under a ring mesh, one of its kernels returns no LSE (nothing is changed then).
+        """
+        self.sp.use_kernels(*policy.kernels())
+        self.policy = policy
+        self.backends[SELF_SITE] = policy.kernel
+        return self
 
     @property
     def sparge_active(self) -> bool:
-        """True when self-attention is a per-layer (Sparge) kernel."""
-        backend = self.backends.get(SELF_SITE)
-        return backend is not None and getattr(backend, "per_layer", False)
-
-    def set_sparge(self, layers) -> WanDiT:
-        """Bind the Sparge self-attention kernel to each block's settings (start-up).
-
-        Args:
-            layers: one :class:`~ditfleet.attention.sparge.SpargeParams` (for ``num_heads`` heads) or
-                ``None`` (the block runs dense) per block, in block order
-                (:func:`~ditfleet.attention.sparge_ckpt.layer_params` builds them).
-
-        Raises:
-            RuntimeError: the self-attention kernel is not a Sparge kernel.
-            ValueError: wrong number of blocks or heads.
-        """
-        from ...attention.sparge import bind_layers
-
-        if not self.sparge_active:
-            raise RuntimeError(f"set_sparge: the self-attention kernel is {self.backends.get(SELF_SITE)!r}, not a Sparge kernel")
-        layers = list(layers)
-        n, h = self.config.num_layers, self.config.num_heads
-        if len(layers) != n:
-            raise ValueError(f"set_sparge: {len(layers)} layer settings for a DiT of {n} blocks")
-        bad = [i for i, p in enumerate(layers) if p is not None and p.num_heads != h]
-        if bad:
-            raise ValueError(f"set_sparge: block {bad[0]} has settings for {layers[bad[0]].num_heads} heads, the DiT has {h}")
-        self.self_layers = tuple(bind_layers(self.backends[SELF_SITE], layers))
-        self.sp.use_kernels(*self._sp_kernels())
-        return self
-
-    def set_sparge_weights(self, state: Mapping[str, torch.Tensor], *, source: str = "sparge_ckpt") -> WanDiT:
-        """Bind Sparge from a SpargeAttn-format state dict (what the engine broadcasts): validated against
-        this DiT's blocks and heads; blocks absent from it run dense (one warning lists them).
-
-        Raises:
-            SpargeCheckpointError: the state does not fit this model (names ``source`` and the key).
-        """
-        from ...attention.sparge_ckpt import SpargeCheckpoint, layer_params
-
-        c = self.config
-        ckpt = SpargeCheckpoint.from_state_dict(state, num_layers=c.num_layers, num_heads=c.num_heads, source=source)
-        return self.set_sparge(layer_params(num_layers=c.num_layers, num_heads=c.num_heads, checkpoint=ckpt))
+        """True when self-attention is a per-layer (Sparge) kernel (read by ``engine/worker.py``)."""
+        return self.policy is not None and self.policy.kind == "sparge"
 
     def describe_sparge(self) -> str:
-        """One line for start-up logs: blocks sparse / dense and the mode."""
-        if not self.self_layers:
-            return "sparge: not bound"
-        dense = [i for i, b in enumerate(self.self_layers) if b.params is None]
-        modes = {b.params.mode for b in self.self_layers if b.params is not None}
-        return (f"sparge ({self.self_layers[0].key}): {len(self.self_layers) - len(dense)} of {len(self.self_layers)} "
-                f"blocks sparse ({'/'.join(sorted(modes)) or '-'} mode)" + (f", dense blocks {dense}" if dense else ""))
+        """The policy's start-up line (read by ``engine/worker.py``)."""
+        return self.policy.describe() if self.policy is not None else "sparge: not bound"
 
     def set_parallel(self, mesh) -> WanDiT:
         """Run self-attention sequence-parallel over ``mesh`` (a ``ParallelMesh``; ``None``: single process)."""
         self.sp = SeqParallel(self.sp_plan, mesh)
-        if self.backends.get(SELF_SITE) is not None:
-            self.sp.check_backend(self.backends[SELF_SITE])
-        self.sp.use_kernels(*self._sp_kernels())
-        return self
-
-    def set_radial(self, setting, *, dense_fallback: AttentionBackend | None = None) -> WanDiT:
-        """Radial attention's setting (start-up): needed when the self-attention kernel is radial.
-
-        Args:
-            setting: a :class:`~ditfleet.config.RadialAttnSetting` (or anything with its fields:
-                ``decay_factor``, ``block_size``, ``dense_timesteps``, ``dense_layers``); ``None`` clears it.
-                Ignored while the self-attention kernel takes no block mask, so an engine may pass
-                ``cfg.radial_attn_setting`` whatever the kernel.
-            dense_fallback: the kernel of the dense blocks / steps (``dense_layers``,
-                ``dense_timesteps``); ``None``: the radial kernel without a mask (its own dense kernel).
-
-        Raises:
-            ConfigError: under a ring mesh, ``dense_fallback`` returns no LSE.
-        """
-        if setting is not None:
-            for name in ("decay_factor", "block_size", "dense_timesteps", "dense_layers"):
-                if not hasattr(setting, name):
-                    raise TypeError(f"set_radial: setting has no {name!r} (pass a RadialAttnSetting)")
-        if dense_fallback is not None:
-            self.sp.check_backend(dense_fallback)
-        self.radial, self.dense_fallback = setting, dense_fallback
-        self.sp.use_kernels(*self._sp_kernels())
+        if self.policy is not None:
+            self.sp.use_kernels(*self.policy.kernels())
         return self
 
     def set_step(self, step: int | None) -> WanDiT:
-        """The denoising step index (0-based) of the following forwards (radial ``dense_timesteps``);
+        """The denoising step index (0-based) of the following forwards (the policy's radial ``dense_timesteps``);
         ``forward(..., step=i)`` overrides it for one call. ``None``: unknown."""
         self._step = None if step is None else int(step)
         return self
-
-    @property
-    def radial_active(self) -> bool:
-        """True when self-attention runs a block-mask (radial) kernel (Sparge kernels predict their own masks)."""
-        backend = self.backends.get(SELF_SITE)
-        return backend is not None and backend.caps.block_mask and not getattr(backend, "per_layer", False)
-
-    def self_attention_masks(self, grid: tuple[int, int, int], step: int | None) -> tuple[BlockSparseMask | None, ...]:
-        """Per block, the radial mask of a ``(f, h, w)`` token grid at denoising step ``step``, ``None`` = dense.
-
-        All ``None`` when the self-attention kernel is not radial.
-
-        Raises:
-            RuntimeError: a radial kernel without :meth:`set_radial`.
-            ValueError: ``dense_timesteps > 0`` and no step index.
-        """
-        n = len(self.blocks)
-        if not self.radial_active:
-            return (None,) * n
-        rs = self.radial
-        if rs is None:
-            raise RuntimeError(f"self-attention kernel {self.backends[SELF_SITE].key} is radial but the model has no "
-                               "radial setting: call set_radial(cfg.radial_attn_setting) at start-up")
-        if step is None and int(rs.dense_timesteps) > 0:
-            raise ValueError(f"radial_attn_setting.dense_timesteps={rs.dense_timesteps} needs the denoising step "
-                             "index: call set_step(i) before each step's forward, or forward(..., step=i)")
-        f, h, w = grid
-        return tuple(radial_plan(f, h * w, rs, layer=i, step=0 if step is None else step) for i in range(n))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -550,12 +442,7 @@ class WanDiT(nn.Module):
             b = self.backends[site]
             if b.dtype != self.dtype:
                 raise TypeError(f"{site}: kernel {b.key} was built for {b.dtype}, the model computes in {self.dtype}")
-        if self.sparge_active and len(self.self_layers) != self.config.num_layers:
-            raise RuntimeError(f"self-attention kernel {self.backends[SELF_SITE].key} is bound per block: call "
-                               "set_sparge(...) or set_sparge_weights(state) at start-up")
-        fb = self.dense_fallback
-        if fb is not None and self.radial_active and fb.dtype != self.dtype:
-            raise TypeError(f"dense_fallback: kernel {fb.key} was built for {fb.dtype}, the model computes in {self.dtype}")
+        self.policy.check(num_layers=self.config.num_layers, dtype=self.dtype)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(
@@ -578,7 +465,7 @@ class WanDiT(nn.Module):
             clip_fea: I2V: ``[B, 257, 1280]`` CLIP image features; ``None`` for T2V.
             y: I2V: ``[B, 20, F, H, W]`` conditioning (mask + encoded image), concatenated to ``x``
                 along channels inside the model (``in_dim`` 36); ``None`` for T2V.
-            step: denoising step index (0-based) for radial ``dense_timesteps``; ``None``: the one
+            step: denoising step index (0-based) for the policy (radial ``dense_timesteps``); ``None``: the one
                 :meth:`set_step` set (if any).
 
         Returns:
@@ -601,7 +488,7 @@ class WanDiT(nn.Module):
         step: int | None = None,
     ) -> DiTStep:
         """Everything before the blocks: embeddings, RoPE, the sequence split, each block's self-attention
-        (radial mask or dense) (arguments as :meth:`forward`)."""
+        (the policy's kernel and mask) (arguments as :meth:`forward`)."""
         cfg = self.config
         self._check_backends()
         if cfg.has_image_branch and (clip_fea is None or y is None):
@@ -623,24 +510,20 @@ class WanDiT(nn.Module):
         ctx = self.embed_text(context.to(device))
         ctx_img = self.img_emb(clip_fea.to(device), dtype) if cfg.has_image_branch else None
 
-        masks = self.self_attention_masks(grid, self._step if step is None else step)
+        plan = self.policy.plan(grid, self._step if step is None else step, len(self.blocks))
         local, shard = self.sp.split(tokens=tokens, rope_cos=cos, rope_sin=sin)
-        backend, sp = self.backends[SELF_SITE], self.sp
-        dense = self.dense_fallback if self.radial_active and self.dense_fallback is not None else backend
-        text, image = self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
+        sp, text, image = self.sp, self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
 
-        def attend_with(mask: BlockSparseMask | None, kernel: AttentionBackend | None = None) -> _Attend:
-            if kernel is None:
-                kernel = backend if mask is not None else dense
+        def attend_with(kernel: AttentionBackend, mask: BlockSparseMask | None) -> _Attend:
             return _Attend(lambda q, k, v: sp.attention(q, k, v, backend=kernel, shard=shard, block_mask=mask), text, image)
 
-        if self.self_layers:  # Sparge: each block's kernel, bound to its thresholds, predicts its own mask
-            layers = tuple(attend_with(None, kernel) for kernel in self.self_layers)
-        else:
-            by_mask = {id(m): attend_with(m) for m in masks}  # one per distinct mask (two at most)
-            layers = tuple(by_mask[id(m)] for m in masks)
+        by_choice: dict[tuple[int, int], _Attend] = {}  # one per distinct (kernel, mask): two at most unless Sparge
+        for c in plan:
+            by_choice.setdefault((id(c.kernel), id(c.mask)), attend_with(c.kernel, c.mask))
+        layers = tuple(by_choice[id(c.kernel), id(c.mask)] for c in plan)
         return DiTStep(local["tokens"], e, e0, ctx, ctx_img, (local["rope_cos"], local["rope_sin"]),
-                       layers[0] if layers else attend_with(None), grid, shard, layers, masks)
+                       layers[0] if layers else attend_with(self.policy.kernel, None), grid, shard, layers,
+                       tuple(c.mask for c in plan))
 
     def finish(self, h: torch.Tensor, step: DiTStep, carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Head, gather, unpatchify: ``h`` float32 ``[B, S_local, C]`` (+ the last block's ``carry``) -> float32 ``[B, out_dim, F, H, W]``."""
