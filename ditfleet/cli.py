@@ -1,4 +1,4 @@
-"""The ``ditfleet`` command: generate | check-config | doctor | bench | sparge-tune.
+"""The ``ditfleet`` command: generate | check-config | doctor | serve | bench | sparge-tune.
 
 Every user error (bad config, missing file, bad option) prints one message and exits with
 status 2, without a traceback; an internal bug still shows its traceback.
@@ -43,6 +43,9 @@ DOCTOR_OPTIONAL = {
     "ray": "launcher ray: pip install 'ditfleet[ray]'",
     "matplotlib": "benchmark plots: pip install 'ditfleet[bench]'",
     "yunchang": "sequence-parallel peer in bench sp-attention: pip install 'ditfleet[bench]'",
+    "fastapi": "ditfleet serve (HTTP job API): pip install 'ditfleet[serve]'",
+    "uvicorn": "ditfleet serve (HTTP server): pip install 'ditfleet[serve]'",
+    "python-multipart": "ditfleet serve image uploads: pip install 'ditfleet[serve]'",
 }
 
 
@@ -182,6 +185,10 @@ def cmd_doctor(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args) -> int:
+    return importlib.import_module("ditfleet.serve").main(args)
+
+
 def cmd_sparge_tune(args) -> int:
     if getattr(args, "unavailable", None):
         raise UserError(args.unavailable)
@@ -215,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="show the environment and self-check every attention kernel that can run here")
     d.add_argument("--device", choices=["cpu", "cuda"])
     d.set_defaults(func=cmd_doctor)
+
+    v = sub.add_parser("serve", help="serve one loaded engine over HTTP: a job API with a durable queue (needs ditfleet[serve])")
+    _add_config_args(v)
+    importlib.import_module("ditfleet.serve").add_arguments(v)
+    v.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("sparge-tune", help="tune a Sparge checkpoint (per-head thresholds) against dense attention")
     try:

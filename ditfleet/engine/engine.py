@@ -64,6 +64,7 @@ class Engine:
         executor: the :class:`~.executor.Executor`.
         startup_s: seconds per start-up stage of the current worker group.
         startups: how many times the group was (re)built.
+        retried: how many times a request was re-run after a worker failure.
         sparge_info: path, checksum and shape of the sparge thresholds (empty without).
     """
 
@@ -72,6 +73,7 @@ class Engine:
         self._sparge, self.sparge_info = sparge_state, dict(sparge_info or {})
         self.startup_s: dict[str, float] = {}
         self.startups = 0
+        self.retried = 0  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
         self._geometry = None
         self._closed = False
 
@@ -229,6 +231,7 @@ class Engine:
                 last = e
                 self.executor.abort()
                 if attempt <= self.retries:
+                    self.retried += 1
                     log.warning("%s: %s; rebuilding the worker group and retrying (%d of %d)", request.label, e,
                                 attempt, self.retries)
         raise EngineError(f"{request.label}: failed after {self.retries + 1} attempt(s) "
