@@ -180,6 +180,11 @@ class RunConfig:
         "[4.0, 3.0]: one scale per expert).",
     )
     sample_shift: float = _f(5.0, "Flow-matching timestep shift.")
+    denoising_step_list: list[int] | None = _f(
+        None, "Step-distilled models (LightX2V's key): the timesteps to denoise at, strictly decreasing in [1, 1000], "
+        "e.g. [1000, 750, 500, 250]; run as LightX2V's step-distill sampler (Euler over those shifted sigmas; "
+        "`sample_solver` does not apply); `infer_steps` must equal its length. null: the solver's schedule.",
+    )
     enable_cfg: bool = _f(True, "Run classifier-free guidance (two passes per step); false runs one.")
     self_attn_1_type: str = _f("torch_sdpa", "Kernel of video self-attention (any attention type).")
     cross_attn_1_type: str = _f("torch_sdpa", "Kernel of video -> text cross-attention (any type but `radial_attn`).")
@@ -499,6 +504,14 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     positive("fps", cfg.fps)
     positive("text_len", cfg.text_len)
     positive("sample_shift", cfg.sample_shift)
+    steps = cfg.denoising_step_list
+    if steps is not None:
+        if not steps or any(not 1 <= x <= 1000 for x in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ConfigError("denoising_step_list", f"must be strictly decreasing integers in [1, 1000] (e.g. "
+                                                     f"[1000, 750, 500, 250]), got {json.dumps(steps)}")
+        if cfg.infer_steps != len(steps):
+            raise ConfigError("infer_steps", f"{cfg.infer_steps}, but denoising_step_list {json.dumps(steps)} has "
+                                             f"{len(steps)} steps; set infer_steps to {len(steps)}")
     scales = cfg.sample_guide_scale if isinstance(cfg.sample_guide_scale, list) else [cfg.sample_guide_scale]
     if len(scales) not in (1, 2) or min(scales) < 0:
         raise ConfigError("sample_guide_scale", f"must be a number >= 0 or [high_noise, low_noise] (two numbers >= 0), "

@@ -21,8 +21,13 @@ def tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_folders(tiny_cache):
-    """``{"t2v": folder, "i2v": folder}``: the embedded tiny models as Diffusers folders (a model_path)."""
-    from ditfleet.engine.tiny import tiny_model_path
+def tiny_folders(tiny_cache, tmp_path_factory):
+    """``{"t2v": folder, "i2v": folder, "wan2.2_moe/t2v": folder}``: the embedded tiny models as Diffusers folders (a
+    model_path), and a tiny Wan2.2 A14B-style two-expert T2V folder."""
+    from ditfleet.engine.tiny import build_components, save_components, tiny_model_path
 
-    return {task: tiny_model_path(task) for task in ("t2v", "i2v")}
+    out = {task: tiny_model_path(task) for task in ("t2v", "i2v")}
+    moe = tmp_path_factory.mktemp("tiny-wan22-moe-t2v")
+    save_components(build_components("t2v", family="wan2.2_moe"), moe, "t2v")
+    out["wan2.2_moe/t2v"] = moe
+    return out

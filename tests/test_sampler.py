@@ -109,3 +109,55 @@ def test_sampler_is_stateful_and_refuses_extra_steps():
         s.step(x, x)
     with pytest.raises(ValueError):
         make_sampler("heun", 4, 5.0)
+
+
+def test_step_list_sampler_matches_a_float64_reimplementation():
+    """denoising_step_list (LightX2V's step-distill sampler) vs an independent float64 loop of its update rule:
+    sigma_k = shift * s / (1 + (shift - 1) * s) at s = step_k / 1000; x0 = x - sigma_k v; x <- x0 + sigma_{k+1} v."""
+    from ditfleet.engine.sampler import make_sampler
+
+    shift, steps = 5.0, [1000, 750, 500, 250]
+    sampler = make_sampler("unipc", len(steps), shift, step_list=steps)
+    assert sampler.describe()["solver"] == "step_list" and len(sampler) == 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 4, generator=g)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64) * 0.3
+
+    def velocity(x, t):  # any smooth function of x and t
+        return torch.einsum("ij,bj...->bi...", w.to(x.dtype), x) * (t / 1000.0) - 0.1 * x
+
+    sig64 = [shift * (s / 1000) / (1 + (shift - 1) * (s / 1000)) for s in steps] + [0.0]
+    x64 = x.double()
+    ours = x.clone()
+    for k in range(len(steps)):
+        t = sampler.timesteps[k]
+        assert abs(float(t) - sig64[k] * 1000) < 1e-3, (k, float(t), sig64[k] * 1000)
+        ours = sampler.step(velocity(ours, float(t)), ours)
+        v = velocity(x64, sig64[k] * 1000)
+        x64 = (x64 - sig64[k] * v) + sig64[k + 1] * v
+    assert float((ours.double() - x64).norm() / x64.norm()) < 1e-5
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        make_sampler("unipc", 2, shift, step_list=[500, 750])
+
+
+def test_step_list_config_and_run(tmp_path):
+    from ditfleet.config import load_config
+    from ditfleet.engine import Engine
+    from ditfleet.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["denoising_step_list=[1000, 750, 500, 250]"])  # infer_steps 50 by default
+    assert info.value.key == "infer_steps" and "set infer_steps to 4" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["denoising_step_list=[250, 500]", "infer_steps=2"])
+    assert info.value.key == "denoising_step_list"
+    cfg = load_config(None, ["device=cpu", "denoising_step_list=[1000, 750, 500, 250]", "infer_steps=4",
+                             "enable_cfg=false", "target_video_length=5", "target_height=32", "target_width=32"])
+    from ditfleet.engine.sampler import step_list_schedule
+
+    with Engine.start(cfg, launcher="local") as eng:
+        res = eng.generate(output=str(tmp_path / "d.npy"), decode=False, quiet=True)
+    want = [round(float(t), 3) for t in step_list_schedule([1000, 750, 500, 250], cfg.sample_shift).timesteps]
+    assert res.report["sampler"]["solver"] == "step_list" and res.report["sampler"]["steps"] == 4
+    assert [round(t, 3) for t in res.report["sampler"]["timesteps"]] == want and want[0] == 1000.0
+    assert res.report["request"]["step_list"] == (1000, 750, 500, 250)

@@ -261,7 +261,8 @@ def test_shipped_configs_pass_check_config_with_their_documented_set(path, tiny_
     if str(data.get("model_path", "")).startswith("${"):
         err, _ = cli_error(capsys, *args)  # out of the box: the placeholder, and how to fill it
         assert "model_path: ${" in err and "--set model_path=" in err
-        args += ["--set", f"model_path={tiny_folders[data.get('task', 't2v')]}"]
+        family = f"{data['model_cls']}/" if data.get("model_cls") else ""
+        args += ["--set", f"model_path={tiny_folders[family + data.get('task', 't2v')]}"]
     if data.get("task") == "i2v":
         from PIL import Image
 

@@ -90,6 +90,7 @@ def request_from_config(cfg, **overrides) -> GenerateRequest:
         guide_scale=tuple(cfg.sample_guide_scale) if isinstance(cfg.sample_guide_scale, list) else cfg.sample_guide_scale,
         enable_cfg=cfg.enable_cfg,
         solver=getattr(cfg, "sample_solver", None) or "unipc",
+        step_list=tuple(cfg.denoising_step_list) if getattr(cfg, "denoising_step_list", None) else None,
         fps=getattr(cfg, "fps", None) or 16,
         output=getattr(cfg, "output", None),
     )
@@ -425,6 +426,7 @@ class Pipeline:
             context=context, context_null=context_null, clip_fea=clip_fea, y=y,
             latent_shape=self.vae.latent_shape(req.frames, req.height, req.width), seed=req.seed, steps=req.steps,
             shift=req.shift, guide_scale=req.guide_scale, enable_cfg=req.enable_cfg, solver=req.solver,
+            step_list=req.step_list,
         )
 
     def decode_stream(self, latents: torch.Tensor):

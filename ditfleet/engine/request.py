@@ -27,6 +27,7 @@ class GenerateRequest:
         guide_scale: CFG scale, or ``(high-noise, low-noise)`` scales of a two-expert model (Wan2.2 A14B).
         enable_cfg: two passes per step (False: one, conditional only).
         solver: ``"unipc"`` or ``"euler"``.
+        step_list: a step-distilled model's timesteps (``denoising_step_list``; ``steps`` is its length), or ``None``.
         fps: mp4 frame rate.
         label: how logs and summaries name it (e.g. ``jobs.jsonl:3``).
         overwrite: allow replacing an output ditfleet did not write (``--overwrite``; a PNG folder keeps
@@ -46,6 +47,7 @@ class GenerateRequest:
     guide_scale: float | tuple[float, float] = 5.0
     enable_cfg: bool = True
     solver: str = "unipc"
+    step_list: tuple[int, ...] | None = None
     fps: int = 16
     label: str = "request"
     overwrite: bool = False
@@ -71,6 +73,9 @@ class GenerateRequest:
             raise RequestError(f"{where}steps: must be >= 1, got {self.steps}")
         if not 0 <= self.seed < 2**63:
             raise RequestError(f"{where}seed: must lie in [0, 2**63), got {self.seed}")
+        if self.step_list is not None and len(self.step_list) != self.steps:
+            raise RequestError(f"{where}steps: {self.steps}, but denoising_step_list {list(self.step_list)} has "
+                               f"{len(self.step_list)}; make infer_steps equal its length")
         if self.solver not in ("unipc", "euler"):
             raise RequestError(f"{where}sample_solver: {self.solver!r} is not valid; valid: unipc, euler")
         if self.fps < 1:
@@ -108,6 +113,7 @@ class EncodedRequest:
     guide_scale: float | tuple[float, float]
     enable_cfg: bool
     solver: str = "unipc"
+    step_list: tuple[int, ...] | None = None
     meta: dict = field(default_factory=dict)
 
     def scale_for(self, expert: int) -> float:

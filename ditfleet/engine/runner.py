@@ -99,7 +99,7 @@ class ModelRunner:
         return self.dit.device
 
     def sampler(self, enc: EncodedRequest) -> FlowSampler:
-        return make_sampler(enc.solver, enc.steps, enc.shift, schedule=self.schedule)
+        return make_sampler(enc.solver, enc.steps, enc.shift, schedule=self.schedule, step_list=enc.step_list)
 
     def denoiser_for(self, t: torch.Tensor) -> tuple[int, object]:
         """``(expert index, model)`` that denoises at timestep ``t`` (the same on every rank: same ``t``)."""

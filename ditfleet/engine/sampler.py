@@ -98,6 +98,28 @@ def make_schedule(
     return FlowSchedule(sigmas=sigmas, timesteps=timesteps)
 
 
+def step_list_schedule(step_list, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> FlowSchedule:
+    """The schedule of a step-distilled model (LightX2V's ``denoising_step_list``, e.g. ``[1000, 750, 500, 250]``).
+
+    As LightX2V's ``WanStepDistillScheduler``: the ``T`` training sigmas ``linspace(1, 0, T + 1)[:-1]`` (float32),
+    shifted, and step ``k`` at training index ``T - step_list[k]``; the model is fed ``sigma * T``. Its update
+    ``x0 = x - sigma * v``, then ``x0 + sigma_next * v`` (``x0`` after the last step) is the Euler step over
+    these sigmas followed by 0, so :class:`EulerSampler` runs it.
+
+    Args:
+        step_list: strictly decreasing integers in ``[1, T]``.
+        shift: the flow shift (``sample_shift``).
+    """
+    steps = [int(x) for x in step_list]
+    if not steps or any(not 1 <= x <= num_train_timesteps for x in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising_step_list must be strictly decreasing integers in [1, {num_train_timesteps}], "
+                         f"got {list(step_list)}")
+    sig = torch.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    picked = sig[[num_train_timesteps - x for x in steps]]
+    return FlowSchedule(sigmas=torch.cat([picked, picked.new_zeros(1)]), timesteps=picked * num_train_timesteps)
+
+
 class FlowSampler:
     """Base class: holds the schedule and the step counter. ``step(v, x)`` returns the next sample."""
 
@@ -284,7 +306,7 @@ class UniPCSampler(FlowSampler):
         return prev
 
 
-def make_sampler(solver: str, steps: int, shift: float, *, schedule: str = "wan") -> FlowSampler:
+def make_sampler(solver: str, steps: int, shift: float, *, schedule: str = "wan", step_list=None) -> FlowSampler:
     """A fresh sampler (one per request: samplers hold state).
 
     Args:
@@ -292,6 +314,14 @@ def make_sampler(solver: str, steps: int, shift: float, *, schedule: str = "wan"
         steps: denoising steps.
         shift: flow shift (``sample_shift``).
         schedule: ``"wan"`` (official sigma grid) or ``"diffusers"``.
+        step_list: a step-distilled model's ``denoising_step_list`` (then ``steps`` must be its length; the
+            solver and schedule do not apply): :func:`step_list_schedule` run by Euler.
     """
+    if step_list:
+        if len(step_list) != steps:
+            raise ValueError(f"denoising_step_list has {len(step_list)} steps, the request {steps}")
+        sampler = EulerSampler(step_list_schedule(step_list, shift))
+        sampler.name = "step_list"
+        return sampler
     sched = make_schedule(steps, shift, solver=solver, schedule=schedule)
     return UniPCSampler(sched) if solver == "unipc" else EulerSampler(sched)
