@@ -46,7 +46,10 @@ class ServerStopping(Exception):
 
 def request_of(job: Job) -> GenerateRequest:
     """The :class:`GenerateRequest` a stored job describes."""
-    fields = dict(job.request)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(GenerateRequest)}
+    fields = {k: v for k, v in job.request.items() if k in known}  # a row stored by an older ditfleet
     if isinstance(fields.get("guide_scale"), list):
         fields["guide_scale"] = tuple(fields["guide_scale"])
     return GenerateRequest(**fields)
