@@ -239,6 +239,20 @@ def test_bad_lookup(server, method, path, status, field):
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+def test_oversized_streamed_body(server):
+    """A chunked body (no Content-Length) is counted as it arrives: 413, the server stays healthy."""
+
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(24):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/videos", content=body(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body", r.text
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
 def test_token_guards_every_route_but_healthz(server):
     assert httpx.get(server.url + "/metrics").status_code == 401
     assert httpx.get(server.url + "/v1/videos").status_code == 401

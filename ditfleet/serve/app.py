@@ -59,7 +59,8 @@ class ServeState:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes (by its Content-Length, or counted as it streams)."""
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by its Content-Length or counted as it streams (the
+    body is read here, bounded, before the route sees it)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -70,25 +71,26 @@ class BodyLimit:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 return await _send_json(send, 413, _too_large(self.limit))
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen, more = [], 0, True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge()
-            return msg
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await _send_json(send, 413, _too_large(self.limit))
+            more = msg.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            await _send_json(send, 413, _too_large(self.limit))
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def _too_large(limit: int) -> dict:
