@@ -112,6 +112,17 @@ class SpargeAttnSetting:
 
 
 @dataclass
+class LoraEntry:
+    """One LoRA merged into the DiT's weights at load (LightX2V's ``lora_configs`` entry)."""
+
+    path: str = _f("", "The LoRA file (.safetensors): PEFT lora_A/lora_B, kohya lora_down/lora_up + alpha, diff / diff_b.")
+    strength: float = _f(1.0, "Multiplier of the LoRA's delta (0: no change).")
+    alpha: float | None = _f(None, "Scale alpha / rank for a file without .alpha entries (null: the file's, else 1).")
+    name: str | None = _f(None, "wan2.2_moe: the expert it applies to (high_noise_model / low_noise_model, or "
+                                "transformer / transformer_2); null for one-DiT models.")
+
+
+@dataclass
 class RayConfig:
     """The Ray launcher (``launcher: ray``): where the cluster is, how workers are placed, how failures are handled."""
 
@@ -194,6 +205,10 @@ class RunConfig:
     sparge_ckpt: str | None = _f(None, "Sparge per-layer thresholds: a `.pt` (loaded with weights_only=True) or `.safetensors` file.")
     radial_attn_setting: RadialAttnSetting = _f(RadialAttnSetting, "Radial attention options.")
     sparge_attn_setting: SpargeAttnSetting = _f(SpargeAttnSetting, "Sparge attention options.")
+    lora_configs: list[LoraEntry] | None = _f(
+        None, "LoRAs merged into the DiT weights at load, in order: `[{\"path\": ..., \"strength\": 1.0}]` (LightX2V's "
+        "key; Wan2.2 A14B: one per expert with `name`). Keys that match no module are an error.",
+    )
     parallel: ParallelConfig = _f(ParallelConfig, "Parallel layout.")
     ray: RayConfig = _f(RayConfig, "Ray launcher options.")
     cpu_offload: bool = _f(False, "LightX2V key, accepted for compatibility; ditfleet does not offload, so only false is valid.")
@@ -504,6 +519,11 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     positive("fps", cfg.fps)
     positive("text_len", cfg.text_len)
     positive("sample_shift", cfg.sample_shift)
+    for i, lora in enumerate(cfg.lora_configs or []):
+        if not lora.path:
+            raise ConfigError(f"lora_configs[{i}].path", "give the LoRA file (.safetensors)")
+        if lora.alpha is not None and lora.alpha <= 0:
+            raise ConfigError(f"lora_configs[{i}].alpha", f"must be > 0 or null, got {lora.alpha}")
     steps = cfg.denoising_step_list
     if steps is not None:
         if not steps or any(not 1 <= x <= 1000 for x in steps) or any(a <= b for a, b in zip(steps, steps[1:])):

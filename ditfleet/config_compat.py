@@ -38,7 +38,6 @@ LIGHTX2V_NO_EFFECT = frozenset({
 
 #: LightX2V keys that would change the video, each with the value(s) that mean "off".
 LIGHTX2V_CHANGES_OUTPUT: dict[str, tuple] = {
-    "lora_configs": ([], None),
     "dit_quantized": (False,),
     "dit_quant_scheme": (None, "Default", "default", "bf16"),
     "dit_quantized_ckpt": (None,),

@@ -225,7 +225,8 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     _check_experts(cfg, spec)
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
-                              radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary)
+                              radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
+                              loras=cfg.lora_configs)
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
     return runner
@@ -368,7 +369,8 @@ class Pipeline:
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
-                                  radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary)
+                                  radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
+                                  loras=cfg.lora_configs)
         for dit in runner.denoisers:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()

@@ -68,6 +68,7 @@ class ModelRunner:
         radial=None,
         spec=None,
         boundary: float | None = None,
+        loras=(),
         **kwargs,
     ) -> ModelRunner:
         """Load the denoiser(s) of ``model_path`` through its family's spec and wrap them.
@@ -84,7 +85,7 @@ class ModelRunner:
         root = Path(model_path)
         spec = spec or resolve_family(None, root)
         den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
-                        boundary=boundary)
+                        boundary=boundary, loras=loras or ())
         for dit in den:  # each expert its own policy (bind_sparge replaces a Sparge one with its bound layers)
             c = dit.config
             dit.set_policy(build_policy(dit.policy.kernel, num_layers=c.num_layers, num_heads=c.num_heads, radial=radial))

@@ -33,6 +33,7 @@ class Denoisers:
     names: list[str]
     boundary: float | None = None
     sources: list[str] = field(default_factory=list)
+    loras: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.experts or len(self.experts) != len(self.names):
@@ -60,7 +61,8 @@ class Denoisers:
         return 0 if float(t) >= self.boundary * NUM_TRAIN_TIMESTEPS else 1
 
     def describe(self) -> dict:
-        return {"experts": list(self.names), "boundary": self.boundary, "sources": list(self.sources)}
+        return {"experts": list(self.names), "boundary": self.boundary, "sources": list(self.sources),
+                "loras": list(self.loras)}
 
 
 class ModelSpec:
@@ -92,9 +94,30 @@ class ModelSpec:
         """Refuse a task this family cannot run (ConfigError naming ``task``); every task by default."""
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None) -> Denoisers:
-        """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`."""
+             boundary: float | None = None, loras: Sequence = ()) -> Denoisers:
+        """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`; ``loras`` (config
+        ``lora_configs`` entries: ``path``, ``strength``, ``alpha``, ``name``) are merged into their expert's weights."""
         raise NotImplementedError
+
+    def loras_for(self, loras: Sequence, names: Sequence[str], aliases: Mapping[str, str] | None = None) -> list[list]:
+        """``loras`` split per expert (in ``names`` order). One expert: every LoRA (``name`` null, the family, or the
+        expert's name); several: each LoRA must name its expert (``aliases``: other accepted names)."""
+        from ..errors import ConfigError
+
+        aliases = dict(aliases or {})
+        out: list[list] = [[] for _ in names]
+        for i, lora in enumerate(loras or ()):
+            name = getattr(lora, "name", None)
+            target = aliases.get(name, name)
+            if len(names) == 1 and name in (None, self.family, "dit", "transformer", names[0]):
+                out[0].append(lora)
+            elif target in names:
+                out[names.index(target)].append(lora)
+            else:
+                valid = sorted({*names, *aliases}) if len(names) > 1 else ["null", self.family, names[0]]
+                raise ConfigError(f"lora_configs[{i}].name", f"{name!r}: {self.family} has the denoiser(s) "
+                                                             f"{', '.join(names)}; valid: {', '.join(map(str, valid))}")
+        return out
 
     def check_boundary(self, boundary: float | None, where: str) -> None:
         """A two-expert family needs a boundary in (0, 1); a one-expert family none."""

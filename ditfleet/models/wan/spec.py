@@ -9,6 +9,7 @@ import torch
 
 from ..spec import Denoisers, ModelSpec
 from .loader import load_dit
+from .lora import merge_loras_
 
 
 class Wan21Spec(ModelSpec):
@@ -23,8 +24,14 @@ class Wan21Spec(ModelSpec):
         return [("transformer", root / "transformer")] if (root / "transformer").is_dir() else [("dit", root)]
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None) -> Denoisers:
-        self.check_boundary(boundary, "boundary")
-        (name, folder), = self.dit_folders(root)
-        return Denoisers([load_dit(folder, device=device, dtype=dtype, attention=attention)], [name],
-                         sources=[str(folder)])
+             boundary: float | None = None, loras=()) -> Denoisers:
+        return load_single(self, root, device=device, dtype=dtype, attention=attention, boundary=boundary, loras=loras)
+
+
+def load_single(spec: ModelSpec, root: Path, *, device, dtype, attention, boundary, loras) -> Denoisers:
+    """One Wan DiT from ``spec.dit_folders(root)``, its LoRAs merged."""
+    spec.check_boundary(boundary, "boundary")
+    (name, folder), = spec.dit_folders(root)
+    (mine,) = spec.loras_for(loras, [name])
+    dit = load_dit(folder, device=device, dtype=dtype, attention=attention)
+    return Denoisers([dit], [name], sources=[str(folder)], loras=merge_loras_(dit, mine))

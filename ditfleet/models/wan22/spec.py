@@ -25,6 +25,7 @@ import torch
 
 from ..spec import Denoisers, ModelSpec, load_experts
 from ..wan.loader import CheckpointError, find_checkpoint, load_dit
+from ..wan.lora import merge_loras_
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ DIFFUSERS = (("transformer", "transformer"), ("transformer_2", "transformer_2"))
 OFFICIAL = (("high_noise_model", "high_noise_model"), ("low_noise_model", "low_noise_model"))
 #: The official Wan2.2 scripts' boundaries (``wan/configs/wan_{t2v,i2v}_A14B.py``), by the experts' input channels.
 OFFICIAL_BOUNDARY = {16: 0.875, 36: 0.900}
+#: LoRA ``name``s of each expert in the other layout (LightX2V names them high_noise_model / low_noise_model).
+ALIASES = {"high_noise_model": "transformer", "low_noise_model": "transformer_2",
+           "transformer": "high_noise_model", "transformer_2": "low_noise_model"}
 
 
 def _model_index(root: Path) -> dict:
@@ -77,7 +81,7 @@ class Wan22MoeSpec(ModelSpec):
         return OFFICIAL_BOUNDARY[in_dim]
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None) -> Denoisers:
+             boundary: float | None = None, loras=()) -> Denoisers:
         folders = self.dit_folders(root)
         where = "boundary" if boundary is not None else f"{root / 'model_index.json'} boundary_ratio"
         boundary = self.default_boundary(root) if boundary is None else boundary
@@ -87,7 +91,10 @@ class Wan22MoeSpec(ModelSpec):
             diff = [k for k in configs[0].__dataclass_fields__ if getattr(configs[0], k) != getattr(configs[1], k)]
             raise CheckpointError(f"{folders[0][1]} and {folders[1][1]}: the two experts differ in {', '.join(diff)}; "
                                   "a Wan2.2 A14B folder holds two DiTs of one architecture")
+        names = [n for n, _ in folders]
+        per_expert = self.loras_for(loras, names, {k: v for k, v in ALIASES.items() if v in names})
         models, names, sources = load_experts(load_dit, folders, device=device, dtype=dtype, attention=attention)
+        merged = [entry for dit, mine in zip(models, per_expert) for entry in merge_loras_(dit, mine)]
         log.info("Wan2.2 experts %s / %s, switching below t = %.1f (boundary %.3f)", names[0], names[1],
                  boundary * 1000, boundary)
-        return Denoisers(models, names, boundary=boundary, sources=sources)
+        return Denoisers(models, names, boundary=boundary, sources=sources, loras=merged)

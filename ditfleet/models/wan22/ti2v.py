@@ -17,7 +17,7 @@ import torch
 
 from ...errors import ConfigError
 from ..spec import Denoisers, ModelSpec
-from ..wan.loader import load_dit
+from ..wan.spec import load_single
 
 TI2V_CHANNELS = 48
 
@@ -50,8 +50,5 @@ class Wan22Ti2vSpec(ModelSpec):
                                       "run yet; use task t2v with this model, or a Wan2.1 / Wan2.2 A14B I2V model")
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None) -> Denoisers:
-        self.check_boundary(boundary, "boundary")
-        (name, folder), = self.dit_folders(root)
-        return Denoisers([load_dit(folder, device=device, dtype=dtype, attention=attention)], [name],
-                         sources=[str(folder)])
+             boundary: float | None = None, loras=()) -> Denoisers:
+        return load_single(self, root, device=device, dtype=dtype, attention=attention, boundary=boundary, loras=loras)
