@@ -314,3 +314,40 @@ def test_cluster_too_small_is_a_config_error(cluster):
     with pytest.raises(ConfigError, match=r"parallel: 4 Ray worker\(s\) need 4 CPU"):
         Engine.start(config(parallel={"seq_p_size": 4}))
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_worker_errors_are_classified_retried_or_not():
+    """A worker's own exception (out of memory, a CUDA error) is a WorkerError: not retried; a death, a hang or a
+    peer's failure seen by a survivor (PeerError, DistBackendError) is a WorkerFailure: retried."""
+    from ray import exceptions as rex
+
+    from ditfleet.engine.executor import WorkerError, WorkerFailure
+    from ditfleet.engine.ray_executor import RayExecutor
+    from ditfleet.parallel import PeerError
+
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.infos = [{"pid": 11, "node_ip": "10.0.0.1"}, {"pid": 12, "node_ip": "10.0.0.1"}]
+    oom = ex._failure(rex.RayTaskError("execute", "tb", RuntimeError("CUDA out of memory")), 1, "execute")
+    assert isinstance(oom, WorkerError) and "rank 1 (pid 12" in str(oom) and "not retried" in str(oom)
+    peer = ex._failure(rex.RayTaskError("execute", "tb", PeerError("ring step 0: rank(s) 1 did not answer")), 0, "execute")
+    assert isinstance(peer, WorkerFailure) and not isinstance(peer, WorkerError)
+    assert isinstance(ex._failure(rex.GetTimeoutError("x"), 0, "execute"), WorkerFailure)
+
+
+def test_a_worker_error_is_not_retried(monkeypatch, tmp_path):
+    """Engine.generate: a WorkerError fails the request at once (attempt 1, counted), a WorkerFailure is retried."""
+    from ditfleet.engine.executor import WorkerError
+
+    eng = Engine.start(config(launcher="local", parallel={"seq_p_size": 1}))
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise WorkerError("rank 1 (pid 12) failed in execute: RuntimeError: CUDA out of memory (deterministic: not retried)")
+
+    monkeypatch.setattr(eng, "_run", failing)
+    monkeypatch.setattr(type(eng), "retries", property(lambda self: 2))
+    with pytest.raises(WorkerError, match="not retried"):
+        eng.generate(output=str(tmp_path / "x.npy"), quiet=True)
+    assert calls == [1] and eng.deterministic_failures == 1 and eng.retried == 0
+    eng.shutdown()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .executor import EngineError, Executor, WorkerFailure, make_executor
+from .executor import EngineError, Executor, WorkerError, WorkerFailure, make_executor
 from .pipeline import GenerateResult, _Progress, load_image, request_from_config
 from .request import GenerateRequest
 from .sparge_weights import load_for_run
@@ -73,7 +73,8 @@ class Engine:
         self._sparge, self.sparge_info = sparge_state, dict(sparge_info or {})
         self.startup_s: dict[str, float] = {}
         self.startups = 0
-        self.retried = 0  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
+        self.retried = 0
+        self.deterministic_failures = 0  # requests failed by a WorkerError, not retried (ditfleet serve's /metrics)  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
         self._geometry = None
         self._closed = False
 
@@ -227,6 +228,13 @@ class Engine:
                 if not self.executor.alive:
                     self._start()
                 return self._run(request, image, decode=decode, quiet=quiet, progress=progress, attempt=attempt, t0=t0)
+            except WorkerError:
+                # Not retried (the same request would fail again). Its peers may still wait in a collective of the
+                # failed step, so a group of several ranks is torn down and rebuilt by the next request.
+                self.deterministic_failures += 1
+                if self.executor.world_size > 1:
+                    self.executor.abort()
+                raise
             except WorkerFailure as e:
                 last = e
                 self.executor.abort()

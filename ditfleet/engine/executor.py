@@ -44,8 +44,18 @@ class EngineError(RuntimeError):
 
 
 class WorkerFailure(Exception):
-    """A worker died, hung, or raised a non-user exception: the worker group is broken (internal; the
-    engine tears the group down and retries, or raises :class:`EngineError`)."""
+    """A worker died or hung, or a peer did (a collective that failed on a survivor): the worker group is broken
+    (internal; the engine tears the group down and retries, or raises :class:`EngineError`)."""
+
+
+class WorkerError(EngineError):
+    """A worker raised an error that is neither the user's nor a death / hang (out of memory at this size, a
+    CUDA error, a bug): the same request would fail the same way, so it is not retried -- it fails at once,
+    and the worker group, which is still whole, keeps serving."""
+
+
+#: Exceptions a surviving rank raises when a peer died or stalled: retried like the death itself.
+PEER_FAILURES = ("PeerError", "DistBackendError", "DistNetworkError", "DistStoreError")
 
 
 def check_method(method: str, *, stream: bool) -> None:

@@ -29,7 +29,7 @@ import uuid
 from collections import defaultdict
 
 from ..errors import ConfigError, UserError
-from .executor import EngineError, Executor, WorkerFailure, timed
+from .executor import PEER_FAILURES, EngineError, Executor, WorkerError, WorkerFailure, timed
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,9 @@ class RayExecutor(Executor):
         return ray.put(value)
 
     def _failure(self, e: BaseException, rank: int, what: str) -> BaseException:
-        """The exception the engine sees for a failed call: the user error itself, or a WorkerFailure."""
+        """The exception the engine sees for a failed call: the user error itself; a WorkerFailure (retried) for a
+        death, a hang, or a peer's failure seen by a survivor; a WorkerError (not retried) for any other exception
+        a worker raised (out of memory at this size, a CUDA error: the same request would fail again)."""
         from ray import exceptions as rex
 
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -242,7 +244,10 @@ class RayExecutor(Executor):
             if isinstance(cause, rex.RayActorError):
                 return WorkerFailure(f"{who} died during {what} (killed, out of memory, or crashed): {_first_line(cause)}")
             if cause is not None and not isinstance(cause, rex.RayError):
-                return WorkerFailure(f"{who} failed in {what}: {type(cause).__name__}: {_first_line(cause)}")
+                msg = f"{who} failed in {what}: {type(cause).__name__}: {_first_line(cause)}"
+                if type(cause).__name__ in PEER_FAILURES:  # a peer died or stalled: the group is broken, retry
+                    return WorkerFailure(msg)
+                return WorkerError(msg + " (deterministic: not retried)")
         if isinstance(e, rex.GetTimeoutError):
             return WorkerFailure(f"{who} did not answer {what} in time")
         if isinstance(e, rex.RayActorError):

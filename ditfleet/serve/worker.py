@@ -176,9 +176,11 @@ class JobRunner:
             self._failed(job, str(e), "deterministic")
             return
         except Exception as e:  # noqa: BLE001 - one failed job must not stop the server; its reason is stored
-            from ..engine.executor import EngineError
+            from ..engine.executor import EngineError, WorkerError
 
-            if isinstance(e, EngineError):
+            if isinstance(e, WorkerError):  # a worker's own error (Ray / torchrun ranks): not retried
+                self._failed(job, str(e), "deterministic")
+            elif isinstance(e, EngineError):
                 self._failed(job, str(e), "engine")
             elif "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError":
                 self._failed(job, f"out of memory at {req.frames} frames {req.width}x{req.height}: {e}", "deterministic")
