@@ -207,7 +207,8 @@ class Worker:
             self.runner = load_runner(self.cfg, **kw)
         self.sparge = sparge_state
         self.sparge_sha256 = sparge_checksum(sparge_state)
-        self.sparge_bound = self.runner.dit.describe_sparge() if self.runner.dit.sparge_active else None
+        bound = [dit.policy.describe() for dit in self.runner.denoisers if dit.policy is not None and dit.policy.kind == "sparge"]
+        self.sparge_bound = "; ".join(bound) or None  # every expert's Sparge binding
         return {"load_s": time.perf_counter() - t, "sparge_sha256": self.sparge_sha256, "sparge_bound": self.sparge_bound}
 
     # ---- one request --------------------------------------------------------------------------------

@@ -308,15 +308,6 @@ class WanDiT(nn.Module):
         self.backends[SELF_SITE] = policy.kernel
         return self
 
-    @property
-    def sparge_active(self) -> bool:
-        """True when self-attention is a per-layer (Sparge) kernel (read by ``engine/worker.py``)."""
-        return self.policy is not None and self.policy.kind == "sparge"
-
-    def describe_sparge(self) -> str:
-        """The policy's start-up line (read by ``engine/worker.py``)."""
-        return self.policy.describe() if self.policy is not None else "sparge: not bound"
-
     def set_parallel(self, mesh) -> WanDiT:
         """Run self-attention sequence-parallel over ``mesh`` (a ``ParallelMesh``; ``None``: single process)."""
         self.sp = SeqParallel(self.sp_plan, mesh)
