@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU plan, run on a lent multi-GPU H100 host (see README "Benchmarks"): correctness first,
 # then the benchmarks. Usage: bash benchmarks/gpu_plan.sh OUTDIR [STEP ...]
-# Steps: env gputests doctor attention sp2 sp4 dit   (default: these; more below: sp4usp, sp4full, probe, ...). Each step logs to OUTDIR/<step>.log
+# Steps: env gputests doctor attention sp2 sp4 dit   (default: these; more below: sp4usp, sp4full, step4, ...). Each step logs to OUTDIR/<step>.log
 # and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site, and
 # .commit (carried; written by the sender: git rev-parse HEAD, -dirty if needed) since the copy has no .git.
 set -u
@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 N
 export GIT_DIR=/nonexistent-ditfleet-git
 steps=${*:-env gputests doctor attention sp2 sp4 dit}
 ngpu=$(nvidia-smi -L | wc -l)
-SP_FAST=(--no-diagnostics --yunchang-attn-types torch_cudnn --iters 20 --rounds 3 --variants "p2p g1" "ce g" "pull fused" "rotate fused")
+SP_FAST=(--no-diagnostics --yunchang-attn-types torch_cudnn --iters 20 --rounds 3 --transports nccl copy_engine)
 step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS
   ( timeout "${STEP_TIMEOUT:-900}" "$@" ) >"$out/$name.log" 2>&1; local rc=$?; echo "=== $name rc=$rc $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"; }
 for s in $steps; do case $s in
@@ -20,15 +20,13 @@ for s in $steps; do case $s in
   gputests) step gputests python3 -m pytest -q -x tests/gpu -p no:cacheprovider;;
   doctor) step doctor python3 -m ditfleet doctor --device cuda;;
   attention) step attention python3 -m ditfleet bench attention --kernels sdpa_cudnn sdpa_flash sdpa_efficient fa4 sage_triton --out "$out/attention_h100.json";;
-  # the full variant list of every mode with diagnostics runs > 10 minutes on 4 GPUs (one device call):
-  # the committed runs time the main variants, 20 calls per entry, 3 interleaved rounds
+  # every mode on both transports, 20 calls per entry, 3 interleaved rounds (sp4full adds the diagnostics)
   sp2) [ "$ngpu" -ge 2 ] && step sp2 torchrun --nproc-per-node 2 -m ditfleet bench sp-attention --modes ulysses ring \
          --kernels sdpa_cudnn "${SP_FAST[@]}" --out "$out/sp_attention_h100_2gpu.json";;
   sp4) [ "$ngpu" -ge 4 ] && step sp4 torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --modes ulysses ring \
          "${SP_FAST[@]}" --out "$out/sp_attention_h100_4gpu.json";;
   sp4usp) [ "$ngpu" -ge 4 ] && step sp4usp torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --modes usp \
-         --kernels sdpa_cudnn --no-diagnostics --yunchang-attn-types torch_cudnn --iters 20 --rounds 3 \
-         --variants "p2p + rotate" "p2p + pull" "ce g1 + pull" "ce g5 + pull" --out "$out/sp_attention_h100_4gpu_usp.json";;
+         --kernels sdpa_cudnn "${SP_FAST[@]}" --out "$out/sp_attention_h100_4gpu_usp.json";;
   sp4full) [ "$ngpu" -ge 4 ] && step sp4full torchrun --nproc-per-node 4 -m ditfleet bench sp-attention --out "$out/sp_attention_h100_4gpu_full.json";;
   wangpu) step wangpu python3 -m pytest -q -x tests/gpu/test_wan_gpu.py -p no:cacheprovider;;
   radialtests) step radialtests python3 -m pytest -q -x tests/gpu/test_radial_gpu.py tests/gpu/test_wan_gpu.py -p no:cacheprovider;;
@@ -39,9 +37,8 @@ for s in $steps; do case $s in
   sptests) [ "$ngpu" -ge 2 ] && step sptests python3 -m pytest -q -x tests/gpu/test_sp_gpu.py -p no:cacheprovider;;
   spargetests) step spargetests python3 -m pytest -q -x tests/gpu/test_sparge_gpu.py -p no:cacheprovider;;
   sparge4) [ "$ngpu" -ge 4 ] && step sparge4 torchrun --nproc-per-node 4 -m ditfleet bench sparge --sp ulysses ring usp --out "$out/sparge_sp_h100_4gpu.json";;
-  probeu) [ "$ngpu" -ge 4 ] && step probeu torchrun --nproc-per-node 4 benchmarks/probe_ulysses.py "$out/probeu";;
-  probeh) [ "$ngpu" -ge 4 ] && step probeh torchrun --nproc-per-node 4 benchmarks/probe_host.py "$out/probeh";;
-  probe) [ "$ngpu" -ge 4 ] && step probe torchrun --nproc-per-node 4 benchmarks/probe_sp.py "$out/probe" --variants "ulysses p2p g1" "ulysses ce g5" "ulysses ce g10";;
+  step4) [ "$ngpu" -ge 4 ] && step step4 torchrun --nproc-per-node 4 -m ditfleet bench step --model t2v-14b --video 720p81 \
+         --attn-types flash_attn4 radial_attn --out "$out/step_h100_4gpu_t2v-14b_720p81.json";;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
   *) echo "unknown step $s";;
 esac; done

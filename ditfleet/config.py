@@ -533,7 +533,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
             raise ConfigError("infer_steps", f"{cfg.infer_steps}, but denoising_step_list {json.dumps(steps)} has "
                                              f"{len(steps)} steps; set infer_steps to {len(steps)}")
     scales = cfg.sample_guide_scale if isinstance(cfg.sample_guide_scale, list) else [cfg.sample_guide_scale]
-    if len(scales) not in (1, 2) or min(scales) < 0:
+    if (isinstance(cfg.sample_guide_scale, list) and len(scales) != 2) or min(scales) < 0:
         raise ConfigError("sample_guide_scale", f"must be a number >= 0 or [high_noise, low_noise] (two numbers >= 0), "
                                                 f"got {json.dumps(cfg.sample_guide_scale)}")
     if cfg.boundary is not None and not 0.0 < cfg.boundary < 1.0:

@@ -31,3 +31,16 @@ def tiny_folders(tiny_cache, tmp_path_factory):
     save_components(build_components("t2v", family="wan2.2_moe"), moe, "t2v")
     out["wan2.2_moe/t2v"] = moe
     return out
+
+
+@pytest.fixture
+def ftfy_as_ditfleet(monkeypatch):
+    """Diffusers' Wan I2V pipeline calls ftfy even when it is not installed; ditfleet then skips it: do the same."""
+    import types
+
+    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
+
+    from ditfleet.engine import encoders
+
+    if encoders.ftfy is None:
+        monkeypatch.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)

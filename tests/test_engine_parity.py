@@ -17,8 +17,6 @@ Diffusers' ``vae.decode`` of its latents) to one 8-bit level.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -40,15 +38,7 @@ PROMPT = "A red fox runs through fresh snow, golden hour"
 NEGATIVE = "blurry, low quality, static"
 
 
-@pytest.fixture(autouse=True)
-def _ftfy_as_ditfleet(monkeypatch):
-    """Diffusers' I2V pipeline calls ftfy even when it is not installed; ditfleet then skips it: do the same."""
-    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
-
-    from ditfleet.engine import encoders
-
-    if encoders.ftfy is None:
-        monkeypatch.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
+pytestmark = pytest.mark.usefixtures("ftfy_as_ditfleet")  # tests/conftest.py
 
 
 class WanSigmaUniPC(UniPCMultistepScheduler):

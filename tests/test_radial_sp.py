@@ -1,6 +1,6 @@
 """Radial (block-sparse) attention composed with sequence parallelism, and in the Wan DiT (CPU, fp32).
 
-* ``sequence_parallel_attention(block_mask=...)`` under Ulysses / ring (rotate, allgather) / USP
+* ``sequence_parallel_attention(block_mask=...)`` under Ulysses / ring / USP
   on 2 and 4 gloo ranks equals single-device float64 attention with the same token-level mask
   (rel L2 <= 1e-5, LSE too), for a radial mask of 7 frames x 37 tokens (259 tokens: padded on 2
   and 4 ranks; 5 heads: padded heads under Ulysses);

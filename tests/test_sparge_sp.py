@@ -1,8 +1,7 @@
 """Sparge attention under sequence parallelism and in the Wan DiT (CPU, gloo ranks).
 
 * ``sequence_parallel_attention`` with a bound Sparge layer (per-head thresholds, one dense head,
-  top-k mode too) under Ulysses (p2p; packed with head groups), ring (rotate; all-gather with head
-  groups) and USP 2 x 2, on 2 and 4 gloo ranks, S = 1001 (padded on every layout), H = 6 (padded
+  top-k mode too) under Ulysses, ring and USP 2 x 2 (the NCCL / gloo transport), on 2 and 4 gloo ranks, S = 1001 (padded on every layout), H = 6 (padded
   heads under Ulysses 4): output and LSE equal the single-device Sparge kernel on the whole
   sequence, and the predicted masks are really sparse (they change the result);
 * the Wan DiT binds one kernel per block: a state dict (SpargeAttn format) with block 1 only leaves

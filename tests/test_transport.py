@@ -235,3 +235,61 @@ def test_stopped_or_dead_peer_is_an_error_within_the_timeout(layout, world, fate
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
+
+
+def _cfg_peer_rank(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(1)
+        from ditfleet.parallel import cfg_exchange, gather_sequence, init_distributed, init_parallel, shard_sequence
+
+        init_distributed(backend="gloo", timeout_s=60)  # the default group: the launcher's (long) timeout
+        mesh = init_parallel(cfg_size=2, timeout_s=TIMEOUT_S)  # the cfg axis spans the world: it is the default group
+        sp = init_parallel(ulysses_size=2, timeout_s=TIMEOUT_S)
+        x = torch.ones(1, 8)
+        cfg_exchange(x, mesh)
+        local, shard = shard_sequence(torch.ones(1, 9, 2), sp)
+        gather_sequence(local, sp, shard)
+        results.put(("step", rank, time.monotonic()))
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        for what, call in (("cfg", lambda: cfg_exchange(x, mesh)), ("gather", lambda: gather_sequence(local, sp, shard))):
+            t0 = time.monotonic()
+            try:
+                call()
+                results.put(("ok", rank, what))
+            except BaseException as e:  # noqa: BLE001
+                results.put(("error", rank, (what, type(e).__name__, str(e), time.monotonic() - t0)))
+    except BaseException as e:  # noqa: BLE001
+        results.put(("error", rank, ("setup", type(e).__name__, str(e), 0.0)))
+
+
+def test_world_spanning_groups_are_bounded_by_parallel_timeout():
+    """A mesh axis that spans the world is the default group (the launcher's timeout); its waits still end within
+    parallel.timeout_s: cfg_exchange and gather_sequence against a stopped peer -> PeerError after ~TIMEOUT_S."""
+    results = _CTX.Queue()
+    port = free_port()
+    procs = [_CTX.Process(target=_cfg_peer_rank, args=(r, 2, port, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        errors, deadline = [], time.monotonic() + 120
+        while len(errors) < 2 and time.monotonic() < deadline:
+            try:
+                kind, rank, value = results.get(timeout=1)
+            except Exception:  # noqa: BLE001 - queue.Empty
+                continue
+            if kind == "error":
+                errors.append(value)
+            elif kind == "ok":
+                pytest.fail(f"rank {rank}: {value} finished against a stopped peer")
+        assert [e[0] for e in errors] == ["cfg", "gather"], errors
+        for what, name, msg, dt in errors:
+            assert name == "PeerError" and "parallel.timeout_s" in msg, (what, name, msg)
+            assert dt <= TIMEOUT_S + 20, (what, dt)  # not the default group's 60 s
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)

@@ -32,17 +32,7 @@ PROMPT = "A red fox runs through fresh snow, golden hour"
 NEGATIVE = "blurry, low quality, static"
 
 
-@pytest.fixture(autouse=True)
-def _ftfy_as_ditfleet(monkeypatch):
-    """Diffusers' I2V pipeline calls ftfy even when it is not installed; ditfleet then skips it: do the same."""
-    import types
-
-    import diffusers.pipelines.wan.pipeline_wan_i2v as i2v
-
-    from ditfleet.engine import encoders
-
-    if encoders.ftfy is None:
-        monkeypatch.setattr(i2v, "ftfy", types.SimpleNamespace(fix_text=lambda s: s), raising=False)
+pytestmark = pytest.mark.usefixtures("ftfy_as_ditfleet")  # tests/conftest.py
 
 
 def rel_l2(a, b) -> float:
@@ -222,3 +212,21 @@ def test_ti2v_5b_text_to_video_matches_diffusers(tmp_path):
         eng.generate(req.replace(height=48))
     with pytest.raises(UserError, match=r"^task: Wan2.2 TI2V-5B image-to-video .* needs per-token timesteps"):
         ours("i2v", folder, sample_guide_scale=5.0)
+
+
+def test_guide_scale_shapes_are_checked(folders, tmp_path):
+    """One scale, or exactly [high, low] for a two-expert model -- never a list of one, a negative scale, or a
+    pair silently cut to its first value on a one-DiT model (config, request and serve bodies alike)."""
+    from ditfleet.engine.request import GenerateRequest
+    from ditfleet.engine.tiny import tiny_model_path
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["sample_guide_scale=[4.0]"])
+    assert info.value.key == "sample_guide_scale"
+    for bad in (-1.0, (4.0,), (4.0, -3.0)):
+        with pytest.raises(UserError, match="^guide_scale: must be a number >= 0"):
+            GenerateRequest(prompt="p", output=str(tmp_path / "o.mp4"), guide_scale=bad).validate("t2v")
+    cfg = load_config(None, [], data={"model_path": str(tiny_model_path("t2v")), "device": "cpu"})
+    with Engine.start(cfg, launcher="local") as eng:
+        with pytest.raises(UserError, match=r"guide_scale: \[7.0, 3.0\] gives one scale per expert, but this model has one DiT"):
+            eng.generate(prompt="p", output=str(tmp_path / "o.npy"), guide_scale=(7.0, 3.0), quiet=True)

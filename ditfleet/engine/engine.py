@@ -73,8 +73,8 @@ class Engine:
         self._sparge, self.sparge_info = sparge_state, dict(sparge_info or {})
         self.startup_s: dict[str, float] = {}
         self.startups = 0
-        self.retried = 0
-        self.deterministic_failures = 0  # requests failed by a WorkerError, not retried (ditfleet serve's /metrics)  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
+        self.retried = 0  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
+        self.deterministic_failures = 0  # requests failed by a WorkerError, not retried (ditfleet serve's /metrics)
         self._geometry = None
         self._closed = False
 

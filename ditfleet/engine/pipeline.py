@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from .encoders import DEFAULT_NEGATIVE_PROMPT, ImageEncoder, TextEncoder
-from .errors import ImageError, ModelFolderError
+from .errors import ImageError, ModelFolderError, RequestError
 from .request import EncodedRequest, GenerateRequest
 from .runner import ModelRunner
 from .sparge_weights import bind_sparge
@@ -268,7 +268,7 @@ def load_image(path: str | Path):
 # ---- results ---------------------------------------------------------------------------------------
 @dataclass
 class GenerateResult:
-    """What :meth:`Pipeline.generate` produced.
+    """What :meth:`~ditfleet.engine.Engine.generate` produced.
 
     Attributes:
         output: the written video (``None`` with ``decode=False``).
@@ -315,7 +315,9 @@ class _Progress:
 
 # ---- the pipeline ------------------------------------------------------------------------------------
 class Pipeline:
-    """Every component of one model, loaded once; :meth:`generate` runs one request.
+    """Every component of one model, loaded once (the component bundle a worker runs a request with:
+    :meth:`check`, :meth:`encode`, the runner, :meth:`decode_stream`, :meth:`report`; requests run through
+    :class:`~ditfleet.engine.Engine`).
 
     Build it with :meth:`from_config`. Attributes: ``cfg``, ``model_path``, ``tiny`` (embedded
     random model), ``device``, ``text_encoder``, ``image_encoder`` (I2V), ``vae``, ``runner``
@@ -394,6 +396,10 @@ class Pipeline:
         if self.geometry is None:
             self.geometry = model_geometry(self.cfg)
         check_request(req, self.geometry, self.cfg, device=self.device, files=files)
+        if isinstance(req.guide_scale, (tuple, list)) and len(self.runner.denoisers) == 1:
+            raise RequestError(f"{'' if req.label == 'request' else req.label + ': '}guide_scale: "
+                               f"{list(req.guide_scale)} gives one scale per expert, but this model has one DiT "
+                               f"({self.runner.family or 'wan2.1'}); give one number")
         if files:
             check_output(req.output, overwrite=req.overwrite)
 
@@ -447,7 +453,8 @@ class Pipeline:
             "request": {k: v for k, v in req.__dict__.items()},
             "negative_prompt_used": req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
             "seed": req.seed,
-            "noise": "torch.randn(1, 16, F', H/8, W/8) float32 from torch.Generator('cpu').manual_seed(seed)",
+            "noise": f"torch.randn(1, {', '.join(map(str, enc.latent_shape))}) float32 from "
+                     "torch.Generator('cpu').manual_seed(seed)",
             "model": {"path": str(self.model_path), "embedded_tiny_random": self.tiny, "task": cfg.task,
                       "family": self.runner.family,
                       "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.runner.dit.config.__dict__.items()},

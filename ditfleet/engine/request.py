@@ -76,6 +76,11 @@ class GenerateRequest:
         if self.step_list is not None and len(self.step_list) != self.steps:
             raise RequestError(f"{where}steps: {self.steps}, but denoising_step_list {list(self.step_list)} has "
                                f"{len(self.step_list)}; make infer_steps equal its length")
+        g = self.guide_scale
+        scales = list(g) if isinstance(g, (tuple, list)) else [g]
+        if (isinstance(g, (tuple, list)) and len(scales) != 2) or any(not isinstance(x, (int, float)) or x < 0 for x in scales):
+            raise RequestError(f"{where}guide_scale: must be a number >= 0 or [high_noise, low_noise] (two numbers "
+                               f">= 0), got {g!r}")
         if self.solver not in ("unipc", "euler"):
             raise RequestError(f"{where}sample_solver: {self.solver!r} is not valid; valid: unipc, euler")
         if self.fps < 1:

@@ -4,7 +4,7 @@ the local cross-attention helper, and the start-up check of a backend against th
 USP layout: the sequence chunk of a process is its SP rank ``ring_rank * U + ulysses_rank``, so
 the ``U`` chunks of a Ulysses group are neighbours and the group's all-to-all yields one
 contiguous *super-chunk* of ``U * chunk`` tokens (for ``H_pad / U`` heads). Ring peers (same
-Ulysses rank, successive ring ranks) then rotate (default) or all-gather super-chunks. Padding is
+Ulysses rank, successive ring ranks) then pass super-chunks around the ring. Padding is
 only at the global end, so the valid keys of super-chunk ``c`` are ``clamp(S - c * U * chunk, 0, U * chunk)``.
 
 How the data moves (NCCL, or the copy engine) is the mesh's transport, chosen once when the mesh is built
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .mesh import ParallelMesh
 from .ring import ring_attention, ring_run
 from .shard import SeqShard
-from .transport import transport_for
+from .transport import bounded, peer_wait, transport_for
 from .ulysses import pad_heads, padded_heads, ulysses_attention, ulysses_forward
 
 SEQ_P_ATTN_KEY = "parallel.seq_p_attn_type"
@@ -155,9 +155,14 @@ def _sharded_mask(backend: AttentionBackend, q, k, mesh: ParallelMesh, *, q_offs
                   kv_shard: SeqShard, scale: float):
     """The global mask of a mask-predicting kernel over the ring group's chunks (same on every ring rank)."""
     group = mesh.group("ring")
+    peers = [r for r in mesh.axis_ranks("ring") if r != dist.get_rank()]
+
+    def all_reduce(t):
+        with peer_wait("sparge mask statistics", peers, mesh.timeout_s):
+            bounded(dist.all_reduce(t, group=group, async_op=True), t, mesh.timeout_s)
+
     return backend.predict_sharded_mask(q, k, q_offset=q_offset, k_offset=k_offset, q_length=shard.global_len,
-                                        k_length=kv_shard.global_len, scale=scale,
-                                        all_reduce=lambda t: dist.all_reduce(t, group=group))
+                                        k_length=kv_shard.global_len, scale=scale, all_reduce=all_reduce)
 
 
 def _usp(q, k, v, *, backend, mesh: ParallelMesh, shard: SeqShard, kv_shard: SeqShard, scale, return_lse, block_mask):

@@ -15,7 +15,7 @@ import torch
 
 from .mesh import ParallelMesh
 from .shard import all_gather_single
-from .transport import peer_wait
+from .transport import bounded, peer_wait
 
 COND, UNCOND = 0, 1
 
@@ -61,7 +61,7 @@ def cfg_exchange(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, 
     both = pred.new_empty((2, *pred.shape))
     peers = [r for i, r in enumerate(mesh.axis_ranks("cfg")) if i != mesh.cfg_rank]
     with peer_wait("cfg exchange", peers, mesh.timeout_s):
-        all_gather_single(both, pred.unsqueeze(0), group=mesh.group("cfg"))
+        bounded(all_gather_single(both, pred.unsqueeze(0), group=mesh.group("cfg"), async_op=True), pred, mesh.timeout_s)
     return both[COND], both[UNCOND]
 
 

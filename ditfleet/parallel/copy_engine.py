@@ -237,13 +237,13 @@ class CopyEngineTransport:
         return buf.view(self.g.rank, tuple(shape), dtype)
 
     def all_to_all(self, send: torch.Tensor, what: str) -> torch.Tensor:
-        """As :meth:`NcclTransport.all_to_all`; ``send`` must come from :meth:`send_buffer` (else it is copied there)."""
+        """As :meth:`NcclTransport.all_to_all`; ``send`` must be the tensor :meth:`send_buffer` returned (the rows
+        are pulled from there; no copy is made)."""
         shape, me = tuple(send.shape), self.g.rank
         buf = self._buffers("ulysses")
         mine = buf.view(me, shape, send.dtype)
         if send.data_ptr() != mine.data_ptr():
-            mine = self.send_buffer(shape, send.dtype, send.device)
-            mine.copy_(send)
+            raise ValueError("copy-engine all_to_all: pack the rows into the tensor send_buffer() returned")
         buf.barrier(self.g.timeout_s)  # every rank's rows are in place
         recv = torch.empty_like(send)
         recv[me].copy_(mine[me])

@@ -155,7 +155,11 @@ def gather_sequence(x_local: torch.Tensor, mesh: ParallelMesh, shard: SeqShard, 
         raise ValueError(f"gather_sequence: local length {x_local.shape[dim]} != shard chunk {shard.chunk}")
     if mesh.sp_size == 1:
         return x_local.narrow(dim, 0, shard.global_len)
+    from .transport import bounded, peer_wait
+
     front = x_local.movedim(dim, 0).contiguous()
     out = front.new_empty((mesh.sp_size * front.shape[0], *front.shape[1:]))
-    all_gather_single(out, front, group=mesh.group("sp"))
+    peers = [r for r in mesh.axis_ranks("sp") if r != dist.get_rank()]
+    with peer_wait("gather_sequence", peers, mesh.timeout_s):
+        bounded(all_gather_single(out, front, group=mesh.group("sp"), async_op=True), front, mesh.timeout_s)
     return out[: shard.global_len].movedim(0, dim)

@@ -15,11 +15,14 @@ memory), or ``auto`` = ``nccl``. ``auto`` would pick the copy engine only if ``d
 it faster for a whole denoising step; the attention-only gain measured on 4 x H100 (~5 %, commit 85e48fd)
 is inside that bench's run-to-run spread, and no whole-step run across GPUs has been made yet.
 
-Every wait on a peer is bounded: the groups' timeout is ``parallel.timeout_s`` (set on every mesh group,
-:func:`~ditfleet.parallel.mesh.init_parallel`). On gloo a wait that runs out, or a peer whose connection
-closes, raises :class:`PeerError` naming the transfer and the peers; on NCCL the host does not wait
-(the transfers are queued on the GPU), and the process group's watchdog aborts the process after the
-same timeout, naming the collective; the copy engine's barriers take the same timeout.
+Every wait on a peer is bounded by ``parallel.timeout_s``: the transports, the gathers and the cfg exchange
+wait through :func:`bounded`. On gloo (CPU) the host waits at most that long -- also on a mesh axis that spans
+the world, which *is* the default group and keeps the launcher's timeout -- and a wait that runs out, or a
+peer whose connection closes, raises :class:`PeerError` naming the transfer and the peers. On NCCL the host
+does not wait (the work is queued on the GPU) and the process group's watchdog aborts the process, naming
+the collective, after the group's timeout: ``parallel.timeout_s`` for the mesh's own groups, the launcher's
+(``ray.init_timeout_s``, torchrun's) for an axis that spans the world. The copy engine's barriers take
+``parallel.timeout_s``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ def peer_wait(what: str, peers: Sequence[int], timeout_s: float):
             f"{what}: rank(s) {', '.join(map(str, dict.fromkeys(peers)))} did not answer within {timeout_s:g} s ({TIMEOUT_KEY}) or "
             f"left the group; a peer process stopped, died or is stuck ({type(e).__name__}: {first})"
         ) from e
+
+
+def bounded(work, like: torch.Tensor, timeout_s: float) -> None:
+    """Wait for an async ``torch.distributed`` ``work``: on CUDA the caller's stream waits (the host does not;
+    the group's watchdog bounds it), elsewhere the host waits at most ``timeout_s`` (gloo's P2P and a
+    world-spanning group would otherwise wait their own, longer, timeout)."""
+    if like.is_cuda:
+        work.wait()
+    else:
+        work.wait(datetime.timedelta(seconds=timeout_s))
 
 
 class Group:
@@ -95,12 +108,7 @@ class NcclTransport:
         return recv
 
     def _wait(self, work, like: torch.Tensor) -> None:
-        """Wait for ``work``: on CUDA the caller's stream waits (the host does not; the group's watchdog bounds it),
-        elsewhere the host waits at most the timeout (gloo P2P would otherwise wait its context's own timeout)."""
-        if like.is_cuda:
-            work.wait()
-        else:
-            work.wait(datetime.timedelta(seconds=self.g.timeout_s))
+        bounded(work, like, self.g.timeout_s)
 
     # ---- ring
     def ring_begin(self, kv: torch.Tensor, schedule) -> None:
