@@ -68,9 +68,9 @@ class Engine:
         sparge_info: path, checksum and shape of the sparge thresholds (empty without).
     """
 
-    def __init__(self, cfg, executor: Executor, *, sparge_state: dict | None = None, sparge_info: dict | None = None):
+    def __init__(self, cfg, executor: Executor, *, attention_state: dict | None = None, sparge_info: dict | None = None):
         self.cfg, self.executor = cfg, executor
-        self._sparge, self.sparge_info = sparge_state, dict(sparge_info or {})
+        self._attention_state, self.sparge_info = attention_state, dict(sparge_info or {})
         self.startup_s: dict[str, float] = {}
         self.startups = 0
         self.retried = 0  # requests re-run after a WorkerFailure (worker death / hang); ditfleet serve's /metrics
@@ -95,7 +95,7 @@ class Engine:
         cfg = as_config(cfg, launcher=launcher, overrides=overrides)
         executor = make_executor(cfg)
         state, info = load_for_run(cfg) if executor.is_driver else (None, {})
-        engine = cls(cfg, executor, sparge_state=state, sparge_info=info)
+        engine = cls(cfg, executor, attention_state=None if state is None else {"sparge": state}, sparge_info=info)
         try:
             engine._start()
         except BaseException:
@@ -134,7 +134,7 @@ class Engine:
     def _start(self) -> None:
         for attempt in range(self.retries + 1):
             try:
-                self.startup_s = self.executor.start(self._sparge)
+                self.startup_s = self.executor.start(self._attention_state)
                 break
             except WorkerFailure as e:
                 self.executor.abort()

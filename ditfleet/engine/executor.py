@@ -117,8 +117,9 @@ class Executor:
         return self.rank == 0
 
     # ---- life cycle --------------------------------------------------------------------------------
-    def start(self, sparge_state: dict | None) -> dict[str, float]:
-        """Bring the worker group up and load the model (``sparge_state``: thresholds every worker receives).
+    def start(self, attention_state: dict | None) -> dict[str, float]:
+        """Bring the worker group up and load the model (``attention_state``: the per-layer attention state, by
+        kind, every worker receives: ``{"sparge": thresholds}``, or ``None``).
 
         Returns:
             Seconds per start-up stage.
@@ -196,12 +197,12 @@ class LocalExecutor(Executor):
 
         self.worker = Worker(cfg)
 
-    def start(self, sparge_state: dict | None) -> dict[str, float]:
+    def start(self, attention_state: dict | None) -> dict[str, float]:
         stages: dict[str, float] = {}
         with timed(stages, "device"):
             self.collective_rpc("init_device", rank=0, world_size=1, local_rank=0)
         with timed(stages, "load"):
-            self.collective_rpc("load_model", sparge_state)
+            self.collective_rpc("load_model", attention_state)
         self.infos = self.collective_rpc("report")
         self.alive = True
         return stages

@@ -97,19 +97,19 @@ class RayExecutor(Executor):
         self.use_gpu: bool | None = None
         self.strategy: str | None = None
         self._owns_ray = False
-        self._sparge_ref = None
+        self._state_ref = None
         self._driver_ip: str | None = None
         self._loose: list = []  # calls abandoned after a failure: settled at tear-down (no "unhandled error" noise)
 
     # ---- start-up ------------------------------------------------------------------------------------
-    def start(self, sparge_state: dict | None) -> dict[str, float]:
+    def start(self, attention_state: dict | None) -> dict[str, float]:
         import ray
 
         stages: dict[str, float] = {}
         with timed(stages, "ray_init"):
             self._init_ray()
-        if sparge_state is not None and self._sparge_ref is None:
-            self._sparge_ref = ray.put(sparge_state)  # once: rebuilt groups get the same object
+        if attention_state is not None and self._state_ref is None:
+            self._state_ref = ray.put(attention_state)  # once, in the object store: rebuilt groups get the same object
         init_t, req_t = self.rc.init_timeout_s, self.rc.request_timeout_s
         try:
             with timed(stages, "placement_group"):
@@ -126,7 +126,7 @@ class RayExecutor(Executor):
                 self.collective_rpc("init_process_group", self.infos[0]["node_ip"], port, backend=backend,
                                     timeout_s=init_t, timeout=init_t + 30)
             with timed(stages, "load"):
-                self.collective_rpc("load_model", self._sparge_ref, timeout=max(req_t, init_t))
+                self.collective_rpc("load_model", self._state_ref, timeout=max(req_t, init_t))
             self.infos = self.collective_rpc("report", timeout=init_t)
         except BaseException:
             self.abort()
@@ -396,7 +396,7 @@ class RayExecutor(Executor):
         import ray
 
         self._teardown(graceful)
-        self._sparge_ref = None
+        self._state_ref = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False

@@ -53,16 +53,16 @@ class TorchrunExecutor(Executor):
 
         self.worker = Worker(cfg)
 
-    def start(self, sparge_state: dict | None) -> dict[str, float]:
+    def start(self, attention_state: dict | None) -> dict[str, float]:
         stages: dict[str, float] = {}
         with timed(stages, "device"):
             self.collective_rpc("init_device", rank=self.rank, world_size=self.world_size, local_rank=self.local_rank)
         with timed(stages, "process_group"):
             self.collective_rpc("init_process_group", timeout_s=PROCESS_GROUP_TIMEOUT_S)
         with timed(stages, "sparge"):
-            sparge_state = self.share(sparge_state if self.is_driver else None)
+            attention_state = self.share(attention_state if self.is_driver else None)
         with timed(stages, "load"):
-            self.collective_rpc("load_model", sparge_state)
+            self.collective_rpc("load_model", attention_state)
         self.infos = self._gather(self.worker.report())
         self.alive = True
         return stages

@@ -9,7 +9,7 @@ torchrun process (:class:`~.torchrun.TorchrunExecutor`), or wrapped as a Ray act
     free_port()                   rank 0 only: a free TCP port for the process-group rendezvous
     init_device(rank=..., ...)    environment (CUDA_VISIBLE_DEVICES, LOCAL_RANK), device, threads
     init_process_group(addr, port)  NCCL on GPU, gloo on CPU; the cfg x ring x ulysses mesh
-    load_model(sparge_state)      rank 0: the whole pipeline (encoders, DiT, VAE); others: the DiT
+    load_model(attention_state)   rank 0: the whole pipeline (encoders, DiT, VAE); others: the DiT
 
 and per request::
 
@@ -93,6 +93,10 @@ def _host_ip() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+#: Kinds of per-layer attention state an engine hands its workers at start-up (see :meth:`Worker.load_model`).
+ATTENTION_STATE_KINDS = ("sparge",)
 
 
 class Worker:
@@ -189,15 +193,21 @@ class Worker:
         return {"backend": self.backend, "mesh": self.mesh.describe(), "transport": self.mesh.transport}
 
     @_portable
-    def load_model(self, sparge_state: dict | None = None) -> dict:
+    def load_model(self, attention_state: dict | None = None) -> dict:
         """Load the model once: rank 0 the whole pipeline, the other ranks the DiT only.
 
-        ``sparge_state``: the sparge thresholds the driver loaded (never read from a file here);
-        kept, checksummed for :meth:`report`, and bound to the DiT's blocks when self-attention is Sparge.
+        ``attention_state``: the per-layer attention state the driver loaded, by kind (never read from a file
+        here; :data:`ATTENTION_STATE_KINDS`): ``{"sparge": thresholds}`` is kept, checksummed for :meth:`report`,
+        and bound to the DiT's blocks when self-attention is Sparge.
         """
         from .pipeline import Pipeline, load_runner
         from .sparge_weights import sparge_checksum
 
+        state = dict(attention_state or {})
+        unknown = sorted(set(state) - set(ATTENTION_STATE_KINDS))
+        if unknown:
+            raise RuntimeError(f"load_model: attention state of unknown kind(s) {unknown}; known: {ATTENTION_STATE_KINDS}")
+        sparge_state = state.get("sparge")
         t = time.perf_counter()
         kw = dict(mesh=self.mesh, device=self.device, sparge_state=sparge_state, read_sparge_file=False)
         if self.rank == 0:
