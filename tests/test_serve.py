@@ -296,3 +296,31 @@ def test_non_loopback_host_needs_a_token(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ditfleet", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "--token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ray_worker_killed_mid_job_is_retried_once(tmp_path):
+    """``--launcher ray`` on CPU, 2 workers (Ulysses 2): SIGKILL of rank 1 during a job -> the engine rebuilds the group
+    and re-runs the job once; it ends done, the retry is counted in /metrics, the server stays healthy."""
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    data.mkdir()
+    srv = Server(data, "--launcher", "ray", "--set", "device=cpu", "--set", "parallel.seq_p_size=2",
+                 "--set", "ray.request_timeout_s=60", "--set", "ray.max_retries=1").start(timeout=240)
+    try:
+        with srv.client(headers={}) as c:
+            health = c.get("/healthz").json()
+            assert health["launcher"] == "ray" and len(health["workers"]) == 2
+            victim = next(w["pid"] for w in health["workers"] if w["rank"] == 1)
+            job = submit(c, prompt="killed under it", frames=5, size="64x64", steps=40)
+            wait_for(c, job["id"], states=("running",), until=lambda j: j["progress"]["step"] >= 2, timeout=180)
+            os.kill(victim, signal.SIGKILL)
+            done = wait_for(c, job["id"], timeout=240)
+            assert done["state"] == "done", done
+            metrics = c.get("/metrics").text
+            assert "ditfleet_engine_retries_total 1" in metrics and "ditfleet_engine_startups_total 2" in metrics, metrics
+            assert c.get("/healthz").status_code == 200
+            out = tmp_path / "r.mp4"
+            out.write_bytes(c.get(done["content_url"]).content)
+            assert read_video(out).shape[0] == 5
+    finally:
+        srv.stop()

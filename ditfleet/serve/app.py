@@ -206,7 +206,8 @@ def create_app(state: ServeState):
         ok = state.runner.alive
         body = {"status": "ok" if ok else "worker stopped", "launcher": state.engine.executor.launcher,
                 "world_size": state.engine.executor.world_size, "jobs": state.store.counts(),
-                "running": state.runner.stats.current}
+                "running": state.runner.stats.current,
+                "workers": [{k: w.get(k) for k in ("rank", "pid", "node_ip", "device")} for w in state.engine.workers]}
         if not ok and state.runner.error is not None:
             body["error"] = f"{type(state.runner.error).__name__}: {state.runner.error}"
         return JSONResponse(body, status_code=200 if ok else 503)
