@@ -299,19 +299,25 @@ def test_non_loopback_host_needs_a_token(tmp_path):
 
 
 def test_ray_worker_killed_mid_job_is_retried_once(tmp_path):
-    """``--launcher ray`` on CPU, 2 workers (Ulysses 2): SIGKILL of rank 1 during a job -> the engine rebuilds the group
-    and re-runs the job once; it ends done, the retry is counted in /metrics, the server stays healthy."""
+    """``--launcher ray`` on CPU, 2 workers (Ulysses 2), I2V: SIGKILL of rank 1 during a job -> the engine rebuilds the
+    group and re-runs the job once; it ends done, the retry is counted in /metrics, the server stays healthy. Then a
+    deterministic failure at run time (the job's reference image gone by then) fails its job without a retry, counted."""
     pytest.importorskip("ray")
+    from PIL import Image
+
     data = tmp_path / "data"
     data.mkdir()
-    srv = Server(data, "--launcher", "ray", "--set", "device=cpu", "--set", "parallel.seq_p_size=2",
+    images = [tmp_path / f"ref{i}.png" for i in range(3)]
+    for img in images:
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(img)
+    srv = Server(data, "--launcher", "ray", "--set", "device=cpu", "--set", "task=i2v", "--set", "parallel.seq_p_size=2",
                  "--set", "ray.request_timeout_s=60", "--set", "ray.max_retries=1").start(timeout=240)
     try:
         with srv.client(headers={}) as c:
             health = c.get("/healthz").json()
             assert health["launcher"] == "ray" and len(health["workers"]) == 2
             victim = next(w["pid"] for w in health["workers"] if w["rank"] == 1)
-            job = submit(c, prompt="killed under it", frames=5, size="64x64", steps=40)
+            job = submit(c, prompt="killed under it", image=str(images[0]), frames=5, size="64x64", steps=40)
             wait_for(c, job["id"], states=("running",), until=lambda j: j["progress"]["step"] >= 2, timeout=180)
             os.kill(victim, signal.SIGKILL)
             done = wait_for(c, job["id"], timeout=240)
@@ -322,5 +328,15 @@ def test_ray_worker_killed_mid_job_is_retried_once(tmp_path):
             out = tmp_path / "r.mp4"
             out.write_bytes(c.get(done["content_url"]).content)
             assert read_video(out).shape[0] == 5
+            blocker = submit(c, prompt="keeps the queue busy", image=str(images[1]), frames=5, size="64x64", steps=20)
+            doomed = submit(c, prompt="its image is gone when it runs", image=str(images[2]), **SMALL)
+            wait_for(c, blocker["id"], states=("running",))
+            images[2].unlink()
+            assert wait_for(c, blocker["id"])["state"] == "done"
+            failed = wait_for(c, doomed["id"])
+            assert failed["state"] == "failed" and "does not exist" in failed["error"] and failed["attempts"] == 1, failed
+            metrics = c.get("/metrics").text
+            assert 'ditfleet_jobs_failed_total{kind="deterministic"} 1' in metrics, metrics
+            assert "ditfleet_engine_retries_total 1" in metrics  # still the one retry of the killed worker
     finally:
         srv.stop()
