@@ -340,3 +340,36 @@ def test_ray_worker_killed_mid_job_is_retried_once(tmp_path):
             assert "ditfleet_engine_retries_total 1" in metrics  # still the one retry of the killed worker
     finally:
         srv.stop()
+
+
+def test_torchrun_ranks_serve_a_job(tmp_path):
+    """``torchrun --nproc-per-node 2 -m ditfleet serve`` (Ulysses 2 on gloo): the launcher is picked from torchrun's
+    environment, rank 0 serves HTTP, both ranks denoise; a job is done and its mp4 has the frames asked for."""
+    data = tmp_path / "data"
+    data.mkdir()
+    srv = Server(data, "--set", "device=cpu", "--set", "parallel.seq_p_size=2")
+    srv_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ditfleet",
+               "serve", "--port", str(srv.port), "--data-dir", str(data), *srv.args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(srv.log, "ab") as log:
+        srv.proc = subprocess.Popen(srv_cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert srv.proc.poll() is None, srv.log.read_text()[-3000:]
+            try:
+                if httpx.get(srv.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        with srv.client(headers={}) as c:
+            health = c.get("/healthz").json()
+            assert health["launcher"] == "torchrun" and health["world_size"] == 2, health
+            done = wait_for(c, submit(c, prompt="two ranks", frames=9, size="64x64", steps=3)["id"], timeout=180)
+            assert done["state"] == "done", done
+            out = tmp_path / "t.mp4"
+            out.write_bytes(c.get(done["content_url"]).content)
+            assert read_video(out).shape[0] == 9
+    finally:
+        srv.stop()

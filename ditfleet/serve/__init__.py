@@ -52,7 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; any other "
                    "needs --token or --token-file)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--launcher", choices=["local", "torchrun", "ray"], help="how the engine runs (default: the config's)")
+    p.add_argument("--launcher", choices=["local", "torchrun", "ray"], help="how the engine runs (default: the config's, or torchrun when started by torchrun with several "
+                        "processes)")
     p.add_argument("--token", help="bearer token every request but /healthz must send (Authorization: Bearer T)")
     p.add_argument("--token-file", help="file whose first line is the token (keeps it out of the process list)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"the job database and outputs (default ./{DEFAULT_DATA_DIR})")
@@ -82,8 +83,15 @@ def main(args) -> int:
         raise UserError(f"--port: must be in 1..65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise UserError(f"--max-body-mb: must be > 0, got {args.max_body_mb}")
-    if args.launcher:
-        args.overrides = [*args.overrides, f"launcher={args.launcher}"]
+    launcher = args.launcher
+    if launcher is None:
+        from ..engine.torchrun import torchrun_env
+
+        trun = torchrun_env()
+        if trun is not None and trun["world_size"] > 1:
+            launcher = "torchrun"  # `torchrun --nproc-per-node N -m ditfleet serve ...`, as generate
+    if launcher:
+        args.overrides = [*args.overrides, f"launcher={launcher}"]
     cfg, source = _load(args)
     data_dir = Path(args.data_dir).absolute()
     try:
