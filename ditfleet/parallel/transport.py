@@ -51,6 +51,8 @@ def peer_wait(what: str, peers: Sequence[int], timeout_s: float):
     except PeerError:
         raise
     except RuntimeError as e:  # DistBackendError / gloo timeouts and closed connections are RuntimeErrors
+        if isinstance(e, torch.OutOfMemoryError):  # this rank's own failure, not a peer's
+            raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise PeerError(
             f"{what}: rank(s) {', '.join(map(str, dict.fromkeys(peers)))} did not answer within {timeout_s:g} s ({TIMEOUT_KEY}) or "
