@@ -127,6 +127,20 @@ def model_spec(cfg, root: Path):
     return spec
 
 
+def check_model(cfg, path: str | Path):
+    """Everything checked of the model folder before a weight is read -- its family (against the task), its layout
+    (:func:`check_model_folder`), and each denoiser's ``config.json`` against the task -- shared by
+    :meth:`Pipeline.from_config`, :func:`load_runner` and preflight. Returns ``(spec, folder, denoiser configs)``."""
+    folder = Path(path).expanduser()
+    spec = model_spec(cfg, folder) if folder.is_dir() else None  # a missing folder: check_model_folder names it
+    root = check_model_folder(path, cfg.task, spec)
+    spec = spec or model_spec(cfg, root)
+    configs = dit_configs(root, spec)
+    for c in configs:
+        _check_task(root, cfg.task, c)
+    return spec, root, configs
+
+
 def dit_configs(root: Path, spec) -> list:
     """Each denoiser's ``WanDiTConfig`` (read from its ``config.json``; no weights)."""
     from ..models.wan import find_checkpoint
@@ -216,12 +230,7 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
                 read_sparge_file: bool = True) -> ModelRunner:
     """Only the denoiser(s) (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
     arguments as :meth:`Pipeline.from_config`."""
-    root = model_root(cfg)
-    spec = model_spec(cfg, root)
-    check_model_folder(root, cfg.task, spec)
-    configs = dit_configs(root, spec)
-    for c in configs:
-        _check_task(root, cfg.task, c)
+    spec, root, _ = check_model(cfg, model_root(cfg))
     _check_experts(cfg, spec)
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
@@ -354,10 +363,7 @@ class Pipeline:
         tiny = cfg.model_path is None
         root = model_root(cfg)
         t_build = time.perf_counter() - t0
-        spec = model_spec(cfg, root)
-        check_model_folder(root, cfg.task, spec)
-        for c in dit_configs(root, spec):  # before any weight is read
-            _check_task(root, cfg.task, c)
+        spec, root, _ = check_model(cfg, root)  # before any weight is read
         _check_experts(cfg, spec)
         attention = cfg.resolve_attention(device)
         dtype = cfg.torch_dtype

@@ -98,14 +98,9 @@ def model_geometry(cfg) -> ModelGeometry:
         return ModelGeometry("embedded tiny model", 2 ** sum(v["temperal_downsample"]), 2 ** (len(v["dim_mult"]) - 1),
                              patch, 1024, dim, d["ffn_dim"], d["num_layers"], d["num_attention_heads"], params,
                              0, v["base_dim"])
-    from .pipeline import _check_task, check_model_folder, dit_configs, model_spec
+    from .pipeline import check_model
 
-    root = Path(cfg.model_path).expanduser()
-    spec = model_spec(cfg, root) if root.is_dir() else None
-    root = check_model_folder(cfg.model_path, cfg.task, spec)
-    configs = dit_configs(root, spec)
-    for c in configs:
-        _check_task(root, cfg.task, c)
+    _, root, configs = check_model(cfg, cfg.model_path)
     c = configs[0]
     try:
         vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))

@@ -155,10 +155,8 @@ def _sharded_mask(backend: AttentionBackend, q, k, mesh: ParallelMesh, *, q_offs
                   kv_shard: SeqShard, scale: float):
     """The global mask of a mask-predicting kernel over the ring group's chunks (same on every ring rank)."""
     group = mesh.group("ring")
-    peers = [r for r in mesh.axis_ranks("ring") if r != dist.get_rank()]
-
     def all_reduce(t):
-        with peer_wait("sparge mask statistics", peers, mesh.timeout_s):
+        with peer_wait("sparge mask statistics", mesh.peers("ring"), mesh.timeout_s):
             bounded(dist.all_reduce(t, group=group, async_op=True), t, mesh.timeout_s)
 
     return backend.predict_sharded_mask(q, k, q_offset=q_offset, k_offset=k_offset, q_length=shard.global_len,

@@ -59,8 +59,7 @@ def cfg_exchange(pred: torch.Tensor, mesh: ParallelMesh) -> tuple[torch.Tensor, 
         return cond, uncond
     pred = pred.contiguous()
     both = pred.new_empty((2, *pred.shape))
-    peers = [r for i, r in enumerate(mesh.axis_ranks("cfg")) if i != mesh.cfg_rank]
-    with peer_wait("cfg exchange", peers, mesh.timeout_s):
+    with peer_wait("cfg exchange", mesh.peers("cfg"), mesh.timeout_s):
         bounded(all_gather_single(both, pred.unsqueeze(0), group=mesh.group("cfg"), async_op=True), pred, mesh.timeout_s)
     return both[COND], both[UNCOND]
 

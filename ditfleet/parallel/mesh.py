@@ -217,6 +217,11 @@ class ParallelMesh:
         """Global ranks of this process's group along ``axis``, in axis order."""
         return list(self.cached(("ranks", axis), lambda: tuple(self._axis_ranks(axis))))
 
+    def peers(self, axis: str) -> list[int]:
+        """Global ranks of this process's ``axis`` group other than this process (whom a wait on that group waits for)."""
+        me = dist.get_rank()
+        return [r for r in self.axis_ranks(axis) if r != me]
+
     def _axis_ranks(self, axis: str) -> list[int]:
         mesh = self._need_mesh(f"ranks of {axis}").mesh
         c, r, u = self.cfg_rank, self.ring_rank, self.ulysses_rank

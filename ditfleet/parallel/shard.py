@@ -159,7 +159,6 @@ def gather_sequence(x_local: torch.Tensor, mesh: ParallelMesh, shard: SeqShard, 
 
     front = x_local.movedim(dim, 0).contiguous()
     out = front.new_empty((mesh.sp_size * front.shape[0], *front.shape[1:]))
-    peers = [r for r in mesh.axis_ranks("sp") if r != dist.get_rank()]
-    with peer_wait("gather_sequence", peers, mesh.timeout_s):
+    with peer_wait("gather_sequence", mesh.peers("sp"), mesh.timeout_s):
         bounded(all_gather_single(out, front, group=mesh.group("sp"), async_op=True), front, mesh.timeout_s)
     return out[: shard.global_len].movedim(0, dim)
