@@ -209,6 +209,18 @@ class RunConfig:
         None, "LoRAs merged into the DiT weights at load, in order: `[{\"path\": ..., \"strength\": 1.0}]` (LightX2V's "
         "key; Wan2.2 A14B: one per expert with `name`). Keys that match no module are an error.",
     )
+    dit_quantized: bool = _f(
+        False, "Run the DiT's block linears (attention q/k/v/o, cross-attention, FFN) quantised (LightX2V's key); "
+        "norms, embeddings, modulation and the head stay in the compute dtype. Needs a GPU with FP8 tensor cores "
+        "(sm89+) and torchao; refused at start-up elsewhere.",
+    )
+    dit_quant_scheme: str = _f(
+        "fp8", "Scheme of `dit_quantized`: `fp8` = FP8 e4m3 weights with one scale per output channel, activations "
+        "quantised per token at run time (torchao's float8 rowwise, `torch._scaled_mm`); LightX2V's `fp8-vllm`, "
+        "`fp8-sgl`, `fp8-q8f` and `fp8-torchao` name the same scheme and are accepted; LightX2V's `Default` (no "
+        "quantisation) only with `dit_quantized` false.",
+        choices=("fp8", "fp8-vllm", "fp8-sgl", "fp8-q8f", "fp8-torchao", "Default"),
+    )
     parallel: ParallelConfig = _f(ParallelConfig, "Parallel layout.")
     ray: RayConfig = _f(RayConfig, "Ray launcher options.")
     cpu_offload: bool = _f(False, "LightX2V key, accepted for compatibility; ditfleet does not offload, so only false is valid.")
@@ -524,6 +536,9 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
             raise ConfigError(f"lora_configs[{i}].path", "give the LoRA file (.safetensors)")
         if lora.alpha is not None and lora.alpha <= 0:
             raise ConfigError(f"lora_configs[{i}].alpha", f"must be > 0 or null, got {lora.alpha}")
+    if cfg.dit_quantized and cfg.dit_quant_scheme == "Default":
+        raise ConfigError("dit_quant_scheme", "`Default` means no quantisation, but dit_quantized is true; valid "
+                                              "schemes: fp8 (or LightX2V's fp8-vllm, fp8-sgl, fp8-q8f, fp8-torchao)")
     steps = cfg.denoising_step_list
     if steps is not None:
         if not steps or any(not 1 <= x <= 1000 for x in steps) or any(a <= b for a, b in zip(steps, steps[1:])):

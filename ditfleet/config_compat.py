@@ -38,8 +38,6 @@ LIGHTX2V_NO_EFFECT = frozenset({
 
 #: LightX2V keys that would change the video, each with the value(s) that mean "off".
 LIGHTX2V_CHANGES_OUTPUT: dict[str, tuple] = {
-    "dit_quantized": (False,),
-    "dit_quant_scheme": (None, "Default", "default", "bf16"),
     "dit_quantized_ckpt": (None,),
     "t5_quantized": (False,),
     "t5_quant_scheme": (None,),

@@ -182,7 +182,9 @@ def test_integer_accepted_for_float():
     ({"num_inference_steps": 10}, "'infer_steps'"),
     ({"seq_p_size": 2}, "did you mean 'parallel.seq_p_size'"),
     ({"radial_attn_setting": {"decay": 1}}, "valid keys in 'radial_attn_setting': block_size, decay_factor"),
-    ({"dit_quantized": True}, "^dit_quantized: LightX2V's .* would change the video"),
+    ({"dit_quantized_ckpt": "/w/q.safetensors"}, "^dit_quantized_ckpt: LightX2V's .* would change the video"),
+    ({"dit_quant_scheme": "int8-vllm"}, "^dit_quant_scheme: \"int8-vllm\" is not valid; valid: fp8, fp8-vllm"),
+    ({"dit_quantized": True, "dit_quant_scheme": "Default"}, "^dit_quant_scheme: `Default` means no quantisation"),
     ({"feature_caching": "Tea"}, "^feature_caching: .*would change the video"),
     ({"parallel": {"tensor_p_size": 2}}, "^parallel.tensor_p_size: .*would change"),
 ])
@@ -192,14 +194,14 @@ def test_unknown_keys_are_errors_with_a_correct_suggestion(data, match):
 
 
 def test_lightx2v_keys_without_effect_warn_once(caplog):
-    data = cfg(t5_cpu_offload=True, offload_granularity="block", use_tiling_vae=True, dit_quantized=False,
+    data = cfg(t5_cpu_offload=True, offload_granularity="block", use_tiling_vae=True, t5_quantized=False,
                feature_caching="NoCaching", parallel={"seq_p_size": 1, "seq_p_tensor_fusion": True})
     with caplog.at_level(logging.WARNING):
         c = load_config(data=data)
     assert c.infer_steps == TINY_DEFAULT["infer_steps"]
     lines = [r.getMessage() for r in caplog.records if "LightX2V" in r.getMessage()]
     assert len(lines) == 1, lines
-    for key in ("t5_cpu_offload", "offload_granularity", "use_tiling_vae", "dit_quantized", "feature_caching",
+    for key in ("t5_cpu_offload", "offload_granularity", "use_tiling_vae", "t5_quantized", "feature_caching",
                 "parallel.seq_p_tensor_fusion"):
         assert key in lines[0]
 
