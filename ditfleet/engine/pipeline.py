@@ -226,6 +226,11 @@ def model_root(cfg) -> Path:
     return tiny_model_path(cfg.task) if cfg.model_path is None else Path(cfg.model_path).expanduser()
 
 
+def quant_scheme(cfg) -> str | None:
+    """The DiT linears' quantisation of a config: its ``dit_quant_scheme`` when ``dit_quantized``, else ``None``."""
+    return cfg.dit_quant_scheme if getattr(cfg, "dit_quantized", False) else None
+
+
 def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | None = None,
                 read_sparge_file: bool = True) -> ModelRunner:
     """Only the denoiser(s) (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
@@ -235,7 +240,7 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                              loras=cfg.lora_configs)
+                              loras=cfg.lora_configs, quant=quant_scheme(cfg))
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
     return runner
@@ -378,7 +383,7 @@ class Pipeline:
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
                                   radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                                  loras=cfg.lora_configs)
+                                  loras=cfg.lora_configs, quant=quant_scheme(cfg))
         for dit in runner.denoisers:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()

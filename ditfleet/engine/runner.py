@@ -69,6 +69,7 @@ class ModelRunner:
         spec=None,
         boundary: float | None = None,
         loras=(),
+        quant: str | None = None,
         **kwargs,
     ) -> ModelRunner:
         """Load the denoiser(s) of ``model_path`` through its family's spec and wrap them.
@@ -76,7 +77,8 @@ class ModelRunner:
         ``radial``: the run's ``RadialAttnSetting`` (in every expert's self-attention policy; used when the kernel
         is radial); ``spec``:
         the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
-        switch of a two-expert family (``None``: the folder's).
+        switch of a two-expert family (``None``: the folder's); ``quant``: the ``dit_quant_scheme`` of a
+        ``dit_quantized`` run (``None``: the compute dtype), applied once after the LoRAs are merged.
         """
         from pathlib import Path
 
@@ -86,6 +88,10 @@ class ModelRunner:
         spec = spec or resolve_family(None, root)
         den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
                         boundary=boundary, loras=loras or ())
+        if quant is not None:
+            from ..models.quant import quantize_denoisers_
+
+            quantize_denoisers_(den, quant)
         for dit in den:  # each expert its own policy (bind_sparge replaces a Sparge one with its bound layers)
             c = dit.config
             dit.set_policy(build_policy(dit.policy.kernel, num_layers=c.num_layers, num_heads=c.num_heads, radial=radial))
