@@ -37,11 +37,15 @@ class SeqParallelPlan:
             is formed; every name must be passed to each :meth:`SeqParallel.split` call.
         gather: ``name -> dim`` of the tensors gathered before the sequence leaves the model.
         doc: one line saying where, for readers and reports.
+        optional: ``name -> dim`` of per-token tensors that some forwards have and others do not
+            (per-token timesteps); when passed to :meth:`SeqParallel.split` they are split with the
+            ``split`` tensors (same length, same chunks).
     """
 
     split: Mapping[str, int] = field(default_factory=dict)
     gather: Mapping[str, int] = field(default_factory=dict)
     doc: str = ""
+    optional: Mapping[str, int] = field(default_factory=dict)
 
 
 class SeqParallel:
@@ -72,18 +76,19 @@ class SeqParallel:
         self.align = tile_align(self.mesh, backends) if self.active else 1
 
     def split(self, **tensors: torch.Tensor) -> tuple[dict[str, torch.Tensor], SeqShard | None]:
-        """This process's chunk of each tensor named in ``plan.split``.
+        """This process's chunk of each tensor named in ``plan.split`` (all required) and ``plan.optional`` (any).
 
         Returns:
             ``(local, shard)``: the chunks by name (the tensors themselves when inactive) and the
             :class:`SeqShard` to pass to :meth:`attention` and :meth:`gather` (``None`` when inactive).
         """
-        self._check_names(tensors, self.plan.split, "split")
+        dims = {**self.plan.optional, **self.plan.split}
+        self._check_names({k: v for k, v in tensors.items() if k not in self.plan.optional}, self.plan.split, "split")
         if not self.active:
             return dict(tensors), None
         out, shard = {}, None
         for name, t in tensors.items():
-            out[name], s = shard_sequence(t, self.mesh, dim=self.plan.split[name], align=self.align)
+            out[name], s = shard_sequence(t, self.mesh, dim=dims[name], align=self.align)
             if shard is not None and s != shard:
                 raise ValueError(f"sequence-parallel split: {name!r} has {s.global_len} tokens, others {shard.global_len}")
             shard = s

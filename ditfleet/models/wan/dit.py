@@ -151,8 +151,9 @@ class WanBlock(nn.Module):
 
         Args:
             x: float32 ``[B, S, C]`` residual stream (not modified).
-            carry: the previous block's deferred ``(ffn_out [B, S, C], gate [B, 1, C])``, or ``None``.
-            e0: float32 ``[B, 6, C]`` projected time embedding.
+            carry: the previous block's deferred ``(ffn_out [B, S, C], gate [B, 1, C] or [B, S, C])``, or ``None``.
+            e0: float32 ``[B, 6, C]`` projected time embedding, or ``[B, S, 6, C]`` per token (per-token
+                timesteps, TI2V image-to-video).
             ctx: ``[B, L, C]`` embedded text, model dtype.
             ctx_img: ``[B, 257, C]`` embedded CLIP tokens (I2V) or ``None``.
             rope: float32 cos / sin ``[S, D/2]`` of the tokens of ``x``.
@@ -162,8 +163,11 @@ class WanBlock(nn.Module):
             ``(x, carry)``: float32 ``[B, S, C]`` stream before this block's FFN residual, and that residual.
         """
         dtype = self.ffn[0].weight.dtype
-        mod = (self.modulation.float() + e0).unsqueeze(2)  # [B, 6, 1, C]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (m.contiguous() for m in mod.unbind(1))
+        if e0.dim() == 3:  # one timestep per sample: [B, 6, 1, C] -> six [B, 1, C]
+            mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        else:  # per token: [1, 1, 6, C] + [B, S, 6, C] -> six [B, S, C]
+            mod = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m.contiguous() for m in mod)
         if carry is None:
             h = ops.modulated_norm(x, shift1, scale1, self.eps, dtype)
         else:
@@ -192,13 +196,17 @@ class WanHead(nn.Module):
 
         Args:
             x: float32 ``[B, S, C]``.
-            e: float32 ``[B, C]`` time embedding (not the projected ``e0``).
+            e: float32 ``[B, C]`` time embedding (not the projected ``e0``), or ``[B, S, C]`` per token.
             carry: the last block's deferred FFN residual ``(ffn_out, gate)``, or ``None``.
 
         Returns:
             ``[B, S, prod(patch) * out_dim]`` in the head's dtype (float32).
         """
-        shift, scale = (m.contiguous() for m in (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1))
+        if e.dim() == 2:  # [1, 2, C] + [B, 1, C] -> shift, scale [B, 1, C]
+            mod = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        else:  # per token: [1, 1, 2, C] + [B, S, 1, C] -> shift, scale [B, S, C]
+            mod = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        shift, scale = (m.contiguous() for m in mod)
         if carry is None:
             h = ops.modulated_norm(x, shift, scale, self.eps, self.head.weight.dtype)
         else:
@@ -241,11 +249,15 @@ class WanDiT(nn.Module):
 
     #: Sequence parallelism: tokens are split right after the patch embedding (together with their
     #: RoPE rows: each rank rotates by its tokens' global positions) and gathered after the head,
-    #: before unpatchify. Text and image contexts are never split.
+    #: before unpatchify. Text and image contexts are never split. Per-token timesteps ``[B, S]``
+    #: (TI2V image-to-video) are split with the tokens before the time embedding, so each rank
+    #: embeds and modulates by its own tokens' timesteps.
     sp_plan = SeqParallelPlan(
         split={"tokens": 1, "rope_cos": 0, "rope_sin": 0},
         gather={"out": 1},
-        doc="split video tokens (dim 1) after patch embedding; gather head output (dim 1) before unpatchify",
+        doc="split video tokens (dim 1) after patch embedding, with per-token timesteps when given; "
+            "gather head output (dim 1) before unpatchify",
+        optional={"timesteps": 1},
     )
 
     def __init__(self, config: WanDiTConfig, attention: Mapping[str, object] | None = None):
@@ -411,7 +423,16 @@ class WanDiT(nn.Module):
         return _linear(F.gelu(_linear(context, fc1), approximate="tanh"), fc2)
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` ``[B]`` -> ``(e [B, dim], e0 [B, 6, dim])``, float32."""
+        """``t`` ``[B]`` -> ``(e [B, dim], e0 [B, 6, dim])``; per token, ``t`` ``[B, S]`` -> ``(e [B, S, dim],
+        e0 [B, S, 6, dim])``; float32.
+
+        Per-token timesteps take few distinct values (TI2V image-to-video: 0 on the first frame, ``t``
+        elsewhere), so the embedding runs once per distinct value and is indexed out to the tokens.
+        """
+        if t.dim() == 2:
+            values, index = torch.unique(t, return_inverse=True)
+            e, e0 = self.embed_time(values)
+            return e[index], e0[index]
         fc1, _, fc2 = self.time_embedding
         e = _linear(F.silu(_linear(sinusoidal_embedding(t, self.config.freq_dim), fc1)), fc2).float()
         e0 = _linear(F.silu(e), self.time_projection[1]).float()
@@ -450,7 +471,9 @@ class WanDiT(nn.Module):
 
         Args:
             x: ``[B, 16, F, H, W]`` noisy latent (any float dtype).
-            t: ``[B]`` timesteps (0..1000); a single value is used for the whole batch.
+            t: ``[B]`` timesteps (0..1000); a single value is used for the whole batch; or ``[B, S]`` (``[1, S]``:
+                for the whole batch) one per token (``S = F*H*W / prod(patch)``, the patch grid in raster order;
+                TI2V image-to-video).
             context: ``[B, L, text_dim]`` UMT5 features, ``L <= text_len`` (zero-padded to ``text_len``
                 inside, as the official model; padded positions are attended to, unmasked).
             clip_fea: I2V: ``[B, 257, 1280]`` CLIP image features; ``None`` for T2V.
@@ -491,18 +514,25 @@ class WanDiT(nn.Module):
         b = x.shape[0]
         if t.numel() == 1:
             t = t.reshape(1).expand(b)
-        if t.shape != (b,) or context.shape[0] != b or (clip_fea is not None and clip_fea.shape[0] not in (b, 2 * b)):
+        elif t.dim() == 2 and t.shape[0] == 1:  # one per-token row for the whole batch
+            t = t.expand(b, -1)
+        if t.shape[:1] != (b,) or t.dim() > 2 or context.shape[0] != b or (
+                clip_fea is not None and clip_fea.shape[0] not in (b, 2 * b)):
             raise ValueError(f"batch sizes disagree: x {b}, t {tuple(t.shape)}, context {context.shape[0]}"
                              + ("" if clip_fea is None else f", clip_fea {clip_fea.shape[0]}"))
         dtype, device = self.dtype, self.device
         tokens, grid = self.embed_video(x.to(device))
+        if t.dim() == 2 and t.shape[1] != tokens.shape[1]:
+            raise ValueError(f"per-token timesteps: t has {t.shape[1]} per sample, the latent has {tokens.shape[1]} "
+                             f"tokens (grid {list(grid)})")
         cos, sin = self.rope(grid, device)
-        e, e0 = self.embed_time(t.to(device))
         ctx = self.embed_text(context.to(device))
         ctx_img = self.img_emb(clip_fea.to(device), dtype) if cfg.has_image_branch else None
 
         plan = self.policy.plan(grid, self._step if step is None else step, len(self.blocks))
-        local, shard = self.sp.split(tokens=tokens, rope_cos=cos, rope_sin=sin)
+        per_token = {"timesteps": t.to(device)} if t.dim() == 2 else {}
+        local, shard = self.sp.split(tokens=tokens, rope_cos=cos, rope_sin=sin, **per_token)
+        e, e0 = self.embed_time(local["timesteps"] if per_token else t.to(device))
         sp, text, image = self.sp, self.backends[TEXT_SITE], self.backends.get(IMAGE_SITE)
 
         def attend_with(kernel: AttentionBackend, mask: BlockSparseMask | None) -> _Attend:
@@ -529,8 +559,8 @@ class DiTStep:
 
     Attributes:
         tokens: float32 ``[B, S_local, C]`` this rank's video tokens (all of them without SP).
-        e: float32 ``[B, C]`` time embedding (head modulation).
-        e0: float32 ``[B, 6, C]`` projected time embedding (block modulation).
+        e: float32 ``[B, C]`` time embedding (head modulation); ``[B, S_local, C]`` for per-token timesteps.
+        e0: float32 ``[B, 6, C]`` projected time embedding (block modulation); ``[B, S_local, 6, C]`` per token.
         ctx: ``[B, text_len, C]`` embedded text, model dtype.
         ctx_img: ``[B, 257, C]`` embedded CLIP tokens or ``None``.
         rope: float32 cos / sin ``[S_local, D/2]`` at the tokens' global positions.
