@@ -58,7 +58,7 @@ def write_lora(path: Path, cfg, rank: int = 64, seed: int = 0) -> int:
 
 
 def run(name: str, folder: Path, config: str, sets: list[str], out: Path) -> dict:
-    output = out / f"gen_{name}.mp4"
+    output = folder.parent / f"gen_{name}.npy"  # lossless frames (no imageio-ffmpeg needed), in the work folder
     cmd = [sys.executable, "-m", "ditfleet", "generate", config, "--set", f"model_path={folder}",
            "--set", f"output={output}", *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()
@@ -67,8 +67,7 @@ def run(name: str, folder: Path, config: str, sets: list[str], out: Path) -> dic
     wall = time.perf_counter() - t0
     report_file = output.with_suffix(".json")
     report = json.loads(report_file.read_text()) if report_file.is_file() else None
-    if output.is_file():
-        output.unlink()  # the video of random weights is noise; the report is what is kept
+    # the frames of random weights are noise (removed with the work folder); the report is what is kept
     return {"run": name, "rc": rc, "command": cmd, "process_wall_s": wall, "report": report}
 
 

@@ -181,3 +181,14 @@ def test_json_report_written_atomically(tmp_path):
     p = write_json_atomic(tmp_path / "r.json", {"prompt": "猫", "n": 1})
     assert '"猫"' in p.read_text(encoding="utf-8")
     assert leftovers(tmp_path) == []
+
+
+def test_mp4_without_imageio_ffmpeg_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A host without imageio-ffmpeg learns it at start-up (the check before denoising), not after the last step."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    with pytest.raises(OutputError, match=r"needs the imageio-ffmpeg package.*\.npy file or a folder of PNGs"):
+        check_output(tmp_path / "v.mp4")
+    assert check_output(tmp_path / "v.npy")[1] == "npy" and not any(tmp_path.iterdir())

@@ -19,6 +19,7 @@ time), a PNG folder must be new or empty, and a foreign report is never overwrit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -134,6 +135,9 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> tuple[P
     """
     kind = output_kind(path)
     target = _target(path)
+    if kind == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise OutputError(f"output {str(target)!r}: writing .mp4 needs the imageio-ffmpeg package, which is not installed "
+                          "(pip install imageio-ffmpeg); or write lossless frames: a .npy file or a folder of PNGs")
     if kind == "png" and target.is_file():
         raise OutputError(f"output {str(target)!r} is an existing file, but a path without suffix means a folder of PNGs")
     if kind != "png" and target.is_dir():
