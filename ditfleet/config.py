@@ -221,6 +221,47 @@ class RunConfig:
         "quantisation) only with `dit_quantized` false.",
         choices=("fp8", "fp8-vllm", "fp8-sgl", "fp8-q8f", "fp8-torchao", "Default"),
     )
+    feature_caching: str = _f(
+        "none", "Step caching (LightX2V's key): `none` (LightX2V's `NoCaching` too), `Tea` (TeaCache: skip a step's "
+        "blocks while the accumulated rescaled relative L1 change of the time embedding stays below "
+        "`teacache_thresh`), `Mag` (MagCache: calibrated magnitude ratios, `magcache_*`) or `FirstBlock` (skip the "
+        "blocks after the first while the first block's residual changes less than `residual_diff_threshold`). "
+        "A skipped step adds the blocks' residual of the branch's last computed step; the conditional and "
+        "unconditional passes keep separate caches; every SP rank skips the same steps. See Step caching.",
+        choices=("none", "NoCaching", "Tea", "Mag", "FirstBlock"),
+    )
+    teacache_thresh: float = _f(
+        0.26, "Tea: skip while the accumulated rescaled distance is below this (LightX2V's default; TeaCache4Wan2.1 "
+        "suggests 0.05-0.08 for T2V 1.3B, 0.14-0.2 for 14B); 0 never skips.",
+    )
+    use_ret_steps: bool = _f(
+        False, "Tea: TeaCache's retention-steps variant (statistic on the projected time embedding e0, its own "
+        "polynomial, first 5 steps always computed, no final one).",
+    )
+    coefficients: list[list[float]] | None = _f(
+        None, "Tea: the rescaling polynomials `[[retention-steps], [plain]]`, highest power first (LightX2V's form); "
+        "null: TeaCache4Wan2.1's published ones for Wan2.1 T2V 1.3B / 14B and I2V 14B 480p / 720p (required for "
+        "other models).",
+    )
+    teacache_first_steps: int | None = _f(
+        None, "Tea: steps always computed at the start; null: 5 with use_ret_steps, else 1 (TeaCache4Wan2.1's).",
+    )
+    teacache_last_steps: int | None = _f(
+        None, "Tea: steps always computed at the end; null: 0 with use_ret_steps, else 1 (TeaCache4Wan2.1's).",
+    )
+    magcache_thresh: float = _f(0.12, "Mag: skip while the accumulated magnitude error is below this; 0 never skips.")
+    magcache_K: int = _f(4, "Mag: most steps skipped in a row.")
+    magcache_retention_ratio: float = _f(0.2, "Mag: the first int(infer_steps x ratio) steps are always computed.")
+    magcache_ratios: list[list[float]] | None = _f(
+        None, "Mag: calibrated residual magnitude ratio per step, `[[cond], [uncond]]` (resampled to infer_steps by "
+        "nearest index); null: MagCache4Wan2.1's published ones for Wan2.1 T2V 1.3B / 14B and I2V 14B 480p / 720p "
+        "(required for other models).",
+    )
+    residual_diff_threshold: float = _f(
+        0.02, "FirstBlock: skip the remaining blocks while the first block's residual changed (relative L1) by less; "
+        "0 never skips.",
+    )
+    downsample_factor: int = _f(1, "FirstBlock: compare every n-th channel of the first block's residual.")
     parallel: ParallelConfig = _f(ParallelConfig, "Parallel layout.")
     ray: RayConfig = _f(RayConfig, "Ray launcher options.")
     cpu_offload: bool = _f(False, "LightX2V key, accepted for compatibility; ditfleet does not offload, so only false is valid.")
@@ -547,6 +588,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
         if cfg.infer_steps != len(steps):
             raise ConfigError("infer_steps", f"{cfg.infer_steps}, but denoising_step_list {json.dumps(steps)} has "
                                              f"{len(steps)} steps; set infer_steps to {len(steps)}")
+    _validate_caching(cfg)
     scales = cfg.sample_guide_scale if isinstance(cfg.sample_guide_scale, list) else [cfg.sample_guide_scale]
     if (isinstance(cfg.sample_guide_scale, list) and len(scales) != 2) or min(scales) < 0:
         raise ConfigError("sample_guide_scale", f"must be a number >= 0 or [high_noise, low_noise] (two numbers >= 0), "
@@ -617,6 +659,36 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
         raise ConfigError(
             "launcher", f"'local' runs one process, but the parallel degrees need {expected}; use torchrun or ray"
         )
+
+
+def _validate_caching(cfg: RunConfig) -> None:
+    """The ``feature_caching`` keys (checked whatever the method, so a config is valid or not on its own)."""
+    for key in ("teacache_thresh", "magcache_thresh", "residual_diff_threshold"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0 (0: never skip), got {getattr(cfg, key)}")
+    for key in ("teacache_first_steps", "teacache_last_steps"):
+        v = getattr(cfg, key)
+        if v is not None and v < 0:
+            raise ConfigError(key, f"must be >= 0 or null, got {v}")
+    if cfg.magcache_K < 1:
+        raise ConfigError("magcache_K", f"must be >= 1 (most steps skipped in a row), got {cfg.magcache_K}")
+    if not 0.0 <= cfg.magcache_retention_ratio <= 1.0:
+        raise ConfigError("magcache_retention_ratio", f"must lie in [0, 1], got {cfg.magcache_retention_ratio}")
+    if cfg.downsample_factor < 1:
+        raise ConfigError("downsample_factor", f"must be >= 1, got {cfg.downsample_factor}")
+    c = cfg.coefficients
+    if c is not None:
+        used = 0 if cfg.use_ret_steps else 1
+        if len(c) != 2 or not c[used]:
+            raise ConfigError("coefficients", f"expected [[retention-steps polynomial], [plain polynomial]] (LightX2V's "
+                                              f"form; with use_ret_steps {json.dumps(cfg.use_ret_steps)} the "
+                                              f"{('first', 'second')[used]} one is used and must not be empty), got "
+                                              f"{json.dumps(c)}")
+    r = cfg.magcache_ratios
+    if r is not None:
+        if len(r) != 2 or not r[0] or len(r[0]) != len(r[1]) or min(min(r[0]), min(r[1])) <= 0:
+            raise ConfigError("magcache_ratios", "expected [[cond ratio per step], [uncond ratio per step]]: two "
+                                                 f"non-empty lists of equal length, ratios > 0; got {json.dumps(r)}")
 
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -6,10 +6,11 @@ does not do. They fall in two groups:
 - :data:`LIGHTX2V_NO_EFFECT`: knobs for memory, offloading, compilation or the model's own shape (read from
   the checkpoint here). Ignoring them cannot change the video, so they are accepted with **one** warning
   that lists them all.
-- :data:`LIGHTX2V_CHANGES_OUTPUT`: features that would change the video (LoRA, quantisation, step
-  distillation, caching, ...). Running without them would silently produce something else, so a value
+- :data:`LIGHTX2V_CHANGES_OUTPUT`: features that would change the video (quantised text / image
+  encoders, MagCache calibration, changing resolution, ...). Running without them would silently produce something else, so a value
   other than their "off" value is an error naming the key. Their off value (``false``, ``[]``, ``null``,
-  ``"NoCaching"``) is accepted with the warning above.
+  ``"NoCaching"``) is accepted with the warning above. (``feature_caching`` itself and the keys of the methods
+  ditfleet implements -- Tea, Mag, FirstBlock -- are real config fields; MagCache's calibration run is not.)
 
 :data:`ALIASES` holds what Wan's official ``generate.py`` and diffusers' ``WanPipeline`` call ditfleet's
 keys (``sample_steps``, ``num_inference_steps``, ``guidance_scale`` ...): a config that uses them gets an
@@ -45,15 +46,7 @@ LIGHTX2V_CHANGES_OUTPUT: dict[str, tuple] = {
     "clip_quantized": (False,),
     "clip_quant_scheme": (None,),
     "clip_quantized_ckpt": (None,),
-    "feature_caching": (None, "NoCaching", "none", "None"),
-    "teacache_thresh": (None,),
-    "use_ret_steps": (False, None),
-    "coefficients": (None,),
-    "magcache_thresh": (None,),
-    "magcache_K": (None,),
-    "magcache_retention_ratio": (None,),
-    "magcache_ratios": (None,),
-    "magcache_calibration": (False, None),
+    "magcache_calibration": (False, None),  # feature_caching and its Tea / Mag / FirstBlock keys: config.RunConfig
     "boundary_step_index": (None,),
     "high_noise_original_ckpt": (None,),
     "low_noise_original_ckpt": (None,),

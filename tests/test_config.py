@@ -185,7 +185,16 @@ def test_integer_accepted_for_float():
     ({"dit_quantized_ckpt": "/w/q.safetensors"}, "^dit_quantized_ckpt: LightX2V's .* would change the video"),
     ({"dit_quant_scheme": "int8-vllm"}, "^dit_quant_scheme: \"int8-vllm\" is not valid; valid: fp8, fp8-vllm"),
     ({"dit_quantized": True, "dit_quant_scheme": "Default"}, "^dit_quant_scheme: `Default` means no quantisation"),
-    ({"feature_caching": "Tea"}, "^feature_caching: .*would change the video"),
+    ({"magcache_calibration": True}, "^magcache_calibration: .*would change the video"),
+    ({"feature_caching": "Taylor"}, "^feature_caching: \"Taylor\" is not valid; valid: none, NoCaching, Tea, Mag"),
+    ({"teacache_thresh": -0.1}, "^teacache_thresh: must be >= 0"),
+    ({"coefficients": [[1.0, 2.0]]}, "^coefficients: expected \\[\\[retention-steps polynomial\\]"),
+    ({"coefficients": [[1.0], []]}, "^coefficients: .*second one is used and must not be empty"),
+    ({"magcache_ratios": [[1.0, 0.9], [1.0]]}, "^magcache_ratios: expected \\[\\[cond ratio per step\\]"),
+    ({"magcache_K": 0}, "^magcache_K: must be >= 1"),
+    ({"magcache_retention_ratio": 1.5}, "^magcache_retention_ratio: must lie in \\[0, 1\\]"),
+    ({"downsample_factor": 0}, "^downsample_factor: must be >= 1"),
+    ({"teacache_first_steps": -1}, "^teacache_first_steps: must be >= 0 or null"),
     ({"parallel": {"tensor_p_size": 2}}, "^parallel.tensor_p_size: .*would change"),
 ])
 def test_unknown_keys_are_errors_with_a_correct_suggestion(data, match):
@@ -201,9 +210,31 @@ def test_lightx2v_keys_without_effect_warn_once(caplog):
     assert c.infer_steps == TINY_DEFAULT["infer_steps"]
     lines = [r.getMessage() for r in caplog.records if "LightX2V" in r.getMessage()]
     assert len(lines) == 1, lines
-    for key in ("t5_cpu_offload", "offload_granularity", "use_tiling_vae", "t5_quantized", "feature_caching",
+    for key in ("t5_cpu_offload", "offload_granularity", "use_tiling_vae", "t5_quantized",
                 "parallel.seq_p_tensor_fusion"):
         assert key in lines[0]
+    assert c.feature_caching == "NoCaching"  # a real key now: LightX2V's off value, no warning
+
+
+def test_lightx2v_caching_configs_load_as_runconfig_fields():
+    """LightX2V's shipped Wan caching configs (their caching keys) load into real fields, no warning needed."""
+    from ditfleet.models.step_cache import StepCacheSettings
+
+    tea = load_config(data=cfg(feature_caching="Tea", use_ret_steps=True, teacache_thresh=0.26, coefficients=[
+        [-52186.2437, 9230.41404, -528.275948, 13.6987616, -0.0499875664],
+        [2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774]]))
+    s = StepCacheSettings.from_config(tea)
+    assert s.method == "Tea" and s.use_ret_steps and s.coefficients[0] == -52186.2437 and s.tea_first() == 5
+    assert s.tea_last() == 0
+    mag = load_config(data=cfg(feature_caching="Mag", magcache_calibration=False, magcache_K=4, magcache_thresh=0.12,
+                               magcache_retention_ratio=0.2, magcache_ratios=[[1.0, 0.99], [1.0, 0.98]]))
+    s = StepCacheSettings.from_config(mag)
+    assert s.method == "Mag" and s.magcache_ratios == ((1.0, 0.99), (1.0, 0.98)) and s.magcache_K == 4
+    fb = StepCacheSettings.from_config(load_config(data=cfg(feature_caching="FirstBlock", residual_diff_threshold=0.02,
+                                                            downsample_factor=2)))
+    assert fb.method == "FirstBlock" and fb.downsample_factor == 2
+    off = StepCacheSettings.from_config(load_config(data=cfg(feature_caching="NoCaching")))
+    assert not off.active and off.method == "none"
 
 
 def test_cli_overrides_beat_json_beat_defaults(tmp_path):

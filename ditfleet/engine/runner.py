@@ -11,7 +11,13 @@ same loop with the same numbers, so every rank ends with the same latents:
   (``cfg_size`` 1; or as one batch of 2 with ``cfg_batch=True``), or one branch per cfg rank
   with an all-gather (``parallel.cfg_p_size`` 2), through :mod:`ditfleet.parallel.cfg`; the guided
   velocity ``uncond + scale * (cond - uncond)`` is formed in float32;
-* the sampler (:mod:`.sampler`) steps in float32 on identical inputs.
+* the sampler (:mod:`.sampler`) steps in float32 on identical inputs;
+* step caching (``feature_caching``, :meth:`ModelRunner.set_step_cache`): each forward goes through
+  :func:`ditfleet.models.step_cache.cached_forward`, which runs the blocks or reuses the branch's cached
+  residual. The state is per CFG branch (and expert); with caching on and ``cfg_size`` 1 the branches run one
+  after the other (a batch of 2 would tie their decisions). Decisions over per-token statistics are reduced
+  over the SP group, so every rank of a branch skips the same steps; :meth:`ModelRunner.cache_report` lists
+  the computed and skipped steps of both branches (gathered over the cfg ranks under cfg-parallel).
 """
 
 from __future__ import annotations
@@ -20,11 +26,28 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from ..errors import ConfigError
 from ..models.attention_policy import build_policy
 from ..models.spec import Denoisers
-from ..parallel import ParallelMesh, cfg_combine, cfg_exchange, cfg_predict, cfg_select
+from ..models.step_cache import COND, UNCOND, StepCache, StepCacheSettings, cached_forward, sp_sum
+from ..parallel import ParallelMesh, cfg_branch, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .request import EncodedRequest
 from .sampler import FlowSampler, make_sampler
+
+
+def _staged_forward(dit) -> Callable | None:
+    """``make(x, t, context, clip_fea, y) -> StagedForward`` of a denoiser (its own ``staged_forward``, or the Wan
+    DiT's adapter), or ``None`` when it cannot be cached."""
+    make = getattr(dit, "staged_forward", None)
+    if make is not None:
+        return make
+    from ..models.wan.dit import WanDiT
+
+    if isinstance(dit, WanDiT):
+        from ..models.wan.cache_hooks import WanStagedForward
+
+        return lambda x, t, context, clip_fea, y: WanStagedForward(dit, x, t, context, clip_fea, y)
+    return None
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -55,6 +78,9 @@ class ModelRunner:
         self.mesh = mesh or ParallelMesh()
         self.cfg_batch = cfg_batch
         self.schedule = schedule
+        self.cache_settings = StepCacheSettings()  # none: set_step_cache
+        self._cache: StepCache | None = None  # the running (or last) denoise's cache
+        self._cache_records: dict[int, list[bool]] | None = None
 
     @classmethod
     def load(
@@ -70,6 +96,7 @@ class ModelRunner:
         boundary: float | None = None,
         loras=(),
         quant: str | None = None,
+        step_cache: StepCacheSettings | None = None,
         **kwargs,
     ) -> ModelRunner:
         """Load the denoiser(s) of ``model_path`` through its family's spec and wrap them.
@@ -78,7 +105,8 @@ class ModelRunner:
         is radial); ``spec``:
         the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
         switch of a two-expert family (``None``: the folder's); ``quant``: the ``dit_quant_scheme`` of a
-        ``dit_quantized`` run (``None``: the compute dtype), applied once after the LoRAs are merged.
+        ``dit_quantized`` run (``None``: the compute dtype), applied once after the LoRAs are merged;
+        ``step_cache``: the run's ``feature_caching`` settings (:meth:`set_step_cache`; ``None``: no caching).
         """
         from pathlib import Path
 
@@ -99,6 +127,8 @@ class ModelRunner:
                 dit.set_parallel(mesh)
         runner = cls(den, mesh=mesh, **kwargs)
         runner.family = spec.family
+        if step_cache is not None:
+            runner.set_step_cache(step_cache)
         return runner
 
     @property
@@ -113,19 +143,104 @@ class ModelRunner:
         i = self.denoisers.index_for(t)
         return i, self.denoisers.experts[i]
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, enc: EncodedRequest) -> torch.Tensor:
-        """The (guided) velocity at ``x``, ``t``: float32 like ``x``, identical on every rank."""
-        i, dit = self.denoiser_for(t)
+    # ---- step caching -----------------------------------------------------------------------------
+    def set_step_cache(self, settings: StepCacheSettings) -> ModelRunner:
+        """Use ``settings`` (``feature_caching`` and its keys) in the following denoising runs.
 
-        def model(x, t, context, clip_fea, y):
-            return dit(x, t.expand(x.shape[0]), context, clip_fea=clip_fea, y=y)
+        Raises:
+            ConfigError: a denoiser cannot be cached (no staged forward), or a rule needs constants this model
+                has none published for (``coefficients`` for Tea, ``magcache_ratios`` for Mag) and none are given.
+        """
+        if settings.active:
+            for dit in self.denoisers:
+                if _staged_forward(dit) is None:
+                    raise ConfigError("feature_caching", f"{settings.method}: a {type(dit).__name__} denoiser does not "
+                                                         "expose its blocks to a step cache; use none")
+            # Wan2.1 I2V has constants for both resolutions, so the request's size cannot miss them: check now.
+            self._constants(settings, 480, 832)
+        self.cache_settings = settings
+        return self
+
+    def _constants(self, s: StepCacheSettings, height: int, width: int):
+        """``(Tea polynomial, Mag ratios)`` of a run at ``height x width`` pixels: the settings', else the published."""
+        from ..models.wan import cache_hooks
+
+        c, fam = self.dit.config, self.family
+        coeffs = ratios = None
+        if s.method == "Tea":
+            coeffs = s.coefficients or cache_hooks.published_coefficients(c, fam, height, width, s.use_ret_steps)
+            if not coeffs:
+                raise ConfigError("coefficients", f"Tea needs the TeaCache polynomial of this model: none is published "
+                                                  f"for a {fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
+                                                  f"{c.num_layers} layers (published: Wan2.1 T2V 1.3B / 14B, I2V 14B "
+                                                  "480p / 720p); give coefficients as [[retention-steps polynomial], "
+                                                  "[plain polynomial]], highest power first")
+        if s.method == "Mag":
+            ratios = s.magcache_ratios or cache_hooks.published_mag_ratios(c, fam, height, width)
+            if not ratios:
+                raise ConfigError("magcache_ratios", f"Mag needs calibrated magnitude ratios: none are published for a "
+                                                     f"{fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
+                                                     f"{c.num_layers} layers (published: Wan2.1 T2V 1.3B / 14B, I2V "
+                                                     "14B 480p / 720p); give magcache_ratios as [[cond per step], "
+                                                     "[uncond per step]]")
+        return coeffs, ratios
+
+    def _start_cache(self, enc: EncodedRequest, steps: int) -> None:
+        self._cache_records = None
+        s = self.cache_settings
+        if not s.active:
+            self._cache = None
+            return
+        from ..models.wan.sites import VAE_STRIDE
+
+        coeffs, ratios = self._constants(s, enc.latent_shape[2] * VAE_STRIDE[1], enc.latent_shape[3] * VAE_STRIDE[2])
+        self._cache = StepCache(s, steps, coefficients=coeffs, mag_ratios=ratios, reduce=sp_sum(self.mesh))
+
+    def _finish_cache(self, enc: EncodedRequest) -> None:
+        """Both branches' decisions on every rank: under cfg-parallel each cfg rank ran one, so gather them."""
+        cache = self._cache
+        if cache is None:
+            return
+        branches = [COND, UNCOND] if enc.enable_cfg else [COND]
+        if enc.enable_cfg and self.mesh.cfg_size == 2:
+            mine = torch.tensor(cache.decisions(cfg_branch(self.mesh)), dtype=torch.int32, device=self.device)
+            cond, uncond = cfg_exchange(mine, self.mesh)
+            self._cache_records = {COND: [bool(v) for v in cond.tolist()], UNCOND: [bool(v) for v in uncond.tolist()]}
+        else:
+            self._cache_records = {b: cache.decisions(b) for b in branches}
+
+    def cache_report(self) -> dict:
+        """The last run's caching: method, settings, computed vs skipped steps per branch (``{"feature_caching":
+        "none"}`` without caching)."""
+        if self._cache is None:
+            return {"feature_caching": "none"}
+        return self._cache.report(self._cache_records)
+
+    def cache_decisions(self) -> dict[str, list[bool]]:
+        """``computed`` per step of each branch in the last run (``{}`` without caching)."""
+        if self._cache is None:
+            return {}
+        records = self._cache_records or {b: self._cache.decisions(b) for b in sorted(self._cache.records)}
+        return {("cond", "uncond")[b]: list(v) for b, v in records.items()}
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, enc: EncodedRequest, step: int | None = None) -> torch.Tensor:
+        """The (guided) velocity at ``x``, ``t`` (denoising step ``step``, for the step cache): float32 like ``x``,
+        identical on every rank."""
+        i, dit = self.denoiser_for(t)
+        cache = self._cache
+
+        def model(x, t, context, clip_fea, y, branch=COND):
+            t = t.expand(x.shape[0])
+            if cache is None:
+                return dit(x, t, context, clip_fea=clip_fea, y=y)
+            return cached_forward(_staged_forward(dit)(x, t, context, clip_fea, y), cache, i, branch, step)
 
         if not enc.enable_cfg:
             return model(x, t, enc.context, enc.clip_fea, enc.y)
         mesh = self.mesh
-        if mesh.cfg_size == 1 and not self.cfg_batch:
+        if cache is not None or (mesh.cfg_size == 1 and not self.cfg_batch):  # one branch per call (per cfg rank)
             cond = dict(x=x, t=t, context=enc.context, clip_fea=enc.clip_fea, y=enc.y)
-            cond_v, uncond_v = cfg_predict(model, cond, {**cond, "context": enc.context_null}, mesh)
+            cond_v, uncond_v = cfg_predict(model, cond, {**cond, "context": enc.context_null, "branch": UNCOND}, mesh)
         else:  # batch of 2 (cfg_size 1) or this rank's branch (cfg_size 2)
 
             def sel(a):
@@ -152,11 +267,14 @@ class ModelRunner:
         enc = enc.to(device)
         x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
         sampler = self.sampler(enc)
+        self._start_cache(enc, len(sampler))
         for i, t in enumerate(sampler.timesteps):
             for dit in self.denoisers:
                 dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
-            v = self.predict(x, t.reshape(1).to(device), enc)
+            v = self.predict(x, t.reshape(1).to(device), enc, step=i)
             x = sampler.step(v.float(), x)
+            if i == len(sampler) - 1:
+                self._finish_cache(enc)
             yield i, len(sampler), x
 
     @torch.inference_mode()

@@ -215,6 +215,9 @@ class Worker:
             self.runner = self.pipe.runner
         else:
             self.runner = load_runner(self.cfg, **kw)
+        from ..models.step_cache import StepCacheSettings
+
+        self.runner.set_step_cache(StepCacheSettings.from_config(self.cfg))  # feature_caching (none: off)
         self.sparge = sparge_state
         self.sparge_sha256 = sparge_checksum(sparge_state)
         bound = [dit.policy.describe() for dit in self.runner.denoisers if dit.policy is not None and dit.policy.kind == "sparge"]
@@ -268,6 +271,8 @@ class Worker:
         timings["denoise_s"] = time.perf_counter() - t
         timings["denoise_step_s"] = timings["denoise_s"] / max(1, enc.steps)
         report = self.pipe.report(self._req, enc, timings, None, 0) if self._req is not None else {}
+        if self._req is not None:
+            report["step_cache"] = self.runner.cache_report()  # computed vs skipped steps per CFG branch
         yield "result", {"latents": latents, "timings": timings, "report": report}
 
     @_portable
