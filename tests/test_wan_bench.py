@@ -103,3 +103,31 @@ def test_bench_dit_attn_types_errors(tmp_path):
         dit.main(parse("--tiny", "--device", "cpu", "--attn-types", "torch_sdpa", "--cross-kernel", "radial_flex"))
     with pytest.raises(UserError, match="--cross-kernel sdpa_cudnn cannot run here"):
         dit.main(parse("--tiny", "--device", "cpu", "--attn-types", "torch_sdpa", "--cross-kernel", "sdpa_cudnn"))
+
+
+def test_bench_dit_tiny_cpu_quant(tmp_path):
+    """``--quant none,fp8`` on CPU (torch's CPU _scaled_mm): both rows, the fp8 row compared with the bf16 one."""
+    pytest.importorskip("torchao")
+    out = tmp_path / "dit.json"
+    args = parse("--tiny", "--device", "cpu", "--quant", "none,fp8-vllm", "--iters", "1", "--block-iters", "1",
+                 "--block-warmup", "0", "--warmup", "0", "--out", str(out))
+    assert dit.main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["quant"] == ["none", "fp8-vllm"] and data["complete"]
+    base, q = data["results"]
+    assert base["label"] == "sdpa_cpu_flash" and base["quant"] is None and "cosine" not in base
+    assert q["label"] == "sdpa_cpu_flash+fp8-vllm" and q["quant"] == "fp8-vllm" and q["status"] == "ok"
+    assert 0.99 < q["cosine"] <= 1.0 and 0 < q["rel_l2"] < 0.1
+    rep = data["quant_report"]
+    assert rep["scheme"] == "fp8" and rep["linears"] == 2 * 10 and rep["modules"]["blocks.*.ffn.2"] == 2
+    assert data["config"]["weights_gib_quantised"] < data["config"]["weights_gib"]
+    s = data["summary"]["quant"]["sdpa_cpu_flash+fp8-vllm"]
+    assert s["block_linears_speedup"] > 0 and s["cosine"] == q["cosine"]
+
+
+def test_bench_dit_quant_errors():
+    for bad in ("int8", "fp8,none", "none,none", "none,fp8,fp8-sgl", ""):
+        with pytest.raises(UserError, match="--quant"):
+            dit.main(parse("--tiny", "--device", "cpu", "--quant", bad))
+    with pytest.raises(UserError, match="--diffusers runs on the unquantised weights"):
+        dit.main(parse("--tiny", "--device", "cpu", "--quant", "none,fp8", "--diffusers"))

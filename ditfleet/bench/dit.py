@@ -23,6 +23,16 @@ For each configuration it measures:
 * ``block_ms``: one whole block (``WanBlock.forward``, folding in the previous block's FFN residual);
 * ``forward``: the full DiT forward (embeddings, all blocks, head, unpatchify), with its peak memory.
 
+With ``--quant none,fp8`` (``dit_quantized``'s schemes, :mod:`ditfleet.models.quant`) every configuration
+runs once per entry, in order, on the same model and inputs: ``none`` (the compute dtype) first, then the
+model's declared linears are quantised in place (their bf16 weights freed: the fp8 rows' peak memory is
+the quantised model's) and every configuration runs again, labelled ``<label>+fp8``. A quantised record
+has the ``cosine`` and ``rel_l2`` of its DiT output against the unquantised record of the same
+configuration (same random weights and inputs), and ``summary.quant`` the speed-ups of the linears, the
+block and the forward. Its ``block_linears`` feeds q / k / v, cross q and the first FFN linear one
+pre-quantised input (the norm before them emits it in the forward); o and cross o quantise their input
+inside, and the FFN runs its fused GELU + quantisation (the bf16 record's FFN has no GELU).
+
 With ``--diffusers``, Diffusers' ``WanTransformer3DModel`` with the same config runs in the same
 process, on the *same weights* (its parameters are ours, renamed; the few it keeps in another
 dtype are cast copies), under ``sdpa_kernel(CUDNN_ATTENTION)`` (``--diffusers-kernel``): block and
@@ -96,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run Diffusers' WanTransformer3DModel (same config and weights) for comparison")
     parser.add_argument("--diffusers-kernel", choices=("cudnn", "flash", "efficient", "default"), default="cudnn",
                         help="torch SDPA backend Diffusers runs with (default: %(default)s)")
+    parser.add_argument("--quant", default="none", metavar="LIST",
+                        help="comma-separated: none and / or a dit_quant_scheme (fp8, fp8-vllm, ...); each configuration "
+                             "runs once per entry, none first (default: %(default)s)")
     parser.add_argument("--eager", action="store_true", help="run the fused elementwise ops eagerly (no torch.compile)")
     parser.add_argument("--tiny", action="store_true", help="tiny config and video (CPU smoke test)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: %(default)s)")
@@ -164,15 +177,53 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _weight_gib(model) -> float:
+    """GiB of the model's parameters and buffers (a quantised linear's fp8 weight and scales are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / GIB
+
+
 def _peak(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
+def parse_quant(text: str) -> list[str]:
+    """``--quant``: ``none`` and / or schemes of :data:`ditfleet.models.quant.SCHEMES`, ``none`` first, no repeats."""
+    from ..models.quant import SCHEMES
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t != "none" and t not in SCHEMES]
+    if not items or bad:
+        raise UserError(f"--quant: {', '.join(bad) or repr(text)} is not none or a scheme; valid: none, {', '.join(SCHEMES)}")
+    if len(set(items)) != len(items) or ("none" in items and items[0] != "none") or len(items) > 2:
+        raise UserError(f"--quant {text}: at most none and one scheme, none first (the model is quantised in place)")
+    return items
+
+
 # ---- measurements -----------------------------------------------------------------------------------
 def block_linears(block, h: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None):
-    """A callable running exactly the block's linear layers on inputs of the block's shapes."""
+    """A callable running exactly the block's linear layers on inputs of the block's shapes.
+
+    Quantised linears (``takes_fp8``): q / k / v, cross q and the first FFN linear take one input quantised
+    here, untimed (in the forward, the norm before them emits it in its own pass); o and cross o quantise
+    their input inside (as on the attention output); the FFN runs its fused GELU + quantisation in between.
+    """
     sa, ca = block.self_attn, block.cross_attn
-    fc1, fc2 = block.ffn[0], block.ffn[2]
+    fc1, act, fc2 = block.ffn
+    if getattr(sa.q, "takes_fp8", False):
+        from ..models.wan.ops import quant_rows_op
+
+        hq = quant_rows_op(h)
+
+        def run_quantised():
+            for lin in (sa.q, sa.k, sa.v, ca.q):
+                lin(hq)
+            sa.o(h), ca.o(h)
+            ca.k(ctx), ca.v(ctx)
+            if ctx_img is not None:
+                ca.k_img(ctx_img), ca.v_img(ctx_img)
+            fc2(act(fc1(hq)))
+
+        return run_quantised
 
     def run():
         for lin in (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o):
@@ -210,8 +261,9 @@ def linear_flops(cfg, tokens: int) -> float:
     return 2.0 * (tokens * (6 * c * c + 2 * c * cfg.ffn_dim) + n_ctx * 2 * c * c)
 
 
-def bench_ours(model, inputs: dict, args, device) -> dict:
-    """Attention alone, block linears alone, one block, and (unless ``--skip-forward``) the full forward."""
+def bench_ours(model, inputs: dict, args, device, keep_output: dict | None = None) -> dict:
+    """Attention alone, block linears alone, one block, and (unless ``--skip-forward``) the full forward;
+    ``keep_output`` (a dict) receives the last timed forward's output as ``"out"``."""
     timer = _timer(device)
     cfg = model.config
     rec: dict = {}
@@ -239,7 +291,11 @@ def bench_ours(model, inputs: dict, args, device) -> dict:
         del step, x, carry
         if not args.skip_forward:
             _reset_peak(device)
-            rec["forward"] = timer(lambda: model(**inputs), warmup=args.warmup, iters=args.iters)
+            if keep_output is None:
+                rec["forward"] = timer(lambda: model(**inputs), warmup=args.warmup, iters=args.iters)
+            else:  # the previous output stays alive during a call: one output more in the peak, both precisions
+                rec["forward"] = timer(lambda: keep_output.__setitem__("out", model(**inputs)), warmup=args.warmup,
+                                       iters=args.iters)
             rec["forward"]["peak_mem_gib"] = _peak(device)
     rec["attention_ms"] = rec["attention"]["median_ms"]
     rec["block_linears_ms"] = rec["block_linears"]["median_ms"]
@@ -471,8 +527,27 @@ def forward_reference(ok: list[dict]) -> dict:
     return ok[0]
 
 
+def quant_summary(results: dict[str, dict]) -> dict:
+    """Per quantised record: its speed-ups over the same configuration unquantised (linears, block, forward),
+    output cosine / rel L2 and both peak memories."""
+    out = {}
+    for r in results.values():
+        base = results.get(r.get("base_label") or "")
+        if r.get("quant") is None or r["status"] != "ok" or base is None or base["status"] != "ok":
+            continue
+        s = {f"{k}_speedup": base[f"{k}_ms"] / r[f"{k}_ms"] for k in ("block_linears", "block")}
+        if "forward_s" in r and "forward_s" in base:
+            s.update(forward_speedup=base["forward_s"] / r["forward_s"], forward_s=r["forward_s"],
+                     forward_s_unquantised=base["forward_s"])
+        s.update({k: r[k] for k in ("cosine", "rel_l2") if k in r})
+        s.update(peak_mem_gib=r.get("peak_mem_gib"), peak_mem_gib_unquantised=base.get("peak_mem_gib"))
+        out[r["label"]] = s
+    return out
+
+
 def summarize(results: dict[str, dict], diff: dict | None) -> dict:
-    """Fastest forward, each forward over the reference's (:func:`forward_reference`), Diffusers' speed-ups."""
+    """Fastest forward, each forward over the reference's (:func:`forward_reference`), Diffusers' speed-ups,
+    and the quantised records against the unquantised ones (:func:`quant_summary`)."""
     ok = [r for r in results.values() if r["status"] == "ok" and "forward_s" in r]
     if not ok:
         return {}
@@ -484,6 +559,9 @@ def summarize(results: dict[str, dict], diff: dict | None) -> dict:
     if diff and diff.get("forward_s"):
         summary["diffusers_forward_s"] = diff["forward_s"]
         summary["speedup_vs_diffusers"] = {r["label"]: diff["forward_s"] / r["forward_s"] for r in ok}
+    quant = quant_summary(results)
+    if quant:
+        summary["quant"] = quant
     return summary
 
 
@@ -499,6 +577,8 @@ def _fmt_row(name: str, r: dict) -> str:
         parts.append(f"forward {r['forward_s']:7.3f} s")
     if r.get("peak_mem_gib") is not None:
         parts.append(f"peak {r['peak_mem_gib']:.1f} GiB")
+    if "cosine" in r:
+        parts.append(f"cos {r['cosine']:.5f} rel L2 {r['rel_l2']:.2e}")
     return "  ".join(parts)
 
 
@@ -512,8 +592,16 @@ def main(args: argparse.Namespace) -> int:
     for name in ("iters", "block_iters"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    quants = parse_quant(args.quant)
+    schemes = [q for q in quants if q != "none"]
+    if schemes and args.diffusers:
+        raise UserError("--diffusers runs on the unquantised weights; run it without a --quant scheme")
     device = _device(args)
     dtype = DTYPES[args.dtype]
+    if schemes and device.type == "cuda":
+        from ..models.quant import check_quant_runtime
+
+        check_quant_runtime(device, dtype)  # refused here, before the model is built (ConfigError: dit_quantized)
     cfg = model_config(args)
     shape = TINY_SHAPE if args.tiny else FULL_SHAPE
     frames, height, width = (v if v is not None else d for v, d in zip((args.frames, args.height, args.width), shape))
@@ -545,7 +633,7 @@ def main(args: argparse.Namespace) -> int:
     radial = RadialAttnSetting(decay_factor=args.radial_decay, block_size=args.radial_block_size,
                                dense_timesteps=0, dense_layers=0)
     model.set_step(radial.dense_timesteps)
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    weights_gib = _weight_gib(model)
     inputs = make_inputs(cfg, lat, device, dtype, args.seed)
 
     payload_head = {
@@ -557,6 +645,9 @@ def main(args: argparse.Namespace) -> int:
             "dtype": args.dtype, "device": str(device), "weights": "random N(0, 0.02), built on the device",
             "weights_gib": weights_gib, "fused_ops": fused_mode() if device.type == "cuda" else "eager",
             "kernels": keys, "attn_types": [r.attn_type for r in runs if r.attn_type is not None],
+            "quant": quants,
+            "quant_note": ("fp8 rows: the declared linears quantised in place after the unquantised rows (weights "
+                           "from the same random bf16 values); CPU: torch._scaled_mm's CPU kernel") if schemes else None,
             "sites": ("--kernels: every attention site runs the kernel under test; --attn-types: the type at "
                       "self_attn_1_type (resolved by the registry), cross-attention on cross_kernel"),
             "cross_kernel": cross[0] if cross else None, "cross_kernel_why": cross[1] if cross else None,
@@ -572,30 +663,57 @@ def main(args: argparse.Namespace) -> int:
     }
     results: dict[str, dict] = {}
     reference: tuple[str, torch.Tensor] | None = None  # (kernel, our output) to compare Diffusers with
-    for run in runs:
-        rec: dict = {"label": run.label, "kernel": run.kernel, "description": run.description,
-                     "attn_type": run.attn_type}
-        if run.resolution is not None:
-            rec.update(resolution=run.resolution, fallback=run.resolution["fallback"])
-        try:
-            attention = run.attention(sites)
-            rec["site_kernels"] = {s: b.key for s, b in attention.items()}
-            model.set_attention(attention)
-            rec.update(bind_self_attention(model, args, radial))
-            rec.update(bench_ours(model, inputs, args, device))
-            rec["status"] = "ok"
-            if (args.diffusers and not args.skip_forward and run.attn_type in EXACT_TYPES
-                    and (reference is None or run.kernel == "sdpa_cudnn")):
-                with torch.inference_mode():
-                    reference = (run.kernel, model(**inputs).float())
-        except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the others
-            rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
-        results[run.label] = rec
-        print("[bench dit] " + _fmt_row(f"ditfleet/{run.label}", rec), flush=True)
-        # what ran so far, in case the process is stopped (a device time limit); "complete" stays false
-        write_json(out_path, {**payload_head, "results": list(results.values()), "diffusers": None,
-                              "summary": summarize(results, None), "complete": False})
-        _reset_peak(device)
+    outputs: dict[str, torch.Tensor] = {}  # unquantised output per configuration, for the quantised rows
+    compare = "none" in quants and bool(schemes) and not args.skip_forward
+    for quant in quants:
+        if quant != "none":
+            from ..models.quant import quantize_model_
+
+            try:
+                payload_head["quant_report"] = quantize_model_(model, quant, check_device=device.type == "cuda")
+            except UserError as e:
+                print(f"[bench dit] --quant {quant}: refused ({e})", flush=True)
+                results[quant] = {"label": quant, "quant": quant, "status": "error", "error": str(e)}
+                break
+            payload_head["config"]["weights_gib_quantised"] = _weight_gib(model)
+            print(f"[bench dit] {quant}: {payload_head['quant_report']['linears']} linears quantised "
+                  f"({', '.join(payload_head['quant_report']['modules'])}); weights "
+                  f"{payload_head['config']['weights_gib_quantised']:.1f} GiB", flush=True)
+        for run in runs:
+            label = run.label if quant == "none" else f"{run.label}+{quant}"
+            rec: dict = {"label": label, "kernel": run.kernel, "description": run.description,
+                         "attn_type": run.attn_type, "quant": None if quant == "none" else quant,
+                         "base_label": None if quant == "none" else run.label}
+            if run.resolution is not None:
+                rec.update(resolution=run.resolution, fallback=run.resolution["fallback"])
+            try:
+                attention = run.attention(sites)
+                rec["site_kernels"] = {s: b.key for s, b in attention.items()}
+                model.set_attention(attention)
+                rec.update(bind_self_attention(model, args, radial))
+                kept: dict | None = {} if compare else None
+                rec.update(bench_ours(model, inputs, args, device, keep_output=kept))
+                rec["status"] = "ok"
+                if kept and quant == "none":
+                    outputs[run.label] = kept["out"].float()
+                elif kept and run.label in outputs:
+                    out, ref = kept["out"].float(), outputs[run.label]
+                    rec["cosine"] = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+                    rec["rel_l2"] = rel_l2(out, ref)
+                del kept
+                if (args.diffusers and not args.skip_forward and run.attn_type in EXACT_TYPES
+                        and (reference is None or run.kernel == "sdpa_cudnn")):
+                    with torch.inference_mode():
+                        reference = (run.kernel, model(**inputs).float())
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the others
+                rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            results[label] = rec
+            print("[bench dit] " + _fmt_row(f"ditfleet/{label}", rec), flush=True)
+            # what ran so far, in case the process is stopped (a device time limit); "complete" stays false
+            write_json(out_path, {**payload_head, "results": list(results.values()), "diffusers": None,
+                                  "summary": summarize(results, None), "complete": False})
+            _reset_peak(device)
+    del outputs
 
     diff: dict | None = None
     if args.diffusers:
@@ -620,6 +738,13 @@ def main(args: argparse.Namespace) -> int:
     summary = summarize(results, diff)
     write_json(out_path, {**payload_head, "results": list(results.values()), "diffusers": diff, "summary": summary,
                           "complete": True})
+    for label, q in (summary.get("quant") or {}).items():
+        print(f"[bench dit] {label} vs unquantised: linears {q['block_linears_speedup']:.2f}x, block "
+              f"{q['block_speedup']:.2f}x" + (f", forward {q['forward_speedup']:.2f}x ({q['forward_s']:.3f} s)"
+                                               if "forward_speedup" in q else "")
+              + (f", cos {q['cosine']:.5f}, rel L2 {q['rel_l2']:.2e}" if "cosine" in q else "")
+              + (f", peak {q['peak_mem_gib']:.1f} vs {q['peak_mem_gib_unquantised']:.1f} GiB"
+                 if q.get("peak_mem_gib") is not None and q.get("peak_mem_gib_unquantised") is not None else ""))
     if summary:
         print(f"[bench dit] forward time / {summary['forward_reference']}'s: " +
               ", ".join(f"{k} {v:.3f}x" for k, v in summary["forward_vs_reference"].items()))

@@ -205,7 +205,7 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
               files: bool = True) -> dict:
     """Every check a run makes before it loads anything; raises the first :class:`~ditfleet.errors.UserError`.
 
-    The model folder's layout and task, the sparge checkpoint (loaded and validated against the model),
+    The quantised linears (``dit_quantized``: device, FP8 support, torchao, dtype), the model folder's layout and task, the sparge checkpoint (loaded and validated against the model),
     the I2V image (readable), the request's fields and size (RoPE range, memory estimate on ``device``),
     and the attention kernels of each site (``cfg.resolve_attention``).
 
@@ -223,6 +223,7 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
     from .sparge_weights import load_for_run
 
     device = device or cfg.torch_device()
+    check_quant(cfg, device)
     geom = model_geometry(cfg) if require_model else driver_geometry(cfg)
     est = None
     if request is not None and geom is not None:
@@ -232,6 +233,22 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
     _, sparge = load_for_run(cfg) if files else (None, {})
     attention = cfg.resolve_attention(device)
     return {"geometry": geom, "estimate": est, "attention": attention, "sparge": sparge}
+
+
+def check_quant(cfg, device: torch.device) -> None:
+    """Refuse a ``dit_quantized`` run this machine cannot run quantised, before anything loads: no CUDA device,
+    a GPU below sm89 (no FP8 tensor cores), torchao missing, a dtype other than bf16 (one ConfigError naming
+    ``dit_quantized``: :func:`ditfleet.models.quant.check_quant_runtime`). A Ray driver that sees no GPU leaves
+    it to the workers, whose load runs the same check."""
+    if not getattr(cfg, "dit_quantized", False):
+        return
+    from ..models.quant import canonical_scheme, check_quant_runtime
+
+    canonical_scheme(cfg.dit_quant_scheme)
+    if cfg.launcher == "ray" and not torch.cuda.is_available():
+        log.info("dit_quantized: this Ray driver sees no GPU; the workers check FP8 support when they load")
+        return
+    check_quant_runtime(device, cfg.torch_dtype)
 
 
 def check_request(req, geom: ModelGeometry, cfg, *, device: torch.device | None, files: bool = True,
@@ -253,4 +270,4 @@ def check_request(req, geom: ModelGeometry, cfg, *, device: torch.device | None,
     return est
 
 
-__all__ = ["ModelGeometry", "check_request", "check_size", "device_memory", "estimate_bytes", "model_geometry", "preflight"]
+__all__ = ["ModelGeometry", "check_quant", "check_request", "check_size", "device_memory", "estimate_bytes", "model_geometry", "preflight"]

@@ -27,6 +27,10 @@ class Denoisers:
         names: one name per expert (for logs and reports: ``"transformer"``, ``"transformer_2"``).
         boundary: with two experts, the fraction of :data:`NUM_TRAIN_TIMESTEPS` at and above which the first
             (high-noise) expert runs -- Diffusers' ``boundary_ratio`` (``t >= boundary * 1000``); ``None`` with one.
+        sources: the folder each expert was loaded from.
+        loras: the LoRAs merged into the experts (file, sha256, strength, matched modules).
+        quant: the quantised linears (``dit_quantized``: scheme, formats, GEMM, which modules;
+            :func:`ditfleet.models.quant.quantize_denoisers_`), ``None`` when every linear runs in the compute dtype.
     """
 
     experts: list
@@ -34,6 +38,7 @@ class Denoisers:
     boundary: float | None = None
     sources: list[str] = field(default_factory=list)
     loras: list[dict] = field(default_factory=list)
+    quant: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.experts or len(self.experts) != len(self.names):
@@ -62,7 +67,7 @@ class Denoisers:
 
     def describe(self) -> dict:
         return {"experts": list(self.names), "boundary": self.boundary, "sources": list(self.sources),
-                "loras": list(self.loras)}
+                "loras": list(self.loras), "quant": self.quant}
 
 
 class ModelSpec:

@@ -52,6 +52,18 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
 
 
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a block linear computes in: its weight's, or a quantised linear's output dtype (``out_dtype``)."""
+    out = getattr(layer, "out_dtype", None)
+    return out if out is not None else layer.weight.dtype
+
+
+def _input_dtype(dtype: torch.dtype, *layers: nn.Module) -> torch.dtype:
+    """What the norm before ``layers`` emits: ``ops.FP8`` (quantised per token in the norm's pass) when every one
+    of them takes quantised rows (``takes_fp8``: :class:`~ditfleet.models.quant.Fp8Linear`), else ``dtype``."""
+    return ops.FP8 if all(getattr(m, "takes_fp8", False) for m in layers) else dtype
+
+
 @dataclass(frozen=True)
 class _Attend:
     """What one forward's blocks attend with: the self-attention callable and the cross kernels."""
@@ -72,13 +84,15 @@ class WanSelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps) if qk_norm else None
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Callable) -> torch.Tensor:
-        """``h`` ``[B, S, C]`` model dtype; ``rope`` float32 cos / sin ``[S, D/2]``; returns ``[B, S, C]``."""
+        """``h`` ``[B, S, C]`` model dtype (or ``ops.Fp8Rows`` for quantised projections); ``rope`` float32 cos / sin
+        ``[S, D/2]``; returns ``[B, S, C]`` model dtype."""
         b, s, c = h.shape
         cos, sin = rope
         wq = None if self.norm_q is None else self.norm_q.weight
         wk = None if self.norm_k is None else self.norm_k.weight
-        q = ops.norm_rope(self.q(h), wq, self.eps, cos, sin, self.num_heads, h.dtype)
-        k = ops.norm_rope(self.k(h), wk, self.eps, cos, sin, self.num_heads, h.dtype)
+        q, k = self.q(h), self.k(h)
+        q = ops.norm_rope(q, wq, self.eps, cos, sin, self.num_heads, q.dtype)
+        k = ops.norm_rope(k, wk, self.eps, cos, sin, self.num_heads, k.dtype)
         v = self.v(h).view(b, s, self.num_heads, self.head_dim)
         return self.o(attend(q, k, v).reshape(b, s, c))
 
@@ -107,9 +121,11 @@ class WanCrossAttention(nn.Module):
         return key.view(b, n, self.num_heads, self.head_dim), v(ctx).view(b, n, self.num_heads, self.head_dim)
 
     def forward(self, h: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None, attend: _Attend) -> torch.Tensor:
-        """``h`` ``[B, S, C]``, ``ctx`` ``[B, L, C]``, ``ctx_img`` ``[B, 257, C]`` or None; all model dtype."""
+        """``h`` ``[B, S, C]`` (or ``ops.Fp8Rows`` for a quantised ``q``), ``ctx`` ``[B, L, C]``, ``ctx_img``
+        ``[B, 257, C]`` or None; all model dtype."""
         b, s, c = h.shape
-        q = ops.rms_norm(self.q(h), None if self.norm_q is None else self.norm_q.weight, self.eps, h.dtype)
+        q = self.q(h)
+        q = ops.rms_norm(q, None if self.norm_q is None else self.norm_q.weight, self.eps, q.dtype)
         q = q.view(b, s, self.num_heads, self.head_dim)
         k, v = self._kv(ctx, self.k, self.v, self.norm_k)
         out = attend.text(q, k, v)[0]
@@ -162,23 +178,26 @@ class WanBlock(nn.Module):
         Returns:
             ``(x, carry)``: float32 ``[B, S, C]`` stream before this block's FFN residual, and that residual.
         """
-        dtype = self.ffn[0].weight.dtype
+        dtype = _compute_dtype(self.ffn[0])
+        sa, ca = self.self_attn, self.cross_attn  # quantised linears: the norm before them quantises in its pass
+        self_in, cross_in = _input_dtype(dtype, sa.q, sa.k, sa.v), _input_dtype(dtype, ca.q)
+        ffn_in = _input_dtype(dtype, self.ffn[0])
         if e0.dim() == 3:  # one timestep per sample: [B, 6, 1, C] -> six [B, 1, C]
             mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
         else:  # per token: [1, 1, 6, C] + [B, S, 6, C] -> six [B, S, C]
             mod = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
         shift1, scale1, gate1, shift2, scale2, gate2 = (m.contiguous() for m in mod)
         if carry is None:
-            h = ops.modulated_norm(x, shift1, scale1, self.eps, dtype)
+            h = ops.modulated_norm(x, shift1, scale1, self.eps, self_in)
         else:
-            x, h = ops.residual_modulated_norm(x, carry[0], carry[1], shift1, scale1, self.eps, dtype)
+            x, h = ops.residual_modulated_norm(x, carry[0], carry[1], shift1, scale1, self.eps, self_in)
         y = self.self_attn(h, rope, attend.self_attention)
         n3 = self.norm3
         x, h = ops.gated_residual_norm(
-            x, y, gate1, None if n3 is None else n3.weight, None if n3 is None else n3.bias, self.eps, dtype
+            x, y, gate1, None if n3 is None else n3.weight, None if n3 is None else n3.bias, self.eps, cross_in
         )
         y = self.cross_attn(h, ctx, ctx_img, attend)
-        x, h = ops.residual_modulated_norm(x, y, None, shift2, scale2, self.eps, dtype)
+        x, h = ops.residual_modulated_norm(x, y, None, shift2, scale2, self.eps, ffn_in)
         return x, (self.ffn(h), gate2)
 
 
@@ -259,6 +278,14 @@ class WanDiT(nn.Module):
             "gather head output (dim 1) before unpatchify",
         optional={"timesteps": 1},
     )
+    #: The linears ``dit_quantized`` runs in FP8 (:mod:`ditfleet.models.quant`): every block's attention
+    #: projections, cross-attention (text and image) and FFN; the patch / text / time / image embeddings, the
+    #: modulation, the norms and the head stay in the compute dtype.
+    quant_linears = (
+        "blocks.*.self_attn.q", "blocks.*.self_attn.k", "blocks.*.self_attn.v", "blocks.*.self_attn.o",
+        "blocks.*.cross_attn.q", "blocks.*.cross_attn.k", "blocks.*.cross_attn.v", "blocks.*.cross_attn.o",
+        "blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img", "blocks.*.ffn.0", "blocks.*.ffn.2",
+    )
 
     def __init__(self, config: WanDiTConfig, attention: Mapping[str, object] | None = None):
         super().__init__()
@@ -336,7 +363,7 @@ class WanDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype of the matmuls and attention."""
-        return self.blocks[0].ffn[0].weight.dtype if len(self.blocks) else self.patch_embedding.weight.dtype
+        return _compute_dtype(self.blocks[0].ffn[0]) if len(self.blocks) else self.patch_embedding.weight.dtype
 
     @property
     def device(self) -> torch.device:

@@ -9,12 +9,20 @@ is the definition: compiled and eager results agree to float rounding.
 
 Dtypes follow the official model: the residual stream ``x`` and the modulation are float32,
 norms compute in float32, and every op that feeds a matmul returns the model dtype.
+
+Quantised linears (``dit_quantized``, :mod:`ditfleet.models.quant`): an op that feeds a matmul, given
+``dtype=torch.float8_e4m3fn`` (:data:`FP8`), returns its output quantised per token instead
+(:class:`Fp8Rows`: e4m3 values and one float32 scale per row, :func:`quant_rows`), computed from the
+float32 value in the same pass -- the activation quantisation fused into the norm / modulation that
+precedes the linear; :func:`quant_rows_op` and :func:`gelu_quant` are the passes for the linears whose
+input comes from elsewhere (attention output, the FFN's GELU).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +79,57 @@ def fused_mode() -> str:
     return "torch.compile" if compile_enabled() else "eager"
 
 
+#: The float8 format of quantised activations and weights (e4m3: 3 mantissa bits, finite max 448).
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+#: Smallest row amax a scale is computed from (an all-zero row gets scale 1e-12 / 448, its values stay 0).
+AMAX_EPS = 1e-12
+
+
+class Fp8Rows(NamedTuple):
+    """A tensor quantised per row (per token / per output channel): ``value ~= data * scale``.
+
+    Attributes:
+        data: ``float8_e4m3fn`` ``[..., K]``.
+        scale: float32 ``[..., 1]``, one per row: the row's amax / 448.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the quantised tensor (``data``'s)."""
+        return self.data.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``data * scale`` in ``dtype`` (tests, debugging)."""
+        return (self.data.float() * self.scale).to(dtype)
+
+
+def quant_rows(h: torch.Tensor) -> Fp8Rows:
+    """Symmetric e4m3 quantisation with one scale per row of the last dim (the definition, eager).
+
+    ``scale = max(amax(|row|), AMAX_EPS) / 448``; ``data = clamp(row / scale, -448, 448)`` rounded to
+    nearest (even) e4m3. The clamp only catches rounding at the row's maximum (and makes the cast saturate
+    on torch versions whose eager cast does not).
+
+    Args:
+        h: ``[..., K]`` any float dtype (computed in float32).
+
+    Returns:
+        :class:`Fp8Rows` with ``data`` ``[..., K]`` e4m3, ``scale`` float32 ``[..., 1]``.
+    """
+    hf = h.float()
+    scale = hf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_EPS) / FP8_MAX
+    return Fp8Rows((hf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
+
+
+def _emit(h: torch.Tensor, dtype: torch.dtype):
+    """``h`` (float32) as an op's matmul-bound output: cast to ``dtype``, or quantised per row when ``dtype`` is FP8."""
+    return quant_rows(h) if dtype == FP8 else h.to(dtype)
+
+
 @fused_op
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` (parameter-free LayerNorm, float32), cast to ``dtype``.
@@ -79,13 +138,13 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
         x: float32 ``[B, S, C]`` residual stream.
         shift, scale: float32 ``[B, 1, C]``.
         eps: LayerNorm epsilon.
-        dtype: output dtype (the model dtype).
+        dtype: output dtype (the model dtype), or :data:`FP8` (quantised per token).
 
     Returns:
-        ``[B, S, C]`` in ``dtype``.
+        ``[B, S, C]`` in ``dtype`` (:class:`Fp8Rows` for :data:`FP8`).
     """
     h = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
-    return torch.addcmul(shift, h, 1 + scale).to(dtype)
+    return _emit(torch.addcmul(shift, h, 1 + scale), dtype)
 
 
 @fused_op
@@ -101,16 +160,17 @@ def gated_residual_norm(
         gate: float32 ``[B, 1, C]``.
         weight, bias: affine LayerNorm parameters ``[C]`` (``norm3``), or ``None`` for no norm.
         eps: LayerNorm epsilon.
-        dtype: dtype of the normalised output.
+        dtype: dtype of the normalised output, or :data:`FP8` (quantised per token).
 
     Returns:
-        ``(x', h)``: float32 ``[B, S, C]`` new residual, ``[B, S, C]`` ``dtype`` normalised.
+        ``(x', h)``: float32 ``[B, S, C]`` new residual, ``[B, S, C]`` ``dtype`` normalised (:class:`Fp8Rows`
+        for :data:`FP8`).
     """
     x = torch.addcmul(x, y.float(), gate)
     if weight is None:
-        return x, x.to(dtype)
+        return x, _emit(x, dtype)
     h = F.layer_norm(x, (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
-    return x, h.to(dtype)
+    return x, _emit(h, dtype)
 
 
 @fused_op
@@ -128,13 +188,15 @@ def residual_modulated_norm(
         y: ``[B, S, C]`` any float dtype.
         gate: float32 ``[B, 1, C]`` or ``None``.
         shift, scale: float32 ``[B, 1, C]``.
+        dtype: dtype of the modulated norm, or :data:`FP8` (quantised per token).
 
     Returns:
-        ``(x', h)``: float32 new residual and its modulated norm in ``dtype``, both ``[B, S, C]``.
+        ``(x', h)``: float32 new residual and its modulated norm in ``dtype`` (:class:`Fp8Rows` for
+        :data:`FP8`), both ``[B, S, C]``.
     """
     x = x + y.float() if gate is None else torch.addcmul(x, y.float(), gate)
     h = F.layer_norm(x, (x.shape[-1],), None, None, eps)
-    return x, torch.addcmul(shift, h, 1 + scale).to(dtype)
+    return x, _emit(torch.addcmul(shift, h, 1 + scale), dtype)
 
 
 @fused_op
@@ -179,4 +241,31 @@ def norm_rope(
     return out.view(b, s, heads, c // heads).to(dtype)
 
 
-ALL_OPS = (modulated_norm, gated_residual_norm, residual_modulated_norm, rms_norm, norm_rope)
+@fused_op
+def quant_rows_op(h: torch.Tensor) -> Fp8Rows:
+    """:func:`quant_rows` as one fused pass (the input of a quantised linear that no norm precedes).
+
+    Args:
+        h: ``[..., K]`` any float dtype.
+
+    Returns:
+        :class:`Fp8Rows` ``[..., K]``.
+    """
+    return quant_rows(h)
+
+
+@fused_op
+def gelu_quant(y: torch.Tensor) -> Fp8Rows:
+    """``GELU(y)`` (tanh approximation, float32) quantised per row: the FFN's activation and the second
+    linear's input quantisation in one pass.
+
+    Args:
+        y: ``[..., F]`` the first FFN linear's output, any float dtype.
+
+    Returns:
+        :class:`Fp8Rows` ``[..., F]``.
+    """
+    return quant_rows(F.gelu(y.float(), approximate="tanh"))
+
+
+ALL_OPS = (modulated_norm, gated_residual_norm, residual_modulated_norm, rms_norm, norm_rope, quant_rows_op, gelu_quant)
