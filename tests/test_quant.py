@@ -300,3 +300,12 @@ def test_generate_refuses_before_loading(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "ditfleet: error: dit_quantized: FP8 linears need a CUDA GPU" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "v.npy").exists()
+
+
+def test_scaled_mm_stand_in_equals_torchao():
+    """bench dit's stand-in where torchao does not import: the same torch._scaled_mm call, the same numbers."""
+    g = torch.Generator().manual_seed(5)
+    a, w = ops.quant_rows(torch.randn(33, 64, generator=g)), ops.quant_rows(torch.randn(48, 64, generator=g))
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    args = (a.data, a.scale, w.data.t(), w.scale.reshape(1, -1).contiguous(), torch.bfloat16)
+    assert torch.equal(quant.scaled_mm_gemm(*args, bias=bias), quant.torchao_gemm()(*args, bias=bias))

@@ -598,10 +598,17 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--diffusers runs on the unquantised weights; run it without a --quant scheme")
     device = _device(args)
     dtype = DTYPES[args.dtype]
-    if schemes and device.type == "cuda":
-        from ..models.quant import check_quant_runtime
+    gemm, gemm_note = None, None  # torchao's float8 GEMM; torch._scaled_mm directly (recorded) where it fails to import
+    if schemes:
+        from ..models.quant import check_quant_runtime, scaled_mm_gemm, torchao_gemm
 
-        check_quant_runtime(device, dtype)  # refused here, before the model is built (ConfigError: dit_quantized)
+        if device.type == "cuda":
+            check_quant_runtime(device, dtype, need_torchao=False)  # before the model is built (ConfigError)
+        try:
+            torchao_gemm()
+        except UserError as e:
+            gemm, gemm_note = scaled_mm_gemm, f"torchao unusable here, torch._scaled_mm called directly: {e}"
+            print(f"[bench dit] {gemm_note}", flush=True)
     cfg = model_config(args)
     shape = TINY_SHAPE if args.tiny else FULL_SHAPE
     frames, height, width = (v if v is not None else d for v, d in zip((args.frames, args.height, args.width), shape))
@@ -645,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
             "dtype": args.dtype, "device": str(device), "weights": "random N(0, 0.02), built on the device",
             "weights_gib": weights_gib, "fused_ops": fused_mode() if device.type == "cuda" else "eager",
             "kernels": keys, "attn_types": [r.attn_type for r in runs if r.attn_type is not None],
-            "quant": quants,
+            "quant": quants, "quant_gemm_note": gemm_note,
             "quant_note": ("fp8 rows: the declared linears quantised in place after the unquantised rows (weights "
                            "from the same random bf16 values); CPU: torch._scaled_mm's CPU kernel") if schemes else None,
             "sites": ("--kernels: every attention site runs the kernel under test; --attn-types: the type at "
@@ -670,7 +677,7 @@ def main(args: argparse.Namespace) -> int:
             from ..models.quant import quantize_model_
 
             try:
-                payload_head["quant_report"] = quantize_model_(model, quant, check_device=device.type == "cuda")
+                payload_head["quant_report"] = quantize_model_(model, quant, check_device=False, gemm=gemm)
             except UserError as e:
                 print(f"[bench dit] --quant {quant}: refused ({e})", flush=True)
                 results[quant] = {"label": quant, "quant": quant, "status": "error", "error": str(e)}

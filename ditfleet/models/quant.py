@@ -66,7 +66,18 @@ def torchao_gemm() -> Callable:
                                            f"pip install 'ditfleet[fp8]' or set dit_quantized to false") from None
 
 
-def check_quant_runtime(device: torch.device | str, dtype: torch.dtype) -> None:
+def scaled_mm_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   output_dtype: torch.dtype, bias: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
+    """``torch._scaled_mm`` called as torchao's ``addmm_float8_unwrapped_inference`` calls it (same arguments).
+
+    Only ``bench dit`` uses it, where torchao is installed but does not import on that torch (the run records
+    it); the engine refuses a run without torchao (:func:`check_quant_runtime`).
+    """
+    return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, bias=bias, out_dtype=output_dtype,
+                            use_fast_accum=use_fast_accum)
+
+
+def check_quant_runtime(device: torch.device | str, dtype: torch.dtype, *, need_torchao: bool = True) -> None:
     """Refuse, before loading, a quantised run this process cannot run: the device, its FP8 support, torchao, dtype.
 
     Raises:
@@ -88,7 +99,8 @@ def check_quant_runtime(device: torch.device | str, dtype: torch.dtype) -> None:
         raise ConfigError("dit_quantized", f"FP8 linears compute in bf16 (their output and bias); the run's dtype is "
                                            f"{str(dtype).removeprefix('torch.')}; set dtype to bf16 or dit_quantized "
                                            f"to false")
-    torchao_gemm()
+    if need_torchao:
+        torchao_gemm()
 
 
 class Fp8Linear(nn.Module):
