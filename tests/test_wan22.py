@@ -153,6 +153,42 @@ def test_official_layout_equals_diffusers_layout(folders, tmp_path):
     assert torch.equal(la, lb)
 
 
+def test_official_i2v_layout_equals_diffusers_layout(folders, tmp_path):
+    """Wan2.2 I2V A14B as released: high_noise_model/ + low_noise_model/ in the official layout (config model_type
+    "i2v", no image_dim, official tensor names), no CLIP image branch, no image_encoder/ (and no boundary file:
+    I2V 0.9) -- the same experts, the same latents as the Diffusers layout."""
+    import json
+
+    from PIL import Image
+
+    from ditfleet.models.wan import convert_to_official, find_checkpoint
+
+    folder, _ = folders["i2v"]
+    off = tmp_path / "official"
+    shutil.copytree(folder, off, ignore=shutil.ignore_patterns("transformer", "transformer_2"))
+    for src, dst in (("transformer", "high_noise_model"), ("transformer_2", "low_noise_model")):
+        convert_to_official(folder / src, off / dst)
+        config = json.loads((off / dst / "config.json").read_text())
+        assert config["model_type"] == "i2v" and config["in_dim"] == 36 and "image_dim" not in config
+        assert find_checkpoint(off / dst).layout == "official" and not find_checkpoint(off / dst).config.has_image_branch
+    index = json.loads((off / "model_index.json").read_text())
+    (off / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
+    assert not (off / "image_encoder").exists() and detect(off) == "wan2.2_moe"
+    img = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(img)
+    a, req_a = ours("i2v", folder, image=str(img))
+    b, req_b = ours("i2v", off, image=str(img))
+    assert b.pipeline.image_encoder is None and b.pipeline.runner.denoisers.boundary == 0.9
+    assert b.pipeline.runner.denoisers.names == ["high_noise_model", "low_noise_model"]
+    for x, y in zip(a.pipeline.runner.denoisers, b.pipeline.runner.denoisers):
+        assert x.config == y.config and not y.config.has_image_branch
+        sa, sb = x.state_dict(), y.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    la = a.generate(req_a, decode=False, quiet=True).latents
+    lb = b.generate(req_b.replace(output=req_a.output), decode=False, quiet=True).latents
+    assert torch.equal(la, lb)
+
+
 def test_boundary_override_moves_the_switch(folders):
     folder, _ = folders["t2v"]
     pipe, req = ours("t2v", folder, boundary=0.3)
@@ -207,11 +243,9 @@ def test_ti2v_5b_text_to_video_matches_diffusers(tmp_path):
     from ditfleet.engine.video import read_video
 
     assert read_video(got.output).shape == (FRAMES, h, w, 3) and got.report["model"]["family"] == "wan2.2"
-    # sizes follow the family's multiples (32 here), image-to-video is refused, never run as text-to-video
+    # sizes follow the family's multiples (32 here); image-to-video: tests/test_ti2v.py
     with pytest.raises(UserError, match=r"height: must be a positive multiple of 32, got 48"):
         eng.generate(req.replace(height=48))
-    with pytest.raises(UserError, match=r"^task: Wan2.2 TI2V-5B image-to-video .* needs per-token timesteps"):
-        ours("i2v", folder, sample_guide_scale=5.0)
 
 
 def test_guide_scale_shapes_are_checked(folders, tmp_path):

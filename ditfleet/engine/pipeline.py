@@ -137,7 +137,7 @@ def check_model(cfg, path: str | Path):
     spec = spec or model_spec(cfg, root)
     configs = dit_configs(root, spec)
     for c in configs:
-        _check_task(root, cfg.task, c)
+        _check_task(root, cfg.task, c, first_frame=_first_frame(spec))
     return spec, root, configs
 
 
@@ -148,9 +148,21 @@ def dit_configs(root: Path, spec) -> list:
     return [find_checkpoint(folder).config for _, folder in spec.dit_folders(root)]
 
 
+def _first_frame(spec) -> bool:
+    """The family's image-to-video replaces the first latent frame (Wan2.2 TI2V-5B) instead of adding DiT input channels."""
+    return bool(getattr(spec, "first_frame_i2v", False))
+
+
 def _uses_clip(root: Path, spec) -> bool:
-    """The first denoiser has the CLIP image branch (Wan2.1 I2V; not Wan2.2 A14B I2V), by its config.json."""
+    """The first denoiser has the CLIP image branch (Wan2.1 I2V; not Wan2.2 A14B I2V nor TI2V-5B): by its checkpoint
+    (config and tensor names: an official Wan2.2 I2V config says ``i2v`` as Wan2.1's does), else its config.json."""
+    from ..models.wan import find_checkpoint
+
     (_, folder), *_ = spec.dit_folders(root)
+    try:
+        return find_checkpoint(folder).config.has_image_branch
+    except UserError:
+        pass  # no weights or no readable config: the checks below name the files
     try:
         data = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -288,7 +300,8 @@ class GenerateResult:
         output: the written video (``None`` with ``decode=False``).
         report_path: its JSON report (``None`` with ``decode=False``).
         report: the report's content.
-        latents: float32 ``[1, 16, F', h, w]`` final latents, on the CPU.
+        latents: float32 ``[1, z, F', h, w]`` the sampler's final latents, on the CPU (Wan2.2 TI2V-5B image-to-video:
+            before the first latent frame is replaced by the image's; :meth:`Pipeline.final_latents` gives what is decoded).
         frames: frames written.
     """
 
@@ -345,6 +358,7 @@ class Pipeline:
         self.text_encoder, self.image_encoder, self.vae, self.runner = text_encoder, image_encoder, vae, runner
         self.attention, self.load_timings = attention, load_timings
         self.geometry = None  # the size checks' view of the model (read on the first request)
+        self._condition = None  # the last encode's first-frame condition (TI2V-5B image-to-video), for decoding
 
     @classmethod
     def from_config(cls, cfg, *, mesh=None, device: torch.device | None = None, sparge_state: dict | None = None,
@@ -388,7 +402,7 @@ class Pipeline:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()
         for dit in runner.denoisers:
-            _check_compatible(root, cfg, dit.config, text, image, vae)
+            _check_compatible(root, cfg, dit.config, text, image, vae, first_frame=_first_frame(spec))
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
         from ..attention.registry import log_resolutions
 
@@ -439,8 +453,14 @@ class Pipeline:
                             req.height, req.width / req.height)
             clip_fea = self.image_encoder.encode(img) if self.image_encoder is not None else None  # Wan2.2: no CLIP
             pixels = VideoProcessor(vae_scale_factor=self.vae.scale_s).preprocess(img, height=req.height, width=req.width)
-            y = self.vae.encode_condition(pixels.to(self.vae.device, torch.float32), req.frames)
+            pixels = pixels.to(self.vae.device, torch.float32)
+            first_frame = getattr(self.runner.dit, "image_condition", None)
+            if first_frame is not None:  # TI2V-5B: the image's latent is the first latent frame
+                y = first_frame(self.vae.encode_image(pixels), self.vae.latent_shape(req.frames, req.height, req.width))
+            else:  # mask + latent of [image, 0, 0, ...] as extra DiT input channels
+                y = self.vae.encode_condition(pixels, req.frames)
             timings["encode_image_s"] = time.perf_counter() - t1
+        self._condition = y if getattr(self.runner.dit, "final_latents", None) is not None else None
         return EncodedRequest(
             context=context, context_null=context_null, clip_fea=clip_fea, y=y,
             latent_shape=self.vae.latent_shape(req.frames, req.height, req.width), seed=req.seed, steps=req.steps,
@@ -448,9 +468,18 @@ class Pipeline:
             step_list=req.step_list,
         )
 
+    def final_latents(self, latents: torch.Tensor, enc: EncodedRequest | None = None) -> torch.Tensor:
+        """The latents the VAE decodes: the sampler's ``[1, z, F', h, w]``, with the first latent frame replaced by the
+        image's for Wan2.2 TI2V-5B image-to-video (``enc.y``; ``enc`` None: the last :meth:`encode`'s); else as they are."""
+        final = getattr(self.runner.dit, "final_latents", None)
+        if final is None:
+            return latents
+        return final(latents, enc.y if enc is not None else self._condition)
+
     def decode_stream(self, latents: torch.Tensor):
-        """Decode ``latents`` ``[1, z, F', h, w]`` (any device) frame chunk by frame chunk: uint8 ``[n, H, W, 3]`` each."""
-        yield from self.vae.decode_stream(latents.to(self.vae.device))
+        """Decode the sampler's ``latents`` ``[1, z, F', h, w]`` (any device; :meth:`final_latents` first) frame chunk
+        by frame chunk: uint8 ``[n, H, W, 3]`` each."""
+        yield from self.vae.decode_stream(self.final_latents(latents.to(self.vae.device)))
 
     def report(self, req: GenerateRequest, enc: EncodedRequest, timings: dict, output: Path | None, frames: int) -> dict:
         cfg, par = self.cfg, self.cfg.parallel
@@ -488,11 +517,12 @@ class Pipeline:
         }
 
 
-def _check_task(root: Path, task: str, dit_cfg) -> None:
-    """An I2V DiT takes the image condition ``y`` (in_dim > out_dim: Wan2.1 I2V with CLIP, Wan2.2 A14B I2V without)."""
+def _check_task(root: Path, task: str, dit_cfg, first_frame: bool = False) -> None:
+    """An I2V DiT takes the image condition ``y`` (in_dim > out_dim: Wan2.1 I2V with CLIP, Wan2.2 A14B I2V without);
+    ``first_frame``: the family runs image-to-video by replacing the first latent frame (TI2V-5B: either task)."""
     tcfg = root / "transformer" / "config.json"
     conditioned = dit_cfg.has_image_branch or dit_cfg.in_dim > dit_cfg.out_dim
-    if task == "i2v" and not conditioned:
+    if task == "i2v" and not conditioned and not first_frame:
         raise ModelFolderError(f"task i2v needs an I2V model, but {tcfg} describes a {dit_cfg.model_type} DiT (no image "
                                "input); set task to t2v or point model_path at Wan2.1 / Wan2.2 I2V weights")
     if task == "t2v" and conditioned:
@@ -500,10 +530,11 @@ def _check_task(root: Path, task: str, dit_cfg) -> None:
                                "set task to i2v (and give an image)")
 
 
-def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageEncoder | None, vae: WanVAE) -> None:
+def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageEncoder | None, vae: WanVAE,
+                      first_frame: bool = False) -> None:
     """The components must fit together and the task: name both files when they do not."""
     tcfg = root / "transformer" / "config.json"
-    _check_task(root, cfg.task, dit_cfg)
+    _check_task(root, cfg.task, dit_cfg, first_frame)
     if text.dim != dit_cfg.text_dim:
         raise ModelFolderError(f"{root / 'text_encoder' / 'config.json'}: d_model {text.dim} != text_dim {dit_cfg.text_dim} of {tcfg}")
     if cfg.text_len > dit_cfg.text_len:
@@ -511,7 +542,7 @@ def _check_compatible(root: Path, cfg, dit_cfg, text: TextEncoder, image: ImageE
     if image is not None and image.dim != dit_cfg.image_dim:
         raise ModelFolderError(f"{root / 'image_encoder' / 'config.json'}: hidden_size {image.dim} != image_dim "
                                f"{dit_cfg.image_dim} of {tcfg}")
-    want_in = vae.z_dim * 2 + vae.scale_t if cfg.task == "i2v" else vae.z_dim
+    want_in = vae.z_dim * 2 + vae.scale_t if cfg.task == "i2v" and not first_frame else vae.z_dim
     if dit_cfg.in_dim != want_in or dit_cfg.out_dim != vae.z_dim:
         raise ModelFolderError(f"{root / 'vae' / 'config.json'}: z_dim {vae.z_dim} does not fit {tcfg} (in_dim "
                                f"{dit_cfg.in_dim}, out_dim {dit_cfg.out_dim}; expected {want_in} and {vae.z_dim})")

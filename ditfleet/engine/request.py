@@ -101,8 +101,10 @@ class EncodedRequest:
         context: ``[1, text_len, text_dim]`` prompt features (zero past the prompt).
         context_null: negative-prompt features, same shape; ``None`` when CFG is off.
         clip_fea: I2V ``[1, 257, image_dim]`` CLIP features, else ``None``.
-        y: I2V ``[1, 4 + 16, F', h, w]`` mask + image latent, else ``None``.
-        latent_shape: ``(16, F', h, w)``.
+        y: I2V ``[1, 4 + 16, F', h, w]`` mask + image latent (DiT input channels); Wan2.2 TI2V-5B ``[1, 1 + 48, F',
+            h, w]`` mask + first-frame condition latent (:func:`ditfleet.models.wan22.ti2v.first_frame_condition`);
+            else ``None``.
+        latent_shape: ``(z, F', h, w)`` (``z`` 16, or 48 for TI2V-5B).
         seed, steps, shift, guide_scale, enable_cfg, solver: sampling settings (``guide_scale``: one scale, or
             one per expert, high noise first).
     """

@@ -113,12 +113,13 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
         family: ``"wan2.1"`` (one DiT; I2V with the CLIP image branch), ``"wan2.2_moe"`` (two experts of one
             architecture, ``boundary_ratio`` by task; I2V without CLIP: the image enters as the condition latent only)
             or ``"wan2.2"`` (TI2V-5B: the Wan2.2 VAE -- 48 latent channels, 4x16x16 with a 2x2 patch, residual --
-            and a 48-channel DiT; ``expand_timesteps``; T2V only here).
+            and a 48-channel DiT; ``expand_timesteps``; I2V without CLIP: the image's latent is the first latent frame).
 
     Returns:
         Keyword arguments of ``WanPipeline`` (T2V) or ``WanImageToVideoPipeline`` (I2V):
         ``tokenizer, text_encoder, transformer, vae, scheduler`` (+ ``image_encoder, image_processor``;
-        Wan2.2: + ``transformer_2, boundary_ratio``, I2V with ``image_encoder`` / ``image_processor`` None).
+        Wan2.2 A14B: + ``transformer_2, boundary_ratio``; TI2V-5B: + ``expand_timesteps``; Wan2.2 I2V with
+        ``image_encoder`` / ``image_processor`` None).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -126,8 +127,6 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     moe = family == "wan2.2_moe"
     ti2v = family == "wan2.2"
-    if ti2v and task != "t2v":
-        raise ValueError("the tiny TI2V-5B model is built for t2v only")
     spec = spec or TINY_SPEC
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -145,7 +144,7 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
         )).eval()
     d = spec["dit"]
     image = task == "i2v"
-    clip = image and not moe  # Wan2.2 I2V has no CLIP branch
+    clip = image and family == "wan2.1"  # Wan2.2 I2V (A14B and TI2V-5B) has no CLIP branch
     c = spec["clip"]
     dim = d["num_attention_heads"] * d["attention_head_dim"]
 
@@ -187,8 +186,8 @@ def build_components(task: str = "t2v", spec: dict | None = None, family: str = 
         out["expand_timesteps"] = True
     if moe:
         out.update(transformer_2=dit(5), boundary_ratio=MOE_BOUNDARY[task])
-        if image:
-            out.update(image_encoder=None, image_processor=None)
+    if image and not clip:
+        out.update(image_encoder=None, image_processor=None)
     if clip:
         from transformers import CLIPVisionConfig, CLIPVisionModel
 

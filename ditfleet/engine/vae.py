@@ -93,6 +93,20 @@ class WanVAE:
         mask[:, :, 0] = 1
         return torch.cat([mask, latent], dim=1)
 
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The normalised latent of one image encoded as a one-frame video (posterior mode): the first latent
+        frame of a Wan2.2 TI2V-5B image-to-video run (Diffusers' ``prepare_latents`` with ``expand_timesteps``).
+
+        Args:
+            image: ``[1, 3, H, W]`` in [-1, 1].
+
+        Returns:
+            float32 ``[1, z_dim, 1, H / scale_s, W / scale_s]``.
+        """
+        posterior = self.vae.encode(image.unsqueeze(2).to(self.device, self.dtype)).latent_dist
+        return self.normalize(posterior.mode().float())
+
     # ---- decoding ---------------------------------------------------------------------------------
     def _can_stream(self) -> bool:
         vae = self.vae

@@ -37,7 +37,11 @@ class WanDiTConfig:
     """Hyperparameters of a Wan2.1 DiT (official names).
 
     Attributes:
-        model_type: ``"t2v"``, ``"i2v"`` (CLIP image branch, ``in_dim`` 36) or ``"flf2v"``.
+        model_type: ``"t2v"``, ``"i2v"`` (CLIP image branch, ``in_dim`` 36) or ``"flf2v"``. Image-conditioned DiTs
+            without CLIP are ``"t2v"`` here, as Diffusers reads them: Wan2.2 A14B I2V (``in_dim`` 36 > ``out_dim``:
+            the condition ``y`` enters as channels) and TI2V-5B (``in_dim == out_dim`` 48: its image replaces the
+            first latent frame). The official config names them ``"i2v"`` / ``"ti2v"`` (:meth:`from_official`,
+            :meth:`to_official`).
         patch_size: ``(t, h, w)`` patch of the Conv3d embedding.
         text_len: text tokens attended to (context is zero-padded to this length).
         in_dim: input channels of the patch embedding (16 latent + 20 conditioning for I2V).
@@ -132,9 +136,15 @@ class WanDiTConfig:
     # ---- official config.json ----------------------------------------------------------------
     @classmethod
     def from_official(cls, data: dict[str, Any]) -> WanDiTConfig:
-        """From an official ``config.json`` dict (unknown keys such as ``_class_name`` are ignored)."""
+        """From an official ``config.json`` dict (unknown keys such as ``_class_name`` are ignored).
+
+        Wan2.2's ``model_type`` ``"ti2v"`` (TI2V-5B) reads as ``"t2v"`` (no CLIP branch). Its ``"i2v"`` (A14B, no CLIP
+        branch either) is the same string as Wan2.1 I2V's (with one): the checkpoint's tensors tell them apart
+        (:func:`ditfleet.models.wan.find_checkpoint`), not this dict."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
+        if kwargs.get("model_type") == "ti2v":  # Wan2.2 TI2V-5B: no image branch (its image replaces a latent frame)
+            kwargs["model_type"] = "t2v"
         missing = [k for k in ("dim", "num_heads", "num_layers") if k not in data]
         if missing:
             raise WanConfigError(f"official Wan config lacks {', '.join(missing)}")
@@ -148,6 +158,8 @@ class WanDiTConfig:
         out: dict[str, Any] = {"_class_name": "WanModel", "_diffusers_version": "0.30.0"}
         for key in OFFICIAL_KEYS:
             out[key] = getattr(self, key)
+        if self.model_type == "t2v" and self.in_dim > self.out_dim:  # image-conditioned without CLIP: Wan2.2 A14B I2V
+            out["model_type"] = "i2v"
         for key, default in EXTENSION_DEFAULTS.items():
             value = getattr(self, key)
             if value != default:

@@ -197,7 +197,28 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
                                   "config (dim, num_heads, ...) or a Diffusers WanTransformer3DModel config")
     except WanConfigError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
-    return Checkpoint(folder, layout, config, _weight_files(folder))
+    files = _weight_files(folder)
+    if layout == "official" and config.model_type == "i2v" and not _has_image_branch(folder, files):
+        # Wan2.2 A14B I2V: the official config says "i2v" as Wan2.1 I2V does, but the model has no CLIP image branch
+        # (no img_emb / k_img / v_img tensors): the image enters as the condition y only (Diffusers' reading)
+        log.debug("%s: model_type i2v without image-embedding tensors: Wan2.2 I2V (no CLIP branch)", cfg_path)
+        config = config.replace(model_type="t2v")
+    return Checkpoint(folder, layout, config, files)
+
+
+def _has_image_branch(folder: Path, files: list[Path]) -> bool:
+    """Whether the checkpoint holds the CLIP image embedding (Wan2.1 I2V), by tensor names only (the index's
+    weight map, else the safetensors headers)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = list(_read_json(index).get("weight_map") or {})
+    else:
+        names = []
+        for path in files:
+            with _open(path) as f:
+                names.extend(f.keys())
+    return any(n.removeprefix(OFFICIAL_PREFIX).startswith(("img_emb.", "condition_embedder.image_embedder."))
+               for n in names)
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -278,8 +299,9 @@ def load_dit(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     attention: Mapping[str, object] | None = None,
+    model_cls: type[WanDiT] = WanDiT,
 ) -> WanDiT:
-    """Build a :class:`WanDiT` from an official or Diffusers Wan2.1 checkpoint, streaming the weights.
+    """Build a :class:`WanDiT` from an official or Diffusers Wan checkpoint, streaming the weights.
 
     Args:
         path: official folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``), Diffusers
@@ -288,6 +310,8 @@ def load_dit(
         dtype: compute dtype (float32 parts stay float32, see :meth:`WanDiT.cast_`).
         attention: ``site -> AttentionBackend`` (or registry ``Resolution``); ``None`` resolves
             ``torch_sdpa`` for every site the model uses.
+        model_cls: the class built (a :class:`WanDiT` subclass with the same parameters, e.g. a family's own
+            conditioning: :class:`~ditfleet.models.wan22.ti2v.Ti2vDiT`).
 
     Returns:
         The model in eval mode, ``requires_grad`` off.
@@ -299,7 +323,7 @@ def load_dit(
     ckpt = find_checkpoint(path)
     device = torch.device(device)
     with torch.device("meta"):
-        model = WanDiT(ckpt.config)
+        model = model_cls(ckpt.config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     found = scan(ckpt)
     check_keys(expected, found, f"{ckpt.folder} ({ckpt.layout} layout)")
@@ -308,8 +332,13 @@ def load_dit(
     for name, tensor in iter_tensors(ckpt, found):
         if not tensor.is_floating_point():
             raise CheckpointError(f"{ckpt.folder}: tensor {found[name][1]!r} has dtype {tensor.dtype}, expected floating point")
-        state[name] = tensor.to(device=device, dtype=model.param_dtype(name, dtype, keep))
-        del tensor
+        value = tensor.to(device=device, dtype=model.param_dtype(name, dtype, keep))
+        if value.data_ptr() == tensor.data_ptr():
+            # no cast, no move: copy into the allocator's own (aligned) memory, so that CPU kernels -- whose results
+            # can depend on the data's alignment -- compute the same whatever the tensor's offset in its file
+            value = value.clone()
+        state[name] = value
+        del tensor, value
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.requires_grad_(False).eval()
