@@ -6,8 +6,10 @@
 * 2 and 4 gloo ranks (SP 2, SP 4, cfg 2 x SP 2): the decisions and the latents equal the single-process run,
   although each rank's own tokens would decide differently (the test builds such inputs and checks that);
   the real Wan DiT under Ulysses with FirstBlock too;
-* the cached residual lives on the tokens' device; the run report lists computed vs skipped steps per branch;
-  models without published constants need them (one error naming the key).
+* the cached residual lives on the tokens' device; two experts keep their own caches; models without published
+  constants need them (one error naming the key);
+* through the engine (``torchrun``, cfg_p_size 2): the config reaches every worker and the run report lists
+  computed vs skipped steps of both branches, as the one-process run does.
 """
 
 from __future__ import annotations
@@ -205,6 +207,23 @@ def test_slow_model_skips_the_expected_steps_and_matches_float64(rule):
     # the same run without caching differs (skipping changed the latents) but stays close
     plain = ModelRunner(model).denoise(enc)
     assert not torch.equal(plain, out)
+
+
+def test_two_experts_keep_their_own_caches():
+    """A two-expert model (Wan2.2 A14B's layout): the low-noise expert's first step is computed, never the high-noise
+    expert's residual; one cache per (expert, branch)."""
+    from ditfleet.models.spec import Denoisers
+
+    enc = toy_request()
+    settings = StepCacheSettings(method="Tea", teacache_thresh=5.0, coefficients=COEFFS, first_steps=1, last_steps=0)
+    runner = ModelRunner(Denoisers([ToyDiT(seed=0), ToyDiT(seed=1)], ["high", "low"], boundary=0.5))
+    runner.set_step_cache(settings).denoise(enc)
+    switch = next(i for i, t in enumerate(runner.sampler(enc).timesteps) if runner.denoisers.index_for(t) == 1)
+    assert 1 < switch < STEPS - 1
+    for branch, dec in runner.cache_decisions().items():
+        assert dec[0] and dec[switch], (branch, dec)  # each expert starts computed
+        assert dec.count(True) == 2, (branch, dec)  # a huge threshold: every other step skipped
+    assert set(runner._cache.branches) == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 # ---- the Wan DiT: threshold 0 == none, bit for bit --------------------------------------------------------------
@@ -409,3 +428,40 @@ def test_ranks_take_the_single_process_decisions(world):
         assert any(len({tuple(local[r]) for r in g}) > 1 for g in groups), f"{name}: local decisions agree {local}"
     wan_dec = ref["wan"][0]
     assert not all(wan_dec["cond"] + wan_dec["uncond"]), "the Wan FirstBlock run should skip some steps"
+
+
+# ---- the engine: config -> workers -> run report --------------------------------------------------------------
+def test_torchrun_cfg_parallel_reports_both_branches_as_one_process(tmp_path, tiny_cache):
+    """``torchrun --nproc-per-node 2 -m ditfleet generate`` with cfg_p_size 2 and FirstBlock: each cfg rank
+    caches its branch; the report (rank 0) lists both branches, as the one-process run does, same latents."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ditfleet.defaults import TINY_DEFAULT
+    from ditfleet.engine import Engine
+    from ditfleet.engine.tiny import tiny_model_path
+
+    tiny_model_path("t2v")
+    keys = {"device": "cpu", "infer_steps": 8, "feature_caching": "FirstBlock", "residual_diff_threshold": 0.07}
+    with Engine.start({**TINY_DEFAULT, **keys}) as eng:
+        res = eng.generate(output=str(tmp_path / "local.npy"), quiet=True)
+        stats = [v for per in eng.pipeline.runner._cache.statistics.values() for v in per.values() if v is not None]
+    assert min(abs(v - 0.07) for v in stats) > 1e-3, "a decision sits at the threshold"
+    want = res.report["step_cache"]
+    assert want["forwards_skipped"] > 0 and set(want["branches"]) == {"cond", "uncond"}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "tr.npy"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ditfleet",
+           "generate", "-q", "-o", str(out), "--save-latents", str(tmp_path / "tr.pt"), "--set", "parallel.cfg_p_size=2",
+           *[a for k, v in keys.items() for a in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(out.with_suffix(".json").read_text())
+    assert got["parallel"]["cfg_p_size"] == 2 and got["step_cache"] == want
+    lat = torch.load(tmp_path / "tr.pt")
+    err = float((lat.double() - res.latents.double()).norm() / res.latents.double().norm())
+    assert err <= 1e-4, err
