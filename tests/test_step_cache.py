@@ -5,7 +5,7 @@
   float64 re-implementation of the rule, the model and the Euler sampler written out here;
 * 2 and 4 gloo ranks (SP 2, SP 4, cfg 2 x SP 2): the decisions and the latents equal the single-process run,
   although each rank's own tokens would decide differently (the test builds such inputs and checks that);
-  the real Wan DiT under Ulysses with FirstBlock too;
+  the real Wan DiT under Ulysses with FirstBlock, and TI2V's per-token time embedding with Tea, too;
 * the cached residual lives on the tokens' device; two experts keep their own caches; models without published
   constants need them (one error naming the key);
 * through the engine (``torchrun``, cfg_p_size 2): the config reaches every worker and the run report lists
@@ -313,6 +313,43 @@ def test_the_residual_follows_the_tokens_to_their_device():
     assert cache.branch(0, 0).residual.device.type == "meta"
 
 
+def ti2v_case(steps=8):
+    """Wan2.2 TI2V-5B's DiT at per-token timesteps (first-frame tokens at t = 0): its time embedding is per token."""
+    from ditfleet.models.wan import WanDiTConfig
+    from ditfleet.models.wan.dit import default_attention
+    from ditfleet.models.wan22.ti2v import Ti2vDiT, first_frame_condition
+
+    cfg = WanDiTConfig(model_type="t2v", in_dim=48, out_dim=48, dim=48, ffn_dim=64, num_heads=3, num_layers=2,
+                       text_dim=32, text_len=16, freq_dim=32)
+    dit = Ti2vDiT(cfg).requires_grad_(False).eval()
+    dit.init_random_(seed=0, std=0.1)
+    dit.set_attention(default_attention(cfg, "cpu", torch.float32))
+    g = torch.Generator().manual_seed(5)
+    shape = (48, 3, 6, 10)  # tokens (3, 3, 5) = 45: pads over 2 and 4 ranks
+    y = first_frame_condition(torch.randn(1, 48, 1, 6, 10, generator=g), shape)
+    enc = EncodedRequest(context=torch.randn(1, 11, 32, generator=g), context_null=torch.randn(1, 11, 32, generator=g),
+                         clip_fea=None, y=y, latent_shape=shape, seed=5, steps=steps, shift=5.0, guide_scale=5.0,
+                         enable_cfg=True, solver="euler")
+    # identity rescaling; the per-token e changes by 0.46 - 0.73 per step: skip, compute, skip, ... (margins >= 0.09)
+    return dit, enc, StepCacheSettings(method="Tea", teacache_thresh=1.0, coefficients=COEFFS)
+
+
+def test_per_token_timesteps_make_the_tea_statistic_per_token():
+    dit, enc, settings = ti2v_case()
+    ref = ModelRunner(dit).denoise(enc)
+    zero = ModelRunner(dit).set_step_cache(StepCacheSettings(method="Tea", teacache_thresh=0.0, coefficients=COEFFS))
+    assert torch.equal(zero.denoise(enc), ref)
+    runner = ModelRunner(dit).set_step_cache(settings)
+    runner.denoise(enc)
+    want = [True, False, True, False, True, False, True, True]
+    assert runner.cache_decisions() == {"cond": want, "uncond": want}
+    from ditfleet.models.wan.cache_hooks import WanStagedForward
+
+    fwd = WanStagedForward(dit, torch.randn(1, *enc.latent_shape), torch.tensor([500.0]), enc.context, None, enc.y)
+    inp, per_token = fwd.tea_input(False)
+    assert per_token and inp.shape == (1, 45, dit.config.dim)
+
+
 def test_models_without_published_constants_need_them():
     dit = tiny_wan()
     with pytest.raises(ConfigError, match="^coefficients: Tea needs the TeaCache polynomial"):
@@ -385,6 +422,12 @@ def _dist_world(rank: int, world: int):
                                                                               residual_diff_threshold=FB_THRESH))
         lat = runner.denoise(wan_request(dit, latent=(16, 3, 6, 10), steps=8, solver="euler"))
         out[name, "wan"] = (runner.cache_decisions(), lat.numpy().copy())
+        # TI2V: Tea on a per-token time embedding, reduced over the group
+        dit, enc2, settings = ti2v_case()
+        dit.set_parallel(mesh)
+        runner = ModelRunner(dit, mesh=mesh).set_step_cache(settings)
+        lat = runner.denoise(enc2)
+        out[name, "ti2v"] = (runner.cache_decisions(), lat.numpy().copy())
     return out
 
 
@@ -401,6 +444,10 @@ def _single():
     ref["wan"] = (runner.cache_decisions(), lat)
     stats = [v for per in runner._cache.statistics.values() for v in per.values() if v is not None]
     assert min(abs(v - FB_THRESH) for v in stats) > 1e-3, "a FirstBlock decision sits at the threshold"
+    dit, enc2, settings = ti2v_case()
+    runner = ModelRunner(dit).set_step_cache(settings)
+    lat = runner.denoise(enc2)
+    ref["ti2v"] = (runner.cache_decisions(), lat)
     return ref
 
 
@@ -417,7 +464,7 @@ def test_ranks_take_the_single_process_decisions(world):
             lat = torch.from_numpy(lat)
             want_dec, want_lat = ref[rule]
             assert dec == want_dec, f"{world} ranks {name} {rule}: rank {rank} decided {dec}, one process {want_dec}"
-            if rule == "wan":
+            if rule in ("wan", "ti2v"):
                 err = float((lat - want_lat).norm() / want_lat.norm())
                 assert err <= 1e-5, f"{name} wan rank {rank}: rel L2 {err:.2e}"
             else:
