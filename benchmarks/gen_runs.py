@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 sys.path.insert(0, str(ROOT))
 
 
@@ -57,25 +58,35 @@ def write_lora(path: Path, cfg, rank: int = 64, seed: int = 0) -> int:
     return len(state) // 3
 
 
-def run(name: str, folder: Path, config: str, sets: list[str], out: Path) -> dict:
-    output = folder.parent / f"gen_{name}.npy"  # lossless frames (no imageio-ffmpeg needed), in the work folder
-    cmd = [sys.executable, "-m", "ditfleet", "generate", config, "--set", f"model_path={folder}",
-           "--set", f"output={output}", *[a for s in sets for a in ("--set", s)]]
+def run(name: str, folder: Path, config: str, sets: list[str], out: Path, requests: int = 1) -> dict:
+    """``requests`` identical requests (seeds 42, 43, ...) in one process (``--jobs``), the model loaded once: the
+    first pays the JIT compilation (torch.compile of the fused ops, FA4's kernels), the later ones are warm."""
+    outputs = [folder.parent / f"gen_{name}_{i}.npy" for i in range(requests)]  # lossless frames, in the work folder
+    jobs = folder.parent / f"gen_{name}.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": PROMPT, "output": str(o), "seed": 42 + i}) + "\n" for i, o in enumerate(outputs)))
+    cmd = [sys.executable, "-m", "ditfleet", "generate", config, "--set", f"model_path={folder}", "--jobs", str(jobs),
+           *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()
     with open(out / f"gen_{name}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
     wall = time.perf_counter() - t0
-    report_file = output.with_suffix(".json")
-    report = json.loads(report_file.read_text()) if report_file.is_file() else None
-    # the frames of random weights are noise (removed with the work folder); the report is what is kept
-    return {"run": name, "rc": rc, "command": cmd, "process_wall_s": wall, "report": report}
+    reports = [json.loads(o.with_suffix(".json").read_text()) if o.with_suffix(".json").is_file() else None
+               for o in outputs]
+    # the frames of random weights are noise (removed with the work folder); the reports are what is kept
+    return {"run": name, "rc": rc, "command": cmd, "process_wall_s": wall, "requests": requests,
+            "report": reports[-1], "reports": reports}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("runs", nargs="*", help="a14b, lora4 (default: both)")
-    ap.add_argument("--attn", default="flash_attn4", help="attention type of every site (default: flash_attn4)")
+    ap.add_argument("--attn", default="flash_attn4", help="attention type of the cross-attention sites (and of "
+                    "self-attention without --self-attn; default: flash_attn4)")
+    ap.add_argument("--self-attn", help="attention type of self-attention (default: --attn)")
+    ap.add_argument("--requests", type=int, default=1, help="identical requests per run, one process (default 1)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every run (e.g. dit_quantized=true)")
     ap.add_argument("--tiny", action="store_true", help="a 2-block model, 5 frames 64x64 on the CPU (checks the script)")
     ap.add_argument("--work", default="/dev/shm/ditfleet" if Path("/dev/shm").is_dir() else "/tmp/ditfleet")
     args = ap.parse_args()
@@ -88,7 +99,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    attn = [f"{k}={args.attn}" for k in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")]
+    attn = [f"self_attn_1_type={args.self_attn or args.attn}", *args.sets,
+            *(f"{k}={args.attn}" for k in ("cross_attn_1_type", "cross_attn_2_type"))]
     cfg14 = WanDiTConfig.t2v_14b()
     device, size = "cuda", []
     if args.tiny:
@@ -105,16 +117,18 @@ def main() -> None:
             folder = build_random_model(work / "a14b", cfg14, device=device, family="wan2.2_moe", share_experts=True,
                                         real_vae=True)
             res = run(name, folder, "configs/wan22_moe_t2v.json",
-                      ["launcher=local", "parallel.seq_p_size=1", "parallel.cfg_p_size=1", "infer_steps=4", *attn, *size], out)
+                      ["launcher=local", "parallel.seq_p_size=1", "parallel.cfg_p_size=1", "infer_steps=4", *attn, *size], out, args.requests)
         else:
             folder = build_random_model(work / "w14", cfg14, device=device, real_vae=True)
             lora = work / "distill_lora_rank64.safetensors"
             res = run(name, folder, "configs/wan_t2v_distill_4step.json",
-                      [f'lora_configs=[{{"path": "{lora}", "strength": 1.0}}]', *attn, *size], out) if write_lora(lora, cfg14) else {}
+                      [f'lora_configs=[{{"path": "{lora}", "strength": 1.0}}]', *attn, *size], out, args.requests) if write_lora(lora, cfg14) else {}
         res["build_s"] = time.perf_counter() - t0 - res["process_wall_s"]
         res.update(card=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", gpus=1, commit=commit(), torch=torch.__version__)
         (out / f"gen_{name}.json").write_text(json.dumps(res, indent=1) + "\n")
         r = res["report"] or {}
+        for i, rep in enumerate(res.get("reports") or []):
+            print(f"{name} request {i}: timings={(rep or {}).get('timings_s')}", flush=True)
         print(f"{name}: rc={res['rc']} timings={r.get('timings_s')} load={r.get('load_timings_s')} "
               f"peak={r.get('peak_memory')} sampler={r.get('sampler')}", flush=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -33,6 +33,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
+from ..models.step_cache import StepCacheSettings
 from .encoders import DEFAULT_NEGATIVE_PROMPT, ImageEncoder, TextEncoder
 from .errors import ImageError, ModelFolderError, RequestError
 from .request import EncodedRequest, GenerateRequest
@@ -252,7 +253,8 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                              loras=cfg.lora_configs, quant=quant_scheme(cfg))
+                              loras=cfg.lora_configs, quant=quant_scheme(cfg),
+                              step_cache=StepCacheSettings.from_config(cfg))
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
     return runner
@@ -300,8 +302,8 @@ class GenerateResult:
         output: the written video (``None`` with ``decode=False``).
         report_path: its JSON report (``None`` with ``decode=False``).
         report: the report's content.
-        latents: float32 ``[1, z, F', h, w]`` the sampler's final latents, on the CPU (Wan2.2 TI2V-5B image-to-video:
-            before the first latent frame is replaced by the image's; :meth:`Pipeline.final_latents` gives what is decoded).
+        latents: float32 ``[1, z, F', h, w]`` the final latents, on the CPU: what the VAE decodes (Wan2.2 TI2V-5B
+            image-to-video: the sampler's with the image's first latent frame in place, :meth:`Pipeline.final_latents`).
         frames: frames written.
     """
 
@@ -397,7 +399,8 @@ class Pipeline:
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
                                   radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                                  loras=cfg.lora_configs, quant=quant_scheme(cfg))
+                                  loras=cfg.lora_configs, quant=quant_scheme(cfg),
+                                  step_cache=StepCacheSettings.from_config(cfg))
         for dit in runner.denoisers:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()

@@ -215,9 +215,6 @@ class Worker:
             self.runner = self.pipe.runner
         else:
             self.runner = load_runner(self.cfg, **kw)
-        from ..models.step_cache import StepCacheSettings
-
-        self.runner.set_step_cache(StepCacheSettings.from_config(self.cfg))  # feature_caching (none: off)
         self.sparge = sparge_state
         self.sparge_sha256 = sparge_checksum(sparge_state)
         bound = [dit.policy.describe() for dit in self.runner.denoisers if dit.policy is not None and dit.policy.kind == "sparge"]
@@ -250,7 +247,8 @@ class Worker:
 
         Yields:
             ``("step", (i, n))`` after each step (rank 0 only), then ``("result", value)``: rank 0's
-            ``{"latents": float32 CPU [1, 16, F', h, w], "timings": ..., "report": ...}``, ``None`` elsewhere.
+            ``{"latents": float32 CPU [1, z, F', h, w] (the latents decoded), "timings": ..., "report": ...}``,
+            ``None`` elsewhere.
         """
         cuda = self.device.type == "cuda"
         if cuda:
@@ -266,14 +264,15 @@ class Worker:
             yield "result", None
             return
         latents = x.float().cpu()
-        self._latents, self._enc = latents, enc
+        self._latents, self._enc = latents, enc  # the sampler's: decode_stream puts a TI2V first frame in place itself
+        result_latents = self.pipe.final_latents(latents, enc)  # what is decoded (TI2V-5B i2v: the image's first frame)
         timings = dict(self._timings)
         timings["denoise_s"] = time.perf_counter() - t
         timings["denoise_step_s"] = timings["denoise_s"] / max(1, enc.steps)
         report = self.pipe.report(self._req, enc, timings, None, 0) if self._req is not None else {}
         if self._req is not None:
             report["step_cache"] = self.runner.cache_report()  # computed vs skipped steps per CFG branch
-        yield "result", {"latents": latents, "timings": timings, "report": report}
+        yield "result", {"latents": result_latents, "timings": timings, "report": report}
 
     @_portable
     def decode(self) -> Iterator[tuple[str, Any]]:
