@@ -151,10 +151,6 @@ class Fp8Linear(nn.Module):
                         self.weight_scale, self.out_dtype, bias=self.bias, use_fast_accum=True)
         return out.reshape(*lead, self.out_features)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``weight_fp8 * scale`` ``[N, K]`` in ``dtype`` (tests, debugging)."""
-        return (self.weight_fp8.float() * self.weight_scale.t()).to(dtype)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight=e4m3 per channel, input=e4m3 per token, out={str(self.out_dtype).removeprefix('torch.')}")
