@@ -309,3 +309,17 @@ def test_scaled_mm_stand_in_equals_torchao():
     bias = torch.randn(48, generator=g).to(torch.bfloat16)
     args = (a.data, a.scale, w.data.t(), w.scale.reshape(1, -1).contiguous(), torch.bfloat16)
     assert torch.equal(quant.scaled_mm_gemm(*args, bias=bias), quant.torchao_gemm()(*args, bias=bias))
+
+
+def test_fp8_with_per_token_timesteps():
+    """Per-token timesteps (TI2V image-to-video: per-token modulation [B, S, C]) through the quantising norms."""
+    model = tiny_dit("t2v")
+    inp = inputs(model.config, (2, 4, 8))
+    tokens = 2 * 2 * 4
+    inp["t"] = torch.cat([torch.zeros(1, 8), torch.full((1, tokens - 8), 700.0)], dim=1)  # first frame at t=0
+    with torch.no_grad():
+        ref = model(**inp).float()
+        quantize_model_(model, check_device=False)
+        out = model(**inp).float()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    assert cos > 0.999 and 1e-4 < rel_l2(out, ref) < 5e-2
