@@ -204,7 +204,7 @@ def test_fp8_under_sequence_parallel():
     """Ulysses and ring over 2 gloo ranks == one process, quantised (per-token scales do not cross ranks)."""
     for rank_results in run_distributed(_sp_fp8, 2):
         for name, shape, err in rank_results:
-            assert err < 1e-2, (name, shape, err)
+            assert err < 5e-3, (name, shape, err)  # seen: Ulysses 0, ring ~1e-3 (bf16 partial-softmax merge)
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------
