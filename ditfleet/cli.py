@@ -40,6 +40,7 @@ DOCTOR_OPTIONAL = {
     "flash_attn_3": "flash_attn3 (FA3, Hopper): build flash-attention's hopper/ folder",
     "sageattention": "sage_attn2 (SageAttention 2): source build, see its project",
     "spas_sage_attn": "sparge with tuned checkpoints (SpargeAttn): source build",
+    "torchao": "dit_quantized FP8 linears (torchao's float8 GEMM): pip install 'ditfleet[fp8]'",
     "ray": "launcher ray: pip install 'ditfleet[ray]'",
     "matplotlib": "benchmark plots: pip install 'ditfleet[bench]'",
     "yunchang": "sequence-parallel peer in bench sp-attention: pip install 'ditfleet[bench]'",

@@ -302,6 +302,24 @@ def test_generate_refuses_before_loading(tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "v.npy").exists()
 
 
+def test_engine_start_refuses_before_any_component_loads(monkeypatch):
+    """An engine (Pipeline.from_config / load_runner, as the workers load) refuses before reading a component."""
+    from ditfleet.config import load_config
+    from ditfleet.engine import pipeline as pl
+    from ditfleet.engine.encoders import TextEncoder
+    from ditfleet.models.wan import loader
+
+    def loaded(*a, **kw):
+        raise AssertionError("a component was loaded before the dit_quantized refusal")
+
+    monkeypatch.setattr(TextEncoder, "load", loaded)
+    monkeypatch.setattr(loader, "load_dit", loaded)
+    cfg = load_config(data={"dit_quantized": True, "device": "cpu"})
+    for load in (lambda: pl.Pipeline.from_config(cfg), lambda: pl.load_runner(cfg, device=torch.device("cpu"))):
+        with pytest.raises(ConfigError, match=r"^dit_quantized: FP8 linears need a CUDA GPU"):
+            load()
+
+
 def test_scaled_mm_stand_in_equals_torchao():
     """bench dit's stand-in where torchao does not import: the same torch._scaled_mm call, the same numbers."""
     g = torch.Generator().manual_seed(5)

@@ -151,7 +151,7 @@ def dit_configs(root: Path, spec) -> list:
 
 def _first_frame(spec) -> bool:
     """The family's image-to-video replaces the first latent frame (Wan2.2 TI2V-5B) instead of adding DiT input channels."""
-    return bool(getattr(spec, "first_frame_i2v", False))
+    return spec.first_frame_i2v
 
 
 def _uses_clip(root: Path, spec) -> bool:
@@ -250,6 +250,7 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     arguments as :meth:`Pipeline.from_config`."""
     spec, root, _ = check_model(cfg, model_root(cfg))
     _check_experts(cfg, spec)
+    _check_quant(cfg, device)
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
@@ -258,6 +259,13 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
     return runner
+
+
+def _check_quant(cfg, device: torch.device) -> None:
+    """A ``dit_quantized`` run this device cannot run is refused before any component loads (the preflight check)."""
+    from .preflight import check_quant
+
+    check_quant(cfg, device)
 
 
 def _check_experts(cfg, spec) -> None:
@@ -386,6 +394,7 @@ class Pipeline:
         t_build = time.perf_counter() - t0
         spec, root, _ = check_model(cfg, root)  # before any weight is read
         _check_experts(cfg, spec)
+        _check_quant(cfg, device)
         attention = cfg.resolve_attention(device)
         dtype = cfg.torch_dtype
         # UMT5 overflows in fp16: encode text in bf16 then (the official T5 dtype), else the run dtype.

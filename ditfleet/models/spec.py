@@ -77,11 +77,14 @@ class ModelSpec:
         family: the registry name (also the config's ``model_cls``).
         description: one line for logs and errors.
         experts: denoisers per folder (1, or 2 for a high / low-noise pair).
+        first_frame_i2v: image-to-video replaces the first latent frame by the image's (Wan2.2 TI2V-5B) instead of
+            feeding the condition as extra DiT input channels (Wan2.1 / Wan2.2 A14B I2V).
     """
 
     family: str = ""
     description: str = ""
     experts: int = 1
+    first_frame_i2v: bool = False
 
     def claims(self, root: Path) -> bool:
         """True when ``root`` (a model folder) is one of this family's (used to pick the family from a folder)."""
