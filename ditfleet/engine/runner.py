@@ -35,21 +35,6 @@ from .request import EncodedRequest
 from .sampler import FlowSampler, make_sampler
 
 
-def _staged_forward(dit) -> Callable | None:
-    """``make(x, t, context, clip_fea, y) -> StagedForward`` of a denoiser (its own ``staged_forward``, or the Wan
-    DiT's adapter), or ``None`` when it cannot be cached."""
-    make = getattr(dit, "staged_forward", None)
-    if make is not None:
-        return make
-    from ..models.wan.dit import WanDiT
-
-    if isinstance(dit, WanDiT):
-        from ..models.wan.cache_hooks import WanStagedForward
-
-        return lambda x, t, context, clip_fea, y: WanStagedForward(dit, x, t, context, clip_fea, y)
-    return None
-
-
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 ``[1, *shape]`` standard normal noise from a CPU generator seeded with ``seed``, moved to ``device``."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -153,22 +138,23 @@ class ModelRunner:
         """
         if settings.active:
             for dit in self.denoisers:
-                if _staged_forward(dit) is None:
+                if getattr(dit, "staged_forward", None) is None:
                     raise ConfigError("feature_caching", f"{settings.method}: a {type(dit).__name__} denoiser does not "
                                                          "expose its blocks to a step cache; use none")
             # Wan2.1 I2V has constants for both resolutions, so the request's size cannot miss them: check now.
-            self._constants(settings, 480, 832)
+            self._constants(settings, (60, 104))
         self.cache_settings = settings
         return self
 
-    def _constants(self, s: StepCacheSettings, height: int, width: int):
-        """``(Tea polynomial, Mag ratios)`` of a run at ``height x width`` pixels: the settings', else the published."""
-        from ..models.wan import cache_hooks
-
+    def _constants(self, s: StepCacheSettings, latent_hw: tuple[int, int]):
+        """``(Tea polynomial, Mag ratios)`` of a run with latents ``latent_hw = (h, w)``: the settings', else the
+        ones the model publishes (``published_cache_constants``)."""
         c, fam = self.dit.config, self.family
+        published = getattr(self.dit, "published_cache_constants", None)
+        pub_coeffs, pub_ratios = published(fam, latent_hw, s.use_ret_steps) if published else (None, None)
         coeffs = ratios = None
         if s.method == "Tea":
-            coeffs = s.coefficients or cache_hooks.published_coefficients(c, fam, height, width, s.use_ret_steps)
+            coeffs = s.coefficients or pub_coeffs
             if not coeffs:
                 raise ConfigError("coefficients", f"Tea needs the TeaCache polynomial of this model: none is published "
                                                   f"for a {fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
@@ -176,7 +162,7 @@ class ModelRunner:
                                                   "480p / 720p); give coefficients as [[retention-steps polynomial], "
                                                   "[plain polynomial]], highest power first")
         if s.method == "Mag":
-            ratios = s.magcache_ratios or cache_hooks.published_mag_ratios(c, fam, height, width)
+            ratios = s.magcache_ratios or pub_ratios
             if not ratios:
                 raise ConfigError("magcache_ratios", f"Mag needs calibrated magnitude ratios: none are published for a "
                                                      f"{fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
@@ -191,9 +177,7 @@ class ModelRunner:
         if not s.active:
             self._cache = None
             return
-        from ..models.wan.sites import VAE_STRIDE
-
-        coeffs, ratios = self._constants(s, enc.latent_shape[2] * VAE_STRIDE[1], enc.latent_shape[3] * VAE_STRIDE[2])
+        coeffs, ratios = self._constants(s, (enc.latent_shape[2], enc.latent_shape[3]))
         self._cache = StepCache(s, steps, coefficients=coeffs, mag_ratios=ratios, reduce=sp_sum(self.mesh))
 
     def _finish_cache(self, enc: EncodedRequest) -> None:
@@ -233,7 +217,7 @@ class ModelRunner:
             t = t.expand(x.shape[0])
             if cache is None:
                 return dit(x, t, context, clip_fea=clip_fea, y=y)
-            return cached_forward(_staged_forward(dit)(x, t, context, clip_fea, y), cache, i, branch, step)
+            return cached_forward(dit.staged_forward(x, t, context, clip_fea, y), cache, i, branch, step)
 
         if not enc.enable_cfg:
             return model(x, t, enc.context, enc.clip_fea, enc.y)

@@ -354,6 +354,24 @@ class WanDiT(nn.Module):
             self.sp.use_kernels(*self.policy.kernels())
         return self
 
+    def staged_forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                       clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        """This forward split into prepare / blocks / finish for a step cache (:mod:`ditfleet.models.step_cache`);
+        arguments as :meth:`forward` (``t`` ``[B]``, or ``[B, S]`` per token)."""
+        from .cache_hooks import WanStagedForward
+
+        return WanStagedForward(self, x, t, context, clip_fea, y)
+
+    def published_cache_constants(self, family: str | None, latent_hw: tuple[int, int], use_ret_steps: bool):
+        """``(TeaCache polynomial, MagCache ratios)`` published for this model (Wan2.1 T2V 1.3B / 14B, I2V 14B
+        480p / 720p) at latents of ``latent_hw = (h, w)``; each ``None`` where none is published."""
+        from .cache_hooks import published_coefficients, published_mag_ratios
+        from .sites import VAE_STRIDE
+
+        h, w = latent_hw[0] * VAE_STRIDE[1], latent_hw[1] * VAE_STRIDE[2]
+        return (published_coefficients(self.config, family, h, w, use_ret_steps),
+                published_mag_ratios(self.config, family, h, w))
+
     def set_step(self, step: int | None) -> WanDiT:
         """The denoising step index (0-based) of the following forwards (the policy's radial ``dense_timesteps``);
         ``forward(..., step=i)`` overrides it for one call. ``None``: unknown."""
