@@ -4,7 +4,7 @@ Runs (each builds its random folder, runs ``python3 -m ditfleet generate`` as a 
 
 * ``a14b``: a Wan2.2 A14B-shape T2V folder (two 14B experts, ``boundary_ratio`` 0.875; the second expert's
   weight file is a hard link of the first's, both are loaded), ``configs/wan22_moe_t2v.json`` on one GPU, 4 steps
-  with CFG at 720p x 81: the timesteps cross the boundary (high-noise expert for the first two).
+  with CFG at 720p x 81 (shift 12): the timesteps 999, 972, 922 run the high-noise expert, 799 the low-noise one.
 * ``lora4``: a Wan2.1 T2V 14B-shape folder, a random rank-64 kohya-format LoRA on every block linear, and
   ``configs/wan_t2v_distill_4step.json`` (4 steps ``[1000, 750, 500, 250]``, no CFG) at 720p x 81.
 
@@ -59,7 +59,7 @@ def write_lora(path: Path, cfg, rank: int = 64, seed: int = 0) -> int:
 
 
 def run(name: str, folder: Path, config: str, sets: list[str], out: Path, requests: int = 1) -> dict:
-    """``requests`` identical requests (seeds 42, 43, ...) in one process (``--jobs``), the model loaded once: the
+    """``requests`` requests, the same but for their seeds (42, 43, ...), in one process (``--jobs``), the model loaded once: the
     first pays the JIT compilation (torch.compile of the fused ops, FA4's kernels), the later ones are warm."""
     outputs = [folder.parent / f"gen_{name}_{i}.npy" for i in range(requests)]  # lossless frames, in the work folder
     jobs = folder.parent / f"gen_{name}.jsonl"
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--attn", default="flash_attn4", help="attention type of the cross-attention sites (and of "
                     "self-attention without --self-attn; default: flash_attn4)")
     ap.add_argument("--self-attn", help="attention type of self-attention (default: --attn)")
-    ap.add_argument("--requests", type=int, default=1, help="identical requests per run, one process (default 1)")
+    ap.add_argument("--requests", type=int, default=1, help="requests per run in one process, the same but for the seed (42, 43, ...; default 1)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every run (e.g. dit_quantized=true)")
     ap.add_argument("--tiny", action="store_true", help="a 2-block model, 5 frames 64x64 on the CPU (checks the script)")
@@ -107,7 +107,7 @@ def main() -> None:
         import dataclasses
 
         cfg14 = dataclasses.replace(cfg14, num_layers=2, dim=128, ffn_dim=256, num_heads=2)
-        device, attn = "cpu", ["dtype=fp32", "device=cpu"]
+        device, attn = "cpu", ["dtype=fp32", "device=cpu", *args.sets]
         size = ["target_video_length=5", "target_height=64", "target_width=64"]
     for name in args.runs:
         shutil.rmtree(work, ignore_errors=True)

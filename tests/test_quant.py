@@ -307,13 +307,14 @@ def test_engine_start_refuses_before_any_component_loads(monkeypatch):
     from ditfleet.config import load_config
     from ditfleet.engine import pipeline as pl
     from ditfleet.engine.encoders import TextEncoder
-    from ditfleet.models.wan import loader
+    from ditfleet.models.registry import FAMILIES, spec_for
 
     def loaded(*a, **kw):
         raise AssertionError("a component was loaded before the dit_quantized refusal")
 
     monkeypatch.setattr(TextEncoder, "load", loaded)
-    monkeypatch.setattr(loader, "load_dit", loaded)
+    for family in FAMILIES:  # every family's denoiser loader (what ModelRunner.load calls)
+        monkeypatch.setattr(type(spec_for(family)), "load", loaded)
     cfg = load_config(data={"dit_quantized": True, "device": "cpu"})
     for load in (lambda: pl.Pipeline.from_config(cfg), lambda: pl.load_runner(cfg, device=torch.device("cpu"))):
         with pytest.raises(ConfigError, match=r"^dit_quantized: FP8 linears need a CUDA GPU"):

@@ -136,7 +136,7 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
 
     Args:
         x: float32 ``[B, S, C]`` residual stream.
-        shift, scale: float32 ``[B, 1, C]``.
+        shift, scale: float32 ``[B, 1, C]``, or ``[B, S, C]`` per token (per-token timesteps).
         eps: LayerNorm epsilon.
         dtype: output dtype (the model dtype), or :data:`FP8` (quantised per token).
 
@@ -157,7 +157,7 @@ def gated_residual_norm(
     Args:
         x: float32 ``[B, S, C]``.
         y: ``[B, S, C]`` any float dtype (the self-attention output).
-        gate: float32 ``[B, 1, C]``.
+        gate: float32 ``[B, 1, C]`` or ``[B, S, C]`` (per token).
         weight, bias: affine LayerNorm parameters ``[C]`` (``norm3``), or ``None`` for no norm.
         eps: LayerNorm epsilon.
         dtype: dtype of the normalised output, or :data:`FP8` (quantised per token).
@@ -186,8 +186,8 @@ def residual_modulated_norm(
     Args:
         x: float32 ``[B, S, C]``.
         y: ``[B, S, C]`` any float dtype.
-        gate: float32 ``[B, 1, C]`` or ``None``.
-        shift, scale: float32 ``[B, 1, C]``.
+        gate: float32 ``[B, 1, C]`` or ``[B, S, C]`` (per token), or ``None``.
+        shift, scale: float32 ``[B, 1, C]`` or ``[B, S, C]`` (per token).
         dtype: dtype of the modulated norm, or :data:`FP8` (quantised per token).
 
     Returns:
