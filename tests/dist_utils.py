@@ -115,3 +115,23 @@ def run_threads(n: int, fn: Callable[[int], object], abort: Callable[[], None] =
     if errors:
         raise errors[0]
     return results
+
+
+def dit_under_two_rank_meshes(model, inputs: dict) -> list[tuple[str, float, float]]:
+    """Inside a 2-rank world: ``model(**inputs)`` under Ulysses 2 and under ring 2 against the same call without a
+    mesh; per mesh ``(name, rel L2 vs the single-process output, float64 sum of the output)`` (the sums must agree
+    across ranks: every rank returns the whole output)."""
+    import torch
+
+    from ditfleet.bench.common import rel_l2
+    from ditfleet.parallel import init_parallel
+
+    meshes = {"ulysses": init_parallel(ulysses_size=2, ring_size=1), "ring": init_parallel(ulysses_size=1, ring_size=2)}
+    out = []
+    with torch.no_grad():
+        ref = model(**inputs)
+        for name, mesh in meshes.items():
+            model.set_parallel(mesh)
+            got = model(**inputs)
+            out.append((name, rel_l2(got, ref), float(got.double().sum())))
+    return out

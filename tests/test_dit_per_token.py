@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import dit_under_two_rank_meshes, run_distributed
 from ditfleet.bench.common import rel_l2
 
 TOL = 1e-5
@@ -90,19 +90,9 @@ def test_per_token_length_is_checked():
 
 def _sp_world(rank: int, world: int) -> list[tuple[str, float, float]]:
     from ditfleet.models.wan import build_dit
-    from ditfleet.parallel import init_parallel
 
-    meshes = {"ulysses": init_parallel(ulysses_size=2, ring_size=1), "ring": init_parallel(ulysses_size=1, ring_size=2)}
-    model = build_dit(tiny_ti2v_config(), device="cpu", dtype=torch.float32, seed=0, std=0.1)
-    inp = inputs()
-    out = []
-    with torch.no_grad():
-        ref = model(**inp)
-        for name, mesh in meshes.items():
-            model.set_parallel(mesh)
-            got = model(**inp)
-            out.append((name, rel_l2(got, ref), float(got.double().sum())))
-    return out
+    return dit_under_two_rank_meshes(build_dit(tiny_ti2v_config(), device="cpu", dtype=torch.float32, seed=0, std=0.1),
+                                     inputs())
 
 
 def test_per_token_timesteps_sequence_parallel_match_single_process():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import dit_under_two_rank_meshes, run_distributed
 
 pytest.importorskip("diffusers")
 
@@ -186,19 +186,7 @@ def test_ti2v_dit_sees_the_condition_at_t0():
 
 
 def _sp_world(rank: int, world: int) -> list[tuple[str, float, float]]:
-    from ditfleet.bench.common import rel_l2 as rl2
-    from ditfleet.parallel import init_parallel
-
-    meshes = {"ulysses": init_parallel(ulysses_size=2, ring_size=1), "ring": init_parallel(ulysses_size=1, ring_size=2)}
-    model, inp = _tiny_ti2v_dit(), _inputs()
-    out = []
-    with torch.no_grad():
-        ref = model(**inp)
-        for name, mesh in meshes.items():
-            model.set_parallel(mesh)
-            got = model(**inp)
-            out.append((name, rl2(got, ref), float(got.double().sum())))
-    return out
+    return dit_under_two_rank_meshes(_tiny_ti2v_dit(), _inputs())
 
 
 def test_ti2v_dit_sequence_parallel_matches_single_process():
