@@ -39,7 +39,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARGE_CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
 PLACEMENT_STRATEGIES = ("auto", "STRICT_PACK", "PACK", "SPREAD")
 PLACEHOLDER = re.compile(r"^\$\{[A-Za-z0-9_]+\}$")
-PATH_KEYS = ("model_path", "sparge_ckpt", "image_path", "output")
+PATH_KEYS = ("model_path", "sparge_ckpt", "image_path", "output", "dit_quantized_ckpt")
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -220,6 +220,13 @@ class RunConfig:
         "`fp8-sgl`, `fp8-q8f` and `fp8-torchao` name the same scheme and are accepted; LightX2V's `Default` (no "
         "quantisation) only with `dit_quantized` false.",
         choices=("fp8", "fp8-vllm", "fp8-sgl", "fp8-q8f", "fp8-torchao", "Default"),
+    )
+    dit_quantized_ckpt: str | None = _f(
+        None, "LightX2V's pre-quantised FP8 DiT (its converter's `--quantized --linear_dtype torch.float8_e4m3fn` "
+        "output): a `.safetensors` file or a folder of them; the quantised linears are built from its e4m3 weights "
+        "and `.weight_scale`s, every other DiT tensor is read from it too; the architecture still comes from "
+        "`model_path`. Needs `dit_quantized` true; no `lora_configs`; one-DiT wan2.1 models only. Null: quantise "
+        "the bf16 weights at load.",
     )
     feature_caching: str = _f(
         "none", "Step caching (LightX2V's key): `none` (LightX2V's `NoCaching` too), `Tea` (TeaCache: skip a step's "
@@ -580,6 +587,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
     if cfg.dit_quantized and cfg.dit_quant_scheme == "Default":
         raise ConfigError("dit_quant_scheme", "`Default` means no quantisation, but dit_quantized is true; valid "
                                               "schemes: fp8 (or LightX2V's fp8-vllm, fp8-sgl, fp8-q8f, fp8-torchao)")
+    _validate_quantized_ckpt(cfg, check_files)
     steps = cfg.denoising_step_list
     if steps is not None:
         if not steps or any(not 1 <= x <= 1000 for x in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
@@ -659,6 +667,36 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
         raise ConfigError(
             "launcher", f"'local' runs one process, but the parallel degrees need {expected}; use torchrun or ray"
         )
+
+
+def _validate_quantized_ckpt(cfg: RunConfig, check_files: bool) -> None:
+    """``dit_quantized_ckpt``: needs ``dit_quantized``, takes no LoRA, a .safetensors file or a folder that exists."""
+    path = cfg.dit_quantized_ckpt
+    if path is None:
+        return
+    if not cfg.dit_quantized:
+        raise ConfigError("dit_quantized_ckpt", "a pre-quantised checkpoint needs dit_quantized: true (and an fp8 "
+                                                "dit_quant_scheme); set it, or set dit_quantized_ckpt to null")
+    if cfg.lora_configs:
+        raise ConfigError("lora_configs", "LoRAs merge into the bf16 weights before they are quantised, and "
+                                          f"dit_quantized_ckpt {path!r} is already quantised; drop lora_configs, or "
+                                          "drop dit_quantized_ckpt to quantise the LoRA-merged weights at load")
+    if cfg.model_cls is not None:
+        from .models.registry import spec_for
+
+        spec = spec_for(cfg.model_cls)
+        if not spec.loads_quantized_ckpt:
+            raise ConfigError("dit_quantized_ckpt", f"model_cls {cfg.model_cls} ({spec.description}) does not load "
+                                                    "pre-quantised checkpoints (only wan2.1 does; LightX2V's "
+                                                    "high_noise_quantized_ckpt / low_noise_quantized_ckpt are not "
+                                                    "supported); set it to null to quantise at load")
+    p = Path(path).expanduser()
+    if check_files and not p.exists():
+        raise ConfigError("dit_quantized_ckpt", f"{path!r} does not exist; give LightX2V's pre-quantised DiT (a "
+                                                ".safetensors file or a folder of them)")
+    if (p.is_file() and p.suffix != ".safetensors") or (not p.exists() and p.suffix not in ("", ".safetensors")):
+        raise ConfigError("dit_quantized_ckpt", f"{path!r} is not a .safetensors file (or a folder of them); ditfleet "
+                                                "reads only safetensors (no pickle)")
 
 
 def _validate_caching(cfg: RunConfig) -> None:

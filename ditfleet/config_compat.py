@@ -7,7 +7,7 @@ does not do. They fall in two groups:
   the checkpoint here). Ignoring them cannot change the video, so they are accepted with **one** warning
   that lists them all.
 - :data:`LIGHTX2V_CHANGES_OUTPUT`: features that would change the video (quantised text / image
-  encoders, MagCache calibration, changing resolution, ...). Running without them would silently produce something else, so a value
+  encoders, the two experts' pre-quantised checkpoints, MagCache calibration, changing resolution, ...). Running without them would silently produce something else, so a value
   other than their "off" value is an error naming the key. Their off value (``false``, ``[]``, ``null``,
   ``"NoCaching"``) is accepted with the warning above. (``feature_caching`` itself and the keys of the methods
   ditfleet implements -- Tea, Mag, FirstBlock -- are real config fields; MagCache's calibration run is not.)
@@ -39,7 +39,6 @@ LIGHTX2V_NO_EFFECT = frozenset({
 
 #: LightX2V keys that would change the video, each with the value(s) that mean "off".
 LIGHTX2V_CHANGES_OUTPUT: dict[str, tuple] = {
-    "dit_quantized_ckpt": (None,),
     "t5_quantized": (False,),
     "t5_quant_scheme": (None,),
     "t5_quantized_ckpt": (None,),

@@ -254,7 +254,7 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                              loras=cfg.lora_configs, quant=quant_scheme(cfg),
+                              loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized_ckpt=cfg.dit_quantized_ckpt,
                               step_cache=StepCacheSettings.from_config(cfg))
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
@@ -408,7 +408,7 @@ class Pipeline:
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
                                   radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                                  loras=cfg.lora_configs, quant=quant_scheme(cfg),
+                                  loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized_ckpt=cfg.dit_quantized_ckpt,
                                   step_cache=StepCacheSettings.from_config(cfg))
         for dit in runner.denoisers:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)

@@ -81,6 +81,7 @@ class ModelRunner:
         boundary: float | None = None,
         loras=(),
         quant: str | None = None,
+        quantized_ckpt=None,
         step_cache: StepCacheSettings | None = None,
         **kwargs,
     ) -> ModelRunner:
@@ -91,6 +92,8 @@ class ModelRunner:
         the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
         switch of a two-expert family (``None``: the folder's); ``quant``: the ``dit_quant_scheme`` of a
         ``dit_quantized`` run (``None``: the compute dtype), applied once after the LoRAs are merged;
+        ``quantized_ckpt``: the run's ``dit_quantized_ckpt`` (with ``quant``): the family's spec builds the denoiser
+        pre-quantised from that file (``Denoisers.quant`` set) instead of quantising loaded weights;
         ``step_cache``: the run's ``feature_caching`` settings (:meth:`set_step_cache`; ``None``: no caching).
         """
         from pathlib import Path
@@ -99,9 +102,20 @@ class ModelRunner:
 
         root = Path(model_path)
         spec = spec or resolve_family(None, root)
+        extra = {}
+        if quantized_ckpt is not None:
+            if quant is None:
+                raise ConfigError("dit_quantized_ckpt", "a pre-quantised checkpoint needs dit_quantized: true (and an "
+                                                        "fp8 dit_quant_scheme)")
+            if not spec.loads_quantized_ckpt:
+                raise ConfigError("dit_quantized_ckpt", f"{spec.family} ({spec.description}) does not load pre-quantised "
+                                                        f"checkpoints (only wan2.1 does; LightX2V's high_noise_quantized_ckpt"
+                                                        f" / low_noise_quantized_ckpt are not supported); drop it to "
+                                                        f"quantise at load")
+            extra = {"quantized_ckpt": Path(quantized_ckpt), "quant": quant}
         den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
-                        boundary=boundary, loras=loras or ())
-        if quant is not None:
+                        boundary=boundary, loras=loras or (), **extra)
+        if quant is not None and den.quant is None:
             from ..models.quant import quantize_denoisers_
 
             quantize_denoisers_(den, quant)

@@ -15,6 +15,11 @@ quantisation are one pass. A quantised linear takes either a tensor (quantised i
 :class:`~ditfleet.models.wan.ops.Fp8Rows` (already quantised, e.g. by the norm before it:
 :mod:`ditfleet.models.wan.ops`), and says so with ``takes_fp8 = True``.
 
+Pre-quantised weights (``dit_quantized_ckpt``: LightX2V's converter output): :func:`build_prequantized_` swaps
+the same linears for :class:`Fp8Linear` built from a file's e4m3 weights and per-channel scales (the loader,
+:func:`ditfleet.models.wan.loader.load_quantized_dit`, reads them onto a model on ``meta``: no bf16 copy of those
+weights exists); the report says so and names the file(s) with their sha256.
+
 Start-up refusals (:func:`check_quant_runtime`; :func:`ditfleet.engine.preflight.preflight` runs the same
 before anything loads): no CUDA device, a GPU without FP8 tensor cores (sm < 89), torchao missing, a
 compute dtype other than bfloat16 -- one :class:`~ditfleet.errors.ConfigError` naming ``dit_quantized``.
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -213,6 +218,36 @@ def _summarise(names: list[str]) -> dict[str, int]:
     return out
 
 
+def _check_fit(model: nn.Module, names: list[str]) -> None:
+    """The FP8 GEMM's shape rule: every quantised linear's in / out features a multiple of 16 (ConfigError)."""
+    misfit = [n for n in names if model.get_submodule(n).in_features % 16 or model.get_submodule(n).out_features % 16]
+    if misfit:
+        lin = model.get_submodule(misfit[0])
+        raise ConfigError("dit_quantized", f"the FP8 GEMM needs in / out features that are multiples of 16; {misfit[0]} "
+                                           f"is {lin.in_features} -> {lin.out_features} ({len(misfit)} such linears); "
+                                           f"set dit_quantized to false")
+
+
+def _report(model: nn.Module, scheme: str, names: list[str], params: int, fused: list[str], dtype: torch.dtype,
+            gemm_name: str, weights: str) -> dict:
+    """The quantised model's report (``model.denoisers.quant``), set as ``model.quant_report``."""
+    kept = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d))]
+    report = {
+        "scheme": canonical_scheme(scheme), "requested": scheme,
+        "weights": weights,
+        "activations": "float8_e4m3fn, one float32 scale per token (dynamic amax / 448)",
+        "gemm": gemm_name,
+        "out_dtype": str(dtype).removeprefix("torch."),
+        "linears": len(names), "quantised_params": params, "modules": _summarise(names),
+        "fused_gelu_quant": len(fused),
+        "unquantised_linears": _summarise(kept),
+        "unquantised": "every other module: the linears above (embeddings, time / modulation, head), every norm, "
+                       "the modulation tables and attention",
+    }
+    model.quant_report = report
+    return report
+
+
 @torch.no_grad()
 def quantize_model_(model: nn.Module, scheme: str = "fp8", *, patterns: Iterable[str] | None = None,
                     check_device: bool = True, gemm: Callable | None = None) -> dict:
@@ -232,19 +267,14 @@ def quantize_model_(model: nn.Module, scheme: str = "fp8", *, patterns: Iterable
     Raises:
         ConfigError: naming ``dit_quant_scheme`` / ``dit_quantized``.
     """
-    canon = canonical_scheme(scheme)
+    canonical_scheme(scheme)
     if getattr(model, "quant_report", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantised ({model.quant_report['scheme']})")
     names = quantizable_linears(model, patterns)
     if not names:
         raise ConfigError("dit_quantized", f"no linear of {type(model).__name__} matches its quant_linears "
                                            f"{list(patterns if patterns is not None else model.quant_linears)}")
-    misfit = [n for n in names if model.get_submodule(n).in_features % 16 or model.get_submodule(n).out_features % 16]
-    if misfit:
-        lin = model.get_submodule(misfit[0])
-        raise ConfigError("dit_quantized", f"the FP8 GEMM needs in / out features that are multiples of 16; {misfit[0]} "
-                                           f"is {lin.in_features} -> {lin.out_features} ({len(misfit)} such linears); "
-                                           f"set dit_quantized to false")
+    _check_fit(model, names)
     dtype = model.get_submodule(names[0]).weight.dtype
     device = model.get_submodule(names[0]).weight.device
     if check_device:
@@ -257,21 +287,93 @@ def quantize_model_(model: nn.Module, scheme: str = "fp8", *, patterns: Iterable
         _set_submodule(model, n, Fp8Linear.from_linear(lin, gemm, out_dtype=dtype))
         del lin
     fused = _fuse_gelus(model)
-    kept = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d))]
-    report = {
-        "scheme": canon, "requested": scheme,
-        "weights": "float8_e4m3fn, one float32 scale per output channel (amax / 448), quantised once at load",
-        "activations": "float8_e4m3fn, one float32 scale per token (dynamic amax / 448)",
-        "gemm": GEMM if default_gemm else getattr(gemm, "__qualname__", repr(gemm)),
-        "out_dtype": str(dtype).removeprefix("torch."),
-        "linears": len(names), "quantised_params": params, "modules": _summarise(names),
-        "fused_gelu_quant": len(fused),
-        "unquantised_linears": _summarise(kept),
-        "unquantised": "every other module: the linears above (embeddings, time / modulation, head), every norm, "
-                       "the modulation tables and attention",
-    }
-    model.quant_report = report
+    return _report(model, scheme, names, params, fused, dtype,
+                   GEMM if default_gemm else getattr(gemm, "__qualname__", repr(gemm)),
+                   "float8_e4m3fn, one float32 scale per output channel (amax / 448), quantised once at load")
+
+
+@torch.no_grad()
+def build_prequantized_(model: nn.Module, scheme: str, linears: Mapping[str, tuple], *, device: torch.device | str,
+                        dtype: torch.dtype, source: dict, check_device: bool = True,
+                        gemm: Callable | None = None) -> dict:
+    """Swap the declared linears of ``model`` for :class:`Fp8Linear` built from already quantised weights.
+
+    The pre-quantised path of ``dit_quantized_ckpt`` (:func:`ditfleet.models.wan.loader.load_quantized_dit`):
+    ``model`` may sit on ``meta`` (its linears' weights are never materialised); the same modules are swapped
+    and the same GELUs fused as by :func:`quantize_model_`, so the result is the quantise-at-load model with the
+    file's codes and scales.
+
+    Args:
+        model: a DiT declaring ``quant_linears`` (any device, ``meta`` included).
+        scheme: a :data:`SCHEMES` name.
+        linears: module name -> ``(weight_fp8, scale, bias)``: ``float8_e4m3fn`` ``[N, K]``, float ``N`` values
+            (``[N, 1]`` as LightX2V stores them, ``[N]`` or ``[1, N]``; ``W[n] ~= weight_fp8[n] * scale[n]``),
+            ``[N]`` or ``None``; exactly the model's quantisable linears.
+        device: where the quantised weights go; dtype: the compute dtype (GEMM output, bias).
+        source: what the report records of where they came from (``path``, ``files`` with sha256).
+        check_device: as :func:`quantize_model_`.
+        gemm: the scaled GEMM (default :func:`torchao_gemm`).
+
+    Returns:
+        The report (:func:`quantize_model_`'s, ``weights`` saying pre-quantised, ``checkpoint`` = ``source``).
+
+    Raises:
+        ConfigError: naming ``dit_quant_scheme`` / ``dit_quantized``.
+        ValueError: ``linears`` are not the model's quantisable linears, or a tensor's dtype / shape is wrong.
+    """
+    canonical_scheme(scheme)
+    if getattr(model, "quant_report", None) is not None:
+        raise ValueError(f"{type(model).__name__} is already quantised ({model.quant_report['scheme']})")
+    names = quantizable_linears(model)
+    if set(names) != set(linears):
+        odd = sorted(set(names) ^ set(linears))
+        raise ValueError(f"build_prequantized_: the weights given are not {type(model).__name__}'s quantisable "
+                         f"linears (differ in {', '.join(odd[:5])})")
+    _check_fit(model, names)
+    if check_device:
+        check_quant_runtime(device, dtype)
+    default_gemm = gemm is None
+    gemm = gemm or torchao_gemm()
+    params = 0
+    for n in names:
+        lin = model.get_submodule(n)
+        w, scale, bias = linears[n]
+        if tuple(w.shape) != (lin.out_features, lin.in_features) or scale.numel() != lin.out_features:
+            raise ValueError(f"build_prequantized_: {n} takes [{lin.out_features}, {lin.in_features}] weights, "
+                             f"got {list(w.shape)} with {scale.numel()} scales")
+        if (bias is None) != (lin.bias is None):
+            raise ValueError(f"build_prequantized_: {n} {'has' if lin.bias is not None else 'has no'} bias")
+        scale = scale.to(device=device, dtype=torch.float32).reshape(1, -1).contiguous()
+        _set_submodule(model, n, Fp8Linear(w.to(device), scale, None if bias is None else bias.to(device), dtype, gemm))
+        params += w.numel()
+        del lin
+    fused = _fuse_gelus(model)
+    report = _report(model, scheme, names, params, fused, dtype,
+                     GEMM if default_gemm else getattr(gemm, "__qualname__", repr(gemm)),
+                     "float8_e4m3fn, one float32 scale per output channel, pre-quantised: read from dit_quantized_ckpt "
+                     "(not quantised here)")
+    report["checkpoint"] = dict(source)
     return report
+
+
+def expert_target(name: str, expert: nn.Module) -> nn.Module:
+    """The module of ``expert`` that declares ``quant_linears`` (itself, or its one submodule that does).
+
+    Raises:
+        ConfigError: naming ``dit_quantized`` when none does.
+    """
+    target = expert if getattr(expert, "quant_linears", None) else next(
+        (m for m in expert.modules() if getattr(m, "quant_linears", None)), None)
+    if target is None:
+        raise ConfigError("dit_quantized", f"the denoiser {name} ({type(expert).__name__}) declares no "
+                                           f"quantisable linears; set dit_quantized to false")
+    return target
+
+
+def denoisers_report(names: Iterable[str], reports: Iterable[dict]) -> dict:
+    """``model.denoisers.quant``: the first expert's report and the names of the experts quantised."""
+    reports = list(reports)
+    return {**{k: v for k, v in reports[0].items() if k != "expert"}, "experts": list(names)}
 
 
 def quantize_denoisers_(denoisers, scheme: str) -> None:
@@ -282,14 +384,6 @@ def quantize_denoisers_(denoisers, scheme: str) -> None:
     that does. Refuses (ConfigError naming ``dit_quantized``) a device, dtype or install that cannot run it.
     """
     canonical_scheme(scheme)
-    reports = []
-    for name, expert in zip(denoisers.names, denoisers.experts):
-        target = expert if getattr(expert, "quant_linears", None) else next(
-            (m for m in expert.modules() if getattr(m, "quant_linears", None)), None)
-        if target is None:
-            raise ConfigError("dit_quantized", f"the denoiser {name} ({type(expert).__name__}) declares no "
-                                               f"quantisable linears; set dit_quantized to false")
-        reports.append({"expert": name, **quantize_model_(target, scheme)})
-    first = reports[0]
-    denoisers.quant = {**{k: v for k, v in first.items() if k != "expert"},
-                       "experts": [r["expert"] for r in reports]}
+    reports = [quantize_model_(expert_target(name, expert), scheme)
+               for name, expert in zip(denoisers.names, denoisers.experts)]
+    denoisers.quant = denoisers_report(denoisers.names, reports)

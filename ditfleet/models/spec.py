@@ -79,12 +79,16 @@ class ModelSpec:
         experts: denoisers per folder (1, or 2 for a high / low-noise pair).
         first_frame_i2v: image-to-video replaces the first latent frame by the image's (Wan2.2 TI2V-5B) instead of
             feeding the condition as extra DiT input channels (Wan2.1 / Wan2.2 A14B I2V).
+        loads_quantized_ckpt: :meth:`load` takes ``quantized_ckpt`` and ``quant`` (``dit_quantized_ckpt``: the
+            denoiser built from LightX2V's pre-quantised FP8 file, ``Denoisers.quant`` set); other families refuse
+            the key.
     """
 
     family: str = ""
     description: str = ""
     experts: int = 1
     first_frame_i2v: bool = False
+    loads_quantized_ckpt: bool = False
 
     def claims(self, root: Path) -> bool:
         """True when ``root`` (a model folder) is one of this family's (used to pick the family from a folder)."""
@@ -104,7 +108,10 @@ class ModelSpec:
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
              boundary: float | None = None, loras: Sequence = ()) -> Denoisers:
         """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`; ``loras`` (config
-        ``lora_configs`` entries: ``path``, ``strength``, ``alpha``, ``name``) are merged into their expert's weights."""
+        ``lora_configs`` entries: ``path``, ``strength``, ``alpha``, ``name``) are merged into their expert's weights.
+
+        A family with :attr:`loads_quantized_ckpt` also takes ``quantized_ckpt`` (a path) and ``quant`` (the
+        ``dit_quant_scheme``): the denoiser comes pre-quantised from that file, ``Denoisers.quant`` says so."""
         raise NotImplementedError
 
     def loras_for(self, loras: Sequence, names: Sequence[str], aliases: Mapping[str, str] | None = None) -> list[list]:

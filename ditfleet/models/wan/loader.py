@@ -348,6 +348,248 @@ def load_dit(
     return model
 
 
+# ---- pre-quantised checkpoints (dit_quantized_ckpt) ------------------------------------------------------
+# LightX2V's format, read from ModelTC/lightx2v: tools/convert/converter.py (``--quantized --linear_dtype
+# torch.float8_e4m3fn``: quantize_model / quantize_tensor), lightx2v/models/networks/wan/model.py
+# (_load_quant_ckpt) and lightx2v/common/ops/mm/mm_weight.py (MMWeightQuantTemplate.load_quantized):
+# * official Wan names; every 2-D tensor of ``blocks.N.{self_attn,cross_attn,ffn}.*`` -- q k v o, k_img v_img,
+#   ffn.0 ffn.2, i.e. WanDiT.quant_linears -- is stored as ``<name>.weight`` float8_e4m3fn [N, K] plus
+#   ``<name>.weight_scale`` [N, 1] (the source weight's dtype, float32 for the float32 Wan releases), symmetric
+#   per output channel: scale = max(amax(|row|), 1e-5) / 448, ``W[n] ~= weight[n] * weight_scale[n]``;
+# * every other tensor (biases, norms, embeddings, modulation, head) sits in the same file(s), unquantised,
+#   cast to the converter's --non_linear_dtype (float32 by default, or bf16 / fp16);
+# * a single .safetensors file, or a folder: ``<name>_partK.safetensors`` chunks or ``block_N.safetensors`` +
+#   ``non_block.safetensors`` (--save_by_block), with a diffusion_pytorch_model.safetensors.index.json;
+#   LightX2V reads every *.safetensors of the folder, as done here (or the index's files when there is one).
+# int8 files (--linear_dtype torch.int8) have the same layout; this build runs fp8 only.
+QUANT_KEY = "dit_quantized_ckpt"
+SCALE_SUFFIX = "_scale"  # LightX2V: "<linear>.weight" + "_scale"
+_FP8_HEADER = "F8_E4M3"
+_HEADER_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8",
+                  "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+_FLOAT_HEADERS = ("BF16", "F16", "F32", "F64")
+
+
+def quantized_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) of a ``dit_quantized_ckpt``: the file itself, or the folder's (its index's files
+    when it has a ``*.index.json``, else every ``*.safetensors``), sorted.
+
+    Raises:
+        ConfigError: (``dit_quantized_ckpt``) the path does not exist, is not a ``.safetensors`` file, or a folder
+            holds none.
+        CheckpointError: an index that lists missing files.
+    """
+    from ...errors import ConfigError
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(QUANT_KEY, f"{str(path)!r} does not exist; give LightX2V's pre-quantised DiT (a .safetensors "
+                                     f"file or a folder of them)")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ConfigError(QUANT_KEY, f"{str(path)!r} is not a .safetensors file; ditfleet reads only safetensors "
+                                         f"(no pickle)")
+        return [p]
+    indexes = sorted(p.glob("*.index.json"))
+    if indexes:
+        weight_map = _read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{QUANT_KEY} {indexes[0]}: has no 'weight_map' (name -> file)")
+        files = sorted({p / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{QUANT_KEY} {indexes[0]} lists file(s) that do not exist: {', '.join(missing[:SHOW])}")
+        return files
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(QUANT_KEY, f"{str(path)!r} is a folder without .safetensors files")
+    return files
+
+
+def _scan_quantized(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+    """Official name -> (file, stored name, shape, header dtype) of every tensor, from the headers only."""
+    entries: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                official = name.removeprefix(OFFICIAL_PREFIX)
+                if official in entries:
+                    raise CheckpointError(f"{QUANT_KEY}: tensor {name!r} appears twice: in {entries[official][0].name} "
+                                          f"and {path.name}")
+                entries[official] = (path, name, tuple(sl.get_shape()), sl.get_dtype())
+    return entries
+
+
+def _listing(label: str, items: list[str]) -> str:
+    more = f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else ""
+    return f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}"
+
+
+def _check_quantized(model: WanDiT, qnames: list[str], found: Mapping[str, tuple], where: str) -> None:
+    """Every check of a pre-quantised checkpoint's headers against ``model`` (one CheckpointError each)."""
+    qweights = {f"{n}.weight" for n in qnames}
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    hdt = {k: v[3] for k, v in found.items()}
+    other_q = sorted(k for k, d in hdt.items() if k in qweights and d not in (_FP8_HEADER, *_FLOAT_HEADERS))
+    if other_q:
+        d = _HEADER_DTYPES.get(hdt[other_q[0]], hdt[other_q[0]])
+        raise CheckpointError(f"{where}: {_listing(f'{d} linear weight(s)', other_q)}; this build runs fp8 only "
+                              f"(float8_e4m3fn weights with per-channel scales: LightX2V's converter --linear_dtype "
+                              f"torch.float8_e4m3fn), or drop {QUANT_KEY} to quantise the bf16 weights at load")
+    unquantised = sorted(k for k in qweights if k in found and hdt[k] in _FLOAT_HEADERS)
+    if unquantised:
+        d = _HEADER_DTYPES[hdt[unquantised[0]]]
+        raise CheckpointError(f"{where}: {_listing(f'{d} (not quantised) linear weight(s)', unquantised)}; a "
+                              f"pre-quantised checkpoint holds these in float8_e4m3fn with a .weight_scale each; for a "
+                              f"bf16 / fp32 checkpoint drop {QUANT_KEY} (dit_quantized quantises at load)")
+    odd = sorted(k for k, d in hdt.items() if k not in qweights and not k.endswith(SCALE_SUFFIX) and k in expected
+                 and d not in _FLOAT_HEADERS)
+    if odd:
+        d = _HEADER_DTYPES.get(hdt[odd[0]], hdt[odd[0]])
+        raise CheckpointError(f"{where}: {_listing(f'{d} tensor(s) outside the quantised linears', odd)}; only the "
+                              f"blocks' linears ({', '.join(model.quant_linears[:3])}, ...) run quantised, every other "
+                              f"tensor must be floating point (bf16, fp16, fp32)")
+    no_scale = sorted(k for k in qweights if k in found and k + SCALE_SUFFIX not in found)
+    if no_scale:
+        raise CheckpointError(f"{where}: {_listing('quantised weight(s) without their scale', no_scale)}; LightX2V "
+                              f"stores each as <name>.weight (float8_e4m3fn) and <name>.weight_scale (float32 [N, 1])")
+    missing = [k for k in expected if k not in found]
+    scales = {k + SCALE_SUFFIX: expected[k][0] for k in qweights}
+    unknown = [found[k][1] for k in found if k not in expected and k not in scales]
+    misshaped = [f"{found[k][1]} (checkpoint {list(found[k][2])}, model {list(shape)})"
+                 for k, shape in expected.items() if k in found and tuple(found[k][2]) != tuple(shape)]
+    misshaped += [f"{found[k][1]} (checkpoint {list(found[k][2])}, model [{n}, 1])" for k, n in scales.items()
+                  if k in found and tuple(found[k][2]) not in ((n, 1), (n,), (1, n))]
+    bad_scale = sorted(k for k in scales if k in found and hdt[k] not in _FLOAT_HEADERS)
+    problems = [_listing(label, items) for label, items in (("missing", missing), ("unknown", unknown),
+                                                             ("misshaped", misshaped)) if items]
+    if bad_scale:
+        problems.append(_listing("scale(s) not floating point", [f"{k} ({_HEADER_DTYPES.get(hdt[k], hdt[k])})"
+                                                                 for k in bad_scale]))
+    if problems:
+        raise CheckpointError(f"{where}: the tensors do not match the model model_path's config.json describes "
+                              f"(official Wan names expected, e.g. blocks.0.self_attn.q.weight and its .weight_scale); "
+                              + "; ".join(problems))
+
+
+def check_quantized_ckpt(path: str | Path, quantized_ckpt: str | Path, *, model_cls: type[WanDiT] = WanDiT):
+    """Check a ``dit_quantized_ckpt`` against the model ``path``'s config describes, from the headers only (the
+    start-up check of :func:`ditfleet.engine.preflight.check_quant`, and the first step of :func:`load_quantized_dit`).
+
+    Returns:
+        ``(checkpoint, model on meta, quantised linear names, files, tensors by official name)``.
+
+    Raises:
+        ConfigError / CheckpointError: as :func:`load_quantized_dit`, before any tensor data is read.
+    """
+    from ..quant import quantizable_linears
+
+    ckpt = find_checkpoint(path)
+    files = quantized_files(quantized_ckpt)
+    with torch.device("meta"):
+        model = model_cls(ckpt.config)
+    qnames = quantizable_linears(model)
+    found = _scan_quantized(files)
+    _check_quantized(model, qnames, found, f"{QUANT_KEY} {quantized_ckpt}")
+    return ckpt, model, qnames, files, found
+
+
+def load_quantized_dit(
+    path: str | Path,
+    quantized_ckpt: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    attention: Mapping[str, object] | None = None,
+    model_cls: type[WanDiT] = WanDiT,
+    scheme: str = "fp8",
+    check_device: bool = True,
+    gemm=None,
+) -> WanDiT:
+    """Build a quantised :class:`WanDiT` from LightX2V's pre-quantised FP8 checkpoint (``dit_quantized_ckpt``).
+
+    The architecture comes from ``path``'s ``config.json`` (as :func:`load_dit`); every tensor comes from
+    ``quantized_ckpt`` (a ``.safetensors`` file or a folder of them: :func:`quantized_files`). The model is built
+    on ``meta``, the headers are checked against it before any data is read, the quantised linears become
+    :class:`~ditfleet.models.quant.Fp8Linear` straight from the file's e4m3 weights and scales (no bf16 copy of
+    them exists at any time), and the other tensors are read one at a time, cast as :func:`load_dit` casts them.
+
+    Args:
+        path: the model's DiT folder (its ``config.json``), as for :func:`load_dit`.
+        quantized_ckpt: the pre-quantised file or folder.
+        device, dtype, attention, model_cls: as :func:`load_dit` (``dtype`` is the quantised model's compute dtype).
+        scheme: the ``dit_quant_scheme`` (an fp8 one).
+        check_device: refuse a device / dtype the engine does not run quantised, before reading a tensor;
+            False on CPU (tests), as :func:`~ditfleet.models.quant.quantize_model_`.
+        gemm: the scaled GEMM (default torchao's).
+
+    Returns:
+        The model in eval mode; ``model.quant_report`` records the checkpoint (path, each file's sha256).
+
+    Raises:
+        ConfigError: (``dit_quantized_ckpt``) a missing path; (``dit_quantized`` / ``dit_quant_scheme``) a device or
+            scheme that cannot run it.
+        CheckpointError: naming the file: int8 or other non-fp8 weights, a weight without its scale, missing,
+            unknown or misshaped tensors.
+    """
+    from .. import quant
+    from .lora import _sha256
+
+    quant.canonical_scheme(scheme)
+    ckpt, model, qnames, files, found = check_quantized_ckpt(path, quantized_ckpt, model_cls=model_cls)
+    where = f"{QUANT_KEY} {quantized_ckpt}"
+    device = torch.device(device)
+    if check_device:
+        quant.check_quant_runtime(device, dtype)
+    keep = model.fp32_param_names()
+    by_module = {n: {} for n in qnames}
+    owner = {f"{n}.{leaf}": (n, leaf) for n in qnames for leaf in ("weight", "weight" + SCALE_SUFFIX, "bias")}
+    state = {}
+    for path_i in files:
+        with _open(path_i) as f:
+            for official, (fpath, stored, _, _) in found.items():
+                if fpath != path_i:
+                    continue
+                tensor = f.get_tensor(stored)
+                if official in owner:  # a quantised linear's weight (e4m3 as stored), scale (float32) or bias
+                    mod, leaf = owner[official]
+                    if leaf == "weight" + SCALE_SUFFIX:
+                        if not bool(torch.isfinite(tensor).all()) or bool((tensor <= 0).any()):
+                            raise CheckpointError(f"{where}: {stored} ({path_i.name}) holds scales that are not finite "
+                                                  f"and positive")
+                        target = torch.float32
+                    else:
+                        target = tensor.dtype if leaf == "weight" else dtype
+                else:
+                    target = model.param_dtype(official, dtype, keep)
+                value = tensor.to(device=device, dtype=target)
+                # no cast, no move: the allocator's own (aligned) memory, as load_dit does; one tensor on the host
+                value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
+                if official in owner:
+                    by_module[owner[official][0]][owner[official][1]] = value
+                else:
+                    state[official] = value
+                del tensor, value
+    linears = {n: (d["weight"], d["weight" + SCALE_SUFFIX], d.get("bias")) for n, d in by_module.items()}
+    source = {"path": str(quantized_ckpt), "files": [{"file": p.name, "sha256": _sha256(p)} for p in files]}
+    quant.build_prequantized_(model, scheme, linears, device=device, dtype=dtype, source=source, check_device=False,
+                              gemm=gemm)
+    del linears, by_module
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or any(t.is_meta for t in model.state_dict().values()):
+        raise RuntimeError(f"load_quantized_dit: {ckpt.folder}: tensors left unloaded "
+                           f"({[k for k, t in model.state_dict().items() if t.is_meta][:SHOW]}) or unexpected "
+                           f"({result.unexpected_keys[:SHOW]})")
+    del state
+    model.requires_grad_(False).eval()
+    model.set_attention(attention if attention is not None else default_attention(ckpt.config, device, dtype))
+    log.info("loaded Wan2.1 %s DiT pre-quantised (%s, %d linears fp8) from %s, config from %s, to %s/%s",
+             ckpt.config.model_type, scheme, len(qnames), quantized_ckpt, ckpt.folder, device,
+             str(dtype).removeprefix("torch."))
+    return model
+
+
 # ---- conversion -------------------------------------------------------------------------------------
 def _write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[str]:
     """Write ``(name, tensor)`` pairs as safetensors shards of at most ``max_shard_bytes`` (plus index when > 1)."""
