@@ -389,6 +389,16 @@ def _unknown_key(path: str, value: Any, foreign: list[str]) -> None:
     raise ConfigError(path, f"unknown key; {hint}")
 
 
+#: How LightX2V's configs write "off" / "unused" for keys ditfleet implements (its configs load unchanged):
+#: a spelling here is read as the value beside it, null as the field's default where listed in LIGHTX2V_NULL.
+LIGHTX2V_SPELLINGS = {
+    "dit_quant_scheme": {None: "Default", "default": "Default", "bf16": "Default"},
+    "feature_caching": {None: "none", "None": "none"},
+}
+LIGHTX2V_NULL = ("teacache_thresh", "use_ret_steps", "magcache_thresh", "magcache_K", "magcache_retention_ratio",
+                 "residual_diff_threshold", "downsample_factor")
+
+
 def _build(cls: type, data: dict, prefix: str = "", foreign: list[str] | None = None) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -398,6 +408,12 @@ def _build(cls: type, data: dict, prefix: str = "", foreign: list[str] | None = 
         if key not in fields:
             _unknown_key(prefix + key, value, foreign)
             continue
+        if cls is RunConfig:
+            if value is None and key in LIGHTX2V_NULL:
+                continue  # LightX2V's "unset": the default
+            spelled = LIGHTX2V_SPELLINGS.get(key, {})
+            if (value is None or isinstance(value, str)) and value in spelled:
+                value = spelled[value]
         f = fields[key]
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             value = _build(hints[key], value, prefix + key + ".", foreign)
@@ -585,7 +601,8 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
         if lora.alpha is not None and lora.alpha <= 0:
             raise ConfigError(f"lora_configs[{i}].alpha", f"must be > 0 or null, got {lora.alpha}")
     if cfg.dit_quantized and cfg.dit_quant_scheme == "Default":
-        raise ConfigError("dit_quant_scheme", "`Default` means no quantisation, but dit_quantized is true; valid "
+        raise ConfigError("dit_quant_scheme", "`Default` (LightX2V's null / default / bf16 too) means no "
+                                              "quantisation, but dit_quantized is true; valid "
                                               "schemes: fp8 (or LightX2V's fp8-vllm, fp8-sgl, fp8-q8f, fp8-torchao)")
     _validate_quantized_ckpt(cfg, check_files)
     steps = cfg.denoising_step_list

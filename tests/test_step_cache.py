@@ -217,13 +217,18 @@ def test_two_experts_keep_their_own_caches():
     enc = toy_request()
     settings = StepCacheSettings(method="Tea", teacache_thresh=5.0, coefficients=COEFFS, first_steps=1, last_steps=0)
     runner = ModelRunner(Denoisers([ToyDiT(seed=0), ToyDiT(seed=1)], ["high", "low"], boundary=0.5))
-    runner.set_step_cache(settings).denoise(enc)
     switch = next(i for i, t in enumerate(runner.sampler(enc).timesteps) if runner.denoisers.index_for(t) == 1)
     assert 1 < switch < STEPS - 1
+    held = {}
+    for i, _, _ in runner.set_step_cache(settings).denoise_iter(enc):
+        held[i] = set(runner._cache.branches)
     for branch, dec in runner.cache_decisions().items():
         assert dec[0] and dec[switch], (branch, dec)  # each expert starts computed
         assert dec.count(True) == 2, (branch, dec)  # a huge threshold: every other step skipped
-    assert set(runner._cache.branches) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    # one cache per (expert, branch); the high-noise expert's tensors are freed once the low-noise one runs, and
+    # every cached tensor after the run (the report keeps the records)
+    assert held[switch - 1] == {(0, 0), (0, 1)} and held[switch] == {(1, 0), (1, 1)}
+    assert held[STEPS - 1] == set() and runner.cache_report()["forwards_computed"] == 4
 
 
 # ---- the Wan DiT: threshold 0 == none, bit for bit --------------------------------------------------------------
@@ -273,15 +278,19 @@ def test_wan_first_block_skips_per_branch_and_keeps_the_residual_on_the_tokens_d
     dit = tiny_wan()
     enc = wan_request(dit, steps=8, solver="euler")
     runner = ModelRunner(dit).set_step_cache(StepCacheSettings(method="FirstBlock", residual_diff_threshold=FB_THRESH))
-    out = runner.denoise(enc)
+    residuals = []
+    for i, _, out in runner.denoise_iter(enc):
+        if i == 6:  # the residuals as they are during the run (all are freed after the last step)
+            residuals = [br.residual for br in runner._cache.branches.values()]
+    assert len(residuals) == 2 and not runner._cache.branches
     dec = runner.cache_decisions()
     assert set(dec) == {"cond", "uncond"} and all(len(v) == 8 for v in dec.values())
     assert dec["cond"][0] and dec["uncond"][0] and not all(dec["cond"] + dec["uncond"]), dec
     ref = ModelRunner(dit).denoise(enc)
     assert not torch.equal(out, ref) and torch.isfinite(out).all()
-    for (expert, branch), br in runner._cache.branches.items():
-        assert br.residual.device == dit.device and br.residual.dtype == torch.float32
-        assert br.residual.shape == (1, 2 * 2 * 3, dit.config.dim)  # the tokens' own shape
+    for res in residuals:
+        assert res.device == dit.device and res.dtype == torch.float32
+        assert res.shape == (1, 2 * 2 * 3, dit.config.dim)  # the tokens' own shape
 
 
 def test_the_residual_follows_the_tokens_to_their_device():
@@ -356,8 +365,31 @@ def test_models_without_published_constants_need_them():
         ModelRunner(dit).set_step_cache(StepCacheSettings(method="Tea"))
     with pytest.raises(ConfigError, match="^magcache_ratios: Mag needs calibrated magnitude ratios"):
         ModelRunner(dit).set_step_cache(StepCacheSettings(method="Mag"))
-    with pytest.raises(ConfigError, match="^feature_caching: Tea: a object denoiser"):
+    with pytest.raises(ConfigError, match=r"^feature_caching: Tea: the denoiser \(object\) does not expose its blocks"):
         ModelRunner(object()).set_step_cache(StepCacheSettings(method="Tea", coefficients=COEFFS))
+
+
+def test_missing_constants_are_refused_before_anything_loads(monkeypatch, capsys):
+    """check-config and an engine's load refuse Tea / Mag without constants before reading a component."""
+    from ditfleet.cli import main
+    from ditfleet.config import load_config
+    from ditfleet.engine import pipeline as pl
+    from ditfleet.engine.encoders import TextEncoder
+    from ditfleet.models.registry import FAMILIES, spec_for
+
+    assert main(["check-config", "--set", "feature_caching=Tea", "--set", "device=cpu"]) == 2
+    assert "coefficients: Tea needs the TeaCache polynomial" in capsys.readouterr().err
+
+    def loaded(*a, **kw):
+        raise AssertionError("a component was loaded before the feature_caching check")
+
+    monkeypatch.setattr(TextEncoder, "load", loaded)
+    for family in FAMILIES:
+        monkeypatch.setattr(type(spec_for(family)), "load", loaded)
+    cfg = load_config(data={"feature_caching": "Mag", "device": "cpu"})
+    for load in (lambda: pl.Pipeline.from_config(cfg), lambda: pl.load_runner(cfg, device=torch.device("cpu"))):
+        with pytest.raises(ConfigError, match="^magcache_ratios: Mag needs calibrated magnitude ratios"):
+            load()
 
 
 def test_published_constants_are_picked_by_size_task_and_resolution():

@@ -248,9 +248,9 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
                 read_sparge_file: bool = True) -> ModelRunner:
     """Only the denoiser(s) (a :class:`ModelRunner`), for ranks that neither encode nor decode; same checks and
     arguments as :meth:`Pipeline.from_config`."""
-    spec, root, _ = check_model(cfg, model_root(cfg))
+    spec, root, configs = check_model(cfg, model_root(cfg))
     _check_experts(cfg, spec)
-    _check_quant(cfg, device)
+    _check_before_load(cfg, device, spec, configs)
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
@@ -261,11 +261,13 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     return runner
 
 
-def _check_quant(cfg, device: torch.device) -> None:
-    """A ``dit_quantized`` run this device cannot run is refused before any component loads (the preflight check)."""
-    from .preflight import check_quant
+def _check_before_load(cfg, device: torch.device, spec, configs) -> None:
+    """The preflight checks that need no weights, before any component loads: a ``dit_quantized`` run this device
+    cannot run, a ``feature_caching`` rule without its constants for this model."""
+    from .preflight import check_cache, check_quant
 
     check_quant(cfg, device)
+    check_cache(cfg, spec, configs)
 
 
 def _check_experts(cfg, spec) -> None:
@@ -392,9 +394,9 @@ class Pipeline:
         tiny = cfg.model_path is None
         root = model_root(cfg)
         t_build = time.perf_counter() - t0
-        spec, root, _ = check_model(cfg, root)  # before any weight is read
+        spec, root, configs = check_model(cfg, root)  # before any weight is read
         _check_experts(cfg, spec)
-        _check_quant(cfg, device)
+        _check_before_load(cfg, device, spec, configs)
         attention = cfg.resolve_attention(device)
         dtype = cfg.torch_dtype
         # UMT5 overflows in fp16: encode text in bf16 then (the official T5 dtype), else the run dtype.
@@ -488,10 +490,11 @@ class Pipeline:
             return latents
         return final(latents, enc.y if enc is not None else self._condition)
 
-    def decode_stream(self, latents: torch.Tensor):
-        """Decode the sampler's ``latents`` ``[1, z, F', h, w]`` (any device; :meth:`final_latents` first) frame chunk
-        by frame chunk: uint8 ``[n, H, W, 3]`` each."""
-        yield from self.vae.decode_stream(self.final_latents(latents.to(self.vae.device)))
+    def decode_stream(self, latents: torch.Tensor, enc: EncodedRequest | None = None):
+        """Decode the sampler's ``latents`` ``[1, z, F', h, w]`` (any device; :meth:`final_latents` of ``enc``, the
+        request they were denoised for, first; ``None``: the last encode's) frame chunk by frame chunk: uint8
+        ``[n, H, W, 3]`` each."""
+        yield from self.vae.decode_stream(self.final_latents(latents.to(self.vae.device), enc))
 
     def report(self, req: GenerateRequest, enc: EncodedRequest, timings: dict, output: Path | None, frames: int) -> dict:
         cfg, par = self.cfg, self.cfg.parallel
@@ -518,7 +521,8 @@ class Pipeline:
                          "seq_p_size": par.seq_p_size, "seq_p_attn_type": par.seq_p_attn_type,
                          "ring_degree": par.ring_degree, "ulysses_degree": par.ulysses_degree,
                          "cfg_mode": ("split over cfg ranks" if par.cfg_p_size == 2 else
-                                      "batch of 2" if self.runner.cfg_batch else "one branch after the other")
+                                      "batch of 2" if self.runner.cfg_batch and not self.runner.cache_settings.active
+                                      else "one branch after the other")  # a step cache runs the branches apart
                          if enc.enable_cfg else "off"},
             "sampler": {**sampler.describe(), "shift": enc.shift, "schedule": self.runner.schedule,
                         "guide_scale": enc.guide_scale, "enable_cfg": enc.enable_cfg},

@@ -224,6 +224,7 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
 
     device = device or cfg.torch_device()
     check_quant(cfg, device)
+    check_cache(cfg)
     geom = model_geometry(cfg) if require_model else driver_geometry(cfg)
     est = None
     if request is not None and geom is not None:
@@ -233,6 +234,29 @@ def preflight(cfg, request=None, *, device: torch.device | None = None, require_
     _, sparge = load_for_run(cfg) if files else (None, {})
     attention = cfg.resolve_attention(device)
     return {"geometry": geom, "estimate": est, "attention": attention, "sparge": sparge}
+
+
+def check_cache(cfg, spec=None, configs=None) -> None:
+    """``feature_caching`` Tea / Mag need their constants (TeaCache polynomial, MagCache ratios): given in the config
+    or published for this model at the config's size -- checked before anything loads (one ConfigError naming
+    ``coefficients`` / ``magcache_ratios``). ``spec`` / ``configs``: the model's family spec and DiT configs when the
+    caller has read them (else the model folder is read here; a Ray driver without the model leaves it to the
+    workers' load, which runs the same check)."""
+    from ..models.step_cache import StepCacheSettings, run_constants
+
+    s = StepCacheSettings.from_config(cfg)
+    if s.method not in ("Tea", "Mag") or (s.coefficients if s.method == "Tea" else s.magcache_ratios):
+        return
+    if configs is None:
+        if cfg.launcher == "ray" and cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
+            return
+        from .pipeline import check_model, model_root
+
+        spec, _, configs = check_model(cfg, model_root(cfg))
+    for c in configs:
+        lookup = getattr(c, "published_cache_constants", None)
+        published = lookup(spec.family, cfg.target_height, cfg.target_width, s.use_ret_steps) if lookup else None
+        run_constants(s, c, spec.family, published)
 
 
 def check_quant(cfg, device: torch.device) -> None:

@@ -29,7 +29,7 @@ import torch
 from ..errors import ConfigError
 from ..models.attention_policy import build_policy
 from ..models.spec import Denoisers
-from ..models.step_cache import COND, UNCOND, StepCache, StepCacheSettings, cached_forward, sp_sum
+from ..models.step_cache import COND, UNCOND, StepCache, StepCacheSettings, cached_forward, run_constants, sp_sum
 from ..parallel import ParallelMesh, cfg_branch, cfg_combine, cfg_exchange, cfg_predict, cfg_select
 from .request import EncodedRequest
 from .sampler import FlowSampler, make_sampler
@@ -153,8 +153,9 @@ class ModelRunner:
         if settings.active:
             for dit in self.denoisers:
                 if getattr(dit, "staged_forward", None) is None:
-                    raise ConfigError("feature_caching", f"{settings.method}: a {type(dit).__name__} denoiser does not "
-                                                         "expose its blocks to a step cache; use none")
+                    raise ConfigError("feature_caching", f"{settings.method}: the denoiser ({type(dit).__name__}) does "
+                                                         "not expose its blocks to a step cache (no staged_forward); "
+                                                         "use none")
             # Wan2.1 I2V has constants for both resolutions, so the request's size cannot miss them: check now.
             self._constants(settings, (60, 104))
         self.cache_settings = settings
@@ -162,28 +163,10 @@ class ModelRunner:
 
     def _constants(self, s: StepCacheSettings, latent_hw: tuple[int, int]):
         """``(Tea polynomial, Mag ratios)`` of a run with latents ``latent_hw = (h, w)``: the settings', else the
-        ones the model publishes (``published_cache_constants``)."""
-        c, fam = self.dit.config, self.family
+        ones the model publishes (``published_cache_constants``); ConfigError when neither has them."""
         published = getattr(self.dit, "published_cache_constants", None)
-        pub_coeffs, pub_ratios = published(fam, latent_hw, s.use_ret_steps) if published else (None, None)
-        coeffs = ratios = None
-        if s.method == "Tea":
-            coeffs = s.coefficients or pub_coeffs
-            if not coeffs:
-                raise ConfigError("coefficients", f"Tea needs the TeaCache polynomial of this model: none is published "
-                                                  f"for a {fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
-                                                  f"{c.num_layers} layers (published: Wan2.1 T2V 1.3B / 14B, I2V 14B "
-                                                  "480p / 720p); give coefficients as [[retention-steps polynomial], "
-                                                  "[plain polynomial]], highest power first")
-        if s.method == "Mag":
-            ratios = s.magcache_ratios or pub_ratios
-            if not ratios:
-                raise ConfigError("magcache_ratios", f"Mag needs calibrated magnitude ratios: none are published for a "
-                                                     f"{fam or 'wan2.1'} {c.model_type} DiT of dim {c.dim} x "
-                                                     f"{c.num_layers} layers (published: Wan2.1 T2V 1.3B / 14B, I2V "
-                                                     "14B 480p / 720p); give magcache_ratios as [[cond per step], "
-                                                     "[uncond per step]]")
-        return coeffs, ratios
+        pub = published(self.family, latent_hw, s.use_ret_steps) if published else None
+        return run_constants(s, self.dit.config, self.family, pub)
 
     def _start_cache(self, enc: EncodedRequest, steps: int) -> None:
         self._cache_records = None
@@ -206,6 +189,7 @@ class ModelRunner:
             self._cache_records = {COND: [bool(v) for v in cond.tolist()], UNCOND: [bool(v) for v in uncond.tolist()]}
         else:
             self._cache_records = {b: cache.decisions(b) for b in branches}
+        cache.release()  # the residuals are not needed past the last step (the records make the report)
 
     def cache_report(self) -> dict:
         """The last run's caching: method, settings, computed vs skipped steps per branch (``{"feature_caching":
@@ -226,6 +210,8 @@ class ModelRunner:
         identical on every rank."""
         i, dit = self.denoiser_for(t)
         cache = self._cache
+        if cache is not None and i > 0:
+            cache.release(i - 1)  # a two-expert run never returns to the expert before
 
         def model(x, t, context, clip_fea, y, branch=COND):
             t = t.expand(x.shape[0])
@@ -266,14 +252,18 @@ class ModelRunner:
         x = (noise if noise is not None else initial_noise(enc.latent_shape, enc.seed)).to(device, torch.float32)
         sampler = self.sampler(enc)
         self._start_cache(enc, len(sampler))
-        for i, t in enumerate(sampler.timesteps):
-            for dit in self.denoisers:
-                dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
-            v = self.predict(x, t.reshape(1).to(device), enc, step=i)
-            x = sampler.step(v.float(), x)
-            if i == len(sampler) - 1:
-                self._finish_cache(enc)
-            yield i, len(sampler), x
+        try:
+            for i, t in enumerate(sampler.timesteps):
+                for dit in self.denoisers:
+                    dit.set_step(i)  # radial attention runs dense for the first dense_timesteps steps
+                v = self.predict(x, t.reshape(1).to(device), enc, step=i)
+                x = sampler.step(v.float(), x)
+                if i == len(sampler) - 1:
+                    self._finish_cache(enc)
+                yield i, len(sampler), x
+        finally:  # also a cancelled or failed run: no cached tensor outlives it
+            if self._cache is not None:
+                self._cache.release()
 
     @torch.inference_mode()
     def denoise(
@@ -291,7 +281,8 @@ class ModelRunner:
             progress: called with ``(step index, steps)`` after each step.
 
         Returns:
-            float32 ``[1, 16, F', h, w]`` final latents (normalised, as the VAE's input after denormalising).
+            float32 ``[1, z, F', h, w]`` final latents (normalised, as the VAE's input after denormalising; ``z`` the
+            VAE's latent channels: 16, or 48 for Wan2.2 TI2V-5B).
         """
         x = None
         for i, n, x in self.denoise_iter(enc, noise=noise):

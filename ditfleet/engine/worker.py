@@ -286,7 +286,7 @@ class Worker:
         pipe = self._need_pipeline("decode")
         if self._latents is None:
             raise RuntimeError("decode before execute")
-        for chunk in pipe.decode_stream(self._latents):
+        for chunk in pipe.decode_stream(self._latents, self._enc):
             yield "chunk", chunk
         yield "result", {"peak_memory": _peak_memory(self.device)}
 

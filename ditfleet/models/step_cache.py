@@ -124,6 +124,40 @@ class StepCacheSettings:
         return {}
 
 
+def run_constants(settings: StepCacheSettings, config, family: str | None, published: tuple | None) -> tuple:
+    """``(Tea polynomial, Mag ratios)`` of a run: the settings' own, else ``published`` (the model's published
+    ``(polynomial, ratios)`` at the run's size, either ``None``; ``published`` itself ``None`` when the model
+    publishes nothing).
+
+    Raises:
+        ConfigError: naming ``coefficients`` (Tea) or ``magcache_ratios`` (Mag) when the rule needs them and neither
+            the settings nor the model have them (``config``: the DiT config, for the message).
+    """
+    from ..errors import ConfigError
+
+    pub_coeffs, pub_ratios = published or (None, None)
+    c = config
+
+    def missing(key: str, what: str, shape: str) -> ConfigError:
+        image = getattr(c, "has_image_branch", False) or getattr(c, "in_dim", 0) > getattr(c, "out_dim", 0)
+        kind = "i2v" if image else getattr(c, "model_type", "")  # Wan2.2 A14B I2V's config reads as t2v
+        return ConfigError(key, f"{settings.method} needs {what}: none is published for a {family or 'wan2.1'} {kind} "
+                                f"DiT of dim {c.dim} x {c.num_layers} layers (published: Wan2.1 T2V 1.3B / 14B, I2V 14B "
+                                f"480p / 720p); give {key} as {shape}")
+
+    coeffs = ratios = None
+    if settings.method == "Tea":
+        coeffs = settings.coefficients or pub_coeffs
+        if not coeffs:
+            raise missing("coefficients", "the TeaCache polynomial of this model",
+                          "[[retention-steps polynomial], [plain polynomial]], highest power first")
+    if settings.method == "Mag":
+        ratios = settings.magcache_ratios or pub_ratios
+        if not ratios:
+            raise missing("magcache_ratios", "calibrated magnitude ratios", "[[cond per step], [uncond per step]]")
+    return coeffs, ratios
+
+
 def nearest_resample(values: Sequence[float], n: int) -> list[float]:
     """``values`` at ``n`` evenly spread positions, nearest index (MagCache's interpolation of its ratios)."""
     values = list(values)
@@ -221,6 +255,13 @@ class StepCache:
 
     def branch(self, expert: int, branch: int) -> BranchCache:
         return self.branches.setdefault((expert, branch), BranchCache())
+
+    def release(self, expert: int | None = None) -> None:
+        """Drop the cached tensors (residuals, previous inputs: ``[B, S_local, C]`` float32 each, ~1.5 GB at 14B
+        720p) of ``expert``'s branches, or of every branch (``None``): after the run, and once a two-expert run has
+        switched to the next expert (experts run in timestep order, never back). The records (the report) stay."""
+        for key in [k for k in self.branches if expert is None or k[0] == expert]:
+            del self.branches[key]
 
     # ---- statistics ---------------------------------------------------------------------------
     def rel_l1(self, cur: torch.Tensor, prev: torch.Tensor, rows: int | None) -> float:

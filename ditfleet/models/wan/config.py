@@ -153,6 +153,14 @@ class WanDiTConfig:
         except TypeError as e:
             raise WanConfigError(str(e)) from None
 
+    def published_cache_constants(self, family: str | None, height: int, width: int, use_ret_steps: bool):
+        """``(TeaCache polynomial, MagCache ratios)`` published for this DiT shape (Wan2.1 T2V 1.3B / 14B, I2V 14B
+        480p / 720p) at ``height x width`` pixels; each ``None`` where none is published."""
+        from .cache_hooks import published_coefficients, published_mag_ratios
+
+        return (published_coefficients(self, family, height, width, use_ret_steps),
+                published_mag_ratios(self, family, height, width))
+
     def to_official(self) -> dict[str, Any]:
         """The official ``config.json`` dict (extension keys only where not at the official default)."""
         out: dict[str, Any] = {"_class_name": "WanModel", "_diffusers_version": "0.30.0"}

@@ -363,14 +363,11 @@ class WanDiT(nn.Module):
         return WanStagedForward(self, x, t, context, clip_fea, y)
 
     def published_cache_constants(self, family: str | None, latent_hw: tuple[int, int], use_ret_steps: bool):
-        """``(TeaCache polynomial, MagCache ratios)`` published for this model (Wan2.1 T2V 1.3B / 14B, I2V 14B
-        480p / 720p) at latents of ``latent_hw = (h, w)``; each ``None`` where none is published."""
-        from .cache_hooks import published_coefficients, published_mag_ratios
+        """:meth:`WanDiTConfig.published_cache_constants` at latents of ``latent_hw = (h, w)`` (Wan2.1's VAE: 8x)."""
         from .sites import VAE_STRIDE
 
-        h, w = latent_hw[0] * VAE_STRIDE[1], latent_hw[1] * VAE_STRIDE[2]
-        return (published_coefficients(self.config, family, h, w, use_ret_steps),
-                published_mag_ratios(self.config, family, h, w))
+        return self.config.published_cache_constants(family, latent_hw[0] * VAE_STRIDE[1], latent_hw[1] * VAE_STRIDE[2],
+                                                     use_ret_steps)
 
     def set_step(self, step: int | None) -> WanDiT:
         """The denoising step index (0-based) of the following forwards (the policy's radial ``dense_timesteps``);
