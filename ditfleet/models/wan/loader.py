@@ -137,17 +137,23 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _indexed_files(index: Path, what: str = "") -> list[Path]:
+    """The safetensors files a ``*.index.json`` names (its ``weight_map`` values, beside it), each checked to exist;
+    ``what`` prefixes the messages (e.g. the config key)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{what}{index}: has no 'weight_map' (name -> shard file)")
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{what}{index} lists shard file(s) that do not exist: {', '.join(missing[:SHOW])}")
+    return files
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: has no 'weight_map' (name -> shard file)")
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} lists shard file(s) that do not exist: {', '.join(missing[:SHOW])}")
-        return files
+        return _indexed_files(index)
     files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     if files:
         return files
@@ -392,14 +398,7 @@ def quantized_files(path: str | Path) -> list[Path]:
         return [p]
     indexes = sorted(p.glob("*.index.json"))
     if indexes:
-        weight_map = _read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{QUANT_KEY} {indexes[0]}: has no 'weight_map' (name -> file)")
-        files = sorted({p / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{QUANT_KEY} {indexes[0]} lists file(s) that do not exist: {', '.join(missing[:SHOW])}")
-        return files
+        return _indexed_files(indexes[0], f"{QUANT_KEY} ")
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise ConfigError(QUANT_KEY, f"{str(path)!r} is a folder without .safetensors files")
