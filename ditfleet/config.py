@@ -27,6 +27,8 @@ import torch
 from .attention.registry import ATTN_TYPES, SELF_ATTENTION_ONLY, Resolution, resolve, valid_types
 from .config_compat import ALIASES, classify, suggest
 from .errors import ConfigError
+from .models.quant import SCHEMES as QUANT_SCHEMES
+from .models.step_cache import METHODS as CACHE_METHODS
 from .models.wan.sites import SITES
 
 log = logging.getLogger(__name__)
@@ -219,7 +221,7 @@ class RunConfig:
         "quantised per token at run time (torchao's float8 rowwise, `torch._scaled_mm`); LightX2V's `fp8-vllm`, "
         "`fp8-sgl`, `fp8-q8f` and `fp8-torchao` name the same scheme and are accepted; LightX2V's `Default` (no "
         "quantisation) only with `dit_quantized` false.",
-        choices=("fp8", "fp8-vllm", "fp8-sgl", "fp8-q8f", "fp8-torchao", "Default"),
+        choices=(*QUANT_SCHEMES, "Default"),
     )
     dit_quantized_ckpt: str | None = _f(
         None, "LightX2V's pre-quantised FP8 DiT (its converter's `--quantized --linear_dtype torch.float8_e4m3fn` "
@@ -235,7 +237,7 @@ class RunConfig:
         "blocks after the first while the first block's residual changes less than `residual_diff_threshold`). "
         "A skipped step adds the blocks' residual of the branch's last computed step; the conditional and "
         "unconditional passes keep separate caches; every SP rank skips the same steps. See Step caching.",
-        choices=("none", "NoCaching", "Tea", "Mag", "FirstBlock"),
+        choices=("none", "NoCaching", *(m for m in CACHE_METHODS if m != "none")),
     )
     teacache_thresh: float = _f(
         0.26, "Tea: skip while the accumulated rescaled distance is below this (LightX2V's default; TeaCache4Wan2.1 "
