@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU plan, run on a lent multi-GPU H100 host (see README "Benchmarks"): correctness first,
 # then the benchmarks. Usage: bash benchmarks/gpu_plan.sh OUTDIR [STEP ...]
-# Steps: env gputests doctor attention sp2 sp4 dit   (default: these; more below: sp4usp, sp4full, step4, ...). Each step logs to OUTDIR/<step>.log
+# Steps: env gputests doctor attention sp2 sp4 dit   (default: these; more below: sp4usp, sp4full, step4, fp8,
+# caching, gen, gen4fast, ...). Each step logs to OUTDIR/<step>.log
 # and a failing step does not stop the others. Expects the wheelhouse installed in /tmp/site, and
 # .commit (carried; written by the sender: git rev-parse HEAD, -dirty if needed) since the copy has no .git.
 set -u
@@ -40,5 +41,12 @@ for s in $steps; do case $s in
   step4) [ "$ngpu" -ge 4 ] && step step4 torchrun --nproc-per-node 4 -m ditfleet bench step --model t2v-14b --video 720p81 \
          --attn-types flash_attn4 radial_attn --out "$out/step_h100_4gpu_t2v-14b_720p81.json";;
   dit) step dit python3 -m ditfleet bench dit --diffusers --out "$out/dit_h100.json";;
+  # issue 19 / 20 runs (one GPU): FP8 vs bf16 forward, Tea vs none on a random 1.3B, whole requests
+  fp8) step fp8 python3 -m ditfleet bench dit --attn-types flash_attn4 sage_attn2 --quant none,fp8 --iters 2 \
+         --warmup 1 --block-warmup 1 --block-iters 3 --out "$out/dit_fp8.json";;
+  caching) step caching env ATTN=flash_attn4 WORK=/dev/shm/ditfleet-caching bash benchmarks/gpu_caching.sh "$out/caching";;
+  gen) step gen python3 benchmarks/gen_runs.py "$out" a14b;;
+  gen4fast) step gen4fast python3 benchmarks/gen_runs.py "$out" lora4 --self-attn sage_attn2 --set dit_quantized=true \
+         --requests 2;;
   *) echo "unknown step $s";;
 esac; done

@@ -174,3 +174,11 @@ def test_bench_step_user_errors(monkeypatch):
         step.main(parse("--tiny", "--device", "cpu", "--attn-types", "nope"))
     with pytest.raises(UserError, match="4n\\+1"):
         step.main(parse("--tiny", "--device", "cpu", "--frames", "10"))
+
+
+def test_short_commit_tags_the_result_files():
+    from ditfleet.bench.common import short_commit
+
+    full = "3db315c" + "0" * 33
+    assert short_commit(full) == "3db315c" and short_commit(full + "-dirty") == "3db315c-dirty"
+    assert short_commit("unknown") == "unknown" and short_commit("288f5df") == "288f5df"

@@ -83,6 +83,12 @@ def git_commit(repo: Path | None = None) -> str:
         return stamp.read_text().strip() if stamp.is_file() else "unknown"
 
 
+def short_commit(commit: str) -> str:
+    """A result file's commit tag: the 7-character hash (``-dirty`` kept), or the stamp as it is (``unknown``)."""
+    head, dirty = (commit[:-6], "-dirty") if commit.endswith("-dirty") else (commit, "")
+    return (head[:7] if all(c in "0123456789abcdef" for c in head) and len(head) >= 7 else head) + dirty
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the kernel-relevant packages (absent ones are left out)."""
     out = {}

@@ -46,7 +46,7 @@ from ..attention import registry
 from ..config import RadialAttnSetting
 from ..errors import BackendUnavailableError, UserError
 from .attention import card_slug
-from .common import environment, rel_l2, write_json
+from .common import environment, rel_l2, short_commit, write_json
 from .dit import DTYPES, EXACT_TYPES, MODELS, TINY_SHAPE, bind_self_attention, latent_shape, model_config
 from .dit import cross_kernel as dit_cross_kernel
 
@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and noise (default: %(default)s)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     parser.add_argument("--out", default=None,
-                        help="JSON path (default: benchmarks/results/step_<card>_<N>gpu_<model>_<video>.json)")
+                        help="JSON path (default: benchmarks/results/step_<card>_<N>gpu_<commit>_<model>_<video>.json)")
 
 
 # ---- layouts ------------------------------------------------------------------------------------------------
@@ -442,7 +442,7 @@ class Bench:
         if self.device.type == "cuda":
             env_rec["card"] = torch.cuda.get_device_name(self.device)
         self.out = Path(args.out or f"benchmarks/results/step_{card_slug(env_rec['card'])}_{self.world}gpu_"
-                        f"{args.model}_{self.video}.json")
+                        f"{short_commit(env_rec['commit'])}_{args.model}_{self.video}.json")
         if not self.out.is_absolute() and getattr(args, "cwd", None):
             self.out = Path(args.cwd) / self.out
         self.report = {
