@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..spec import Denoisers, ModelSpec
+from .dit import WanDiT
 from .loader import load_dit, load_quantized_dit
 from .lora import merge_loras_
 
@@ -32,10 +33,11 @@ class Wan21Spec(ModelSpec):
 
 
 def load_single(spec: ModelSpec, root: Path, *, device, dtype, attention, boundary, loras,
-                quantized_ckpt: Path | None = None, quant: str | None = None) -> Denoisers:
+                quantized_ckpt: Path | None = None, quant: str | None = None, model_cls: type[WanDiT] = WanDiT) -> Denoisers:
     """One Wan DiT from ``spec.dit_folders(root)``, its LoRAs merged; with ``quantized_ckpt`` (``dit_quantized_ckpt``,
     scheme ``quant``) built pre-quantised from that file instead (:func:`~.loader.load_quantized_dit`: the config from
-    the folder, every tensor from the file), which takes no LoRA."""
+    the folder, every tensor from the file), which takes no LoRA. ``model_cls``: the :class:`WanDiT` (sub)class to build
+    (TI2V-5B: ``Ti2vDiT``)."""
     spec.check_boundary(boundary, "boundary")
     (name, folder), = spec.dit_folders(root)
     (mine,) = spec.loras_for(loras, [name])
@@ -50,5 +52,5 @@ def load_single(spec: ModelSpec, root: Path, *, device, dtype, attention, bounda
         dit = load_quantized_dit(folder, quantized_ckpt, device=device, dtype=dtype, attention=attention,
                                  scheme=quant or "fp8")
         return Denoisers([dit], [name], sources=[str(folder)], quant=denoisers_report([name], [dit.quant_report]))
-    dit = load_dit(folder, device=device, dtype=dtype, attention=attention)
+    dit = load_dit(folder, device=device, dtype=dtype, attention=attention, model_cls=model_cls)
     return Denoisers([dit], [name], sources=[str(folder)], loras=merge_loras_(dit, mine))

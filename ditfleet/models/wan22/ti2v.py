@@ -25,8 +25,7 @@ import torch
 
 from ..spec import Denoisers, ModelSpec
 from ..wan.dit import DiTStep, WanDiT
-from ..wan.loader import load_dit
-from ..wan.lora import merge_loras_
+from ..wan.spec import load_single
 
 TI2V_CHANNELS = 48
 
@@ -131,8 +130,5 @@ class Wan22Ti2vSpec(ModelSpec):
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
              boundary: float | None = None, loras=()) -> Denoisers:
-        self.check_boundary(boundary, "boundary")
-        (name, folder), = self.dit_folders(root)
-        (mine,) = self.loras_for(loras, [name])
-        dit = load_dit(folder, device=device, dtype=dtype, attention=attention, model_cls=Ti2vDiT)
-        return Denoisers([dit], [name], sources=[str(folder)], loras=merge_loras_(dit, mine))
+        return load_single(self, root, device=device, dtype=dtype, attention=attention, boundary=boundary, loras=loras,
+                           model_cls=Ti2vDiT)
