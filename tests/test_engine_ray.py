@@ -351,3 +351,50 @@ def test_a_worker_error_is_not_retried(monkeypatch, tmp_path):
         eng.generate(output=str(tmp_path / "x.npy"), quiet=True)
     assert calls == [1] and eng.deterministic_failures == 1 and eng.retried == 0
     eng.shutdown()
+
+
+
+def _dying_pair():
+    """An actor class (built here, so Ray ships it by value): rank 0 dies after a moment; rank 1, the survivor,
+    fails at once with the PeerError its collective raises."""
+
+    class DyingPair:
+        def __init__(self, rank: int):
+            self.rank = rank
+
+        def _fail(self):
+            from ditfleet.parallel import PeerError
+
+            if self.rank == 0:
+                time.sleep(1.0)
+                os._exit(1)
+            raise PeerError("ulysses exchange: rank(s) 0 did not answer (connection reset by peer)")
+
+        def report(self):
+            self._fail()
+
+        def execute(self):
+            yield ("step", (0, 1))
+            self._fail()
+
+    return DyingPair
+
+
+@pytest.mark.parametrize("method", ["report", "execute"])
+def test_a_death_is_reported_before_the_survivors_peer_error(cluster, method):
+    """Ray may hand over the survivor's PeerError before the dead rank's own error: the death is the failure named."""
+    from ditfleet.config import load_config
+    from ditfleet.engine.executor import WorkerFailure
+
+    ex = RayExecutor(load_config(None, [], data=config()))
+    ex.actors = [ray.remote(_dying_pair()).options(num_cpus=0, max_restarts=0).remote(r) for r in range(2)]
+    ex.infos = [{"pid": None, "node_ip": "127.0.0.1"}] * 2
+    try:
+        with pytest.raises(WorkerFailure, match=r"^rank 0 died during .*; then rank 1 failed in .*PeerError"):
+            if method == "report":
+                ex._rpc(method, (), {}, [0, 1], None, 30)
+            else:
+                ex._stream(method, (), {}, [0, 1], None, 30)
+    finally:
+        for a in ex.actors:
+            ray.kill(a, no_restart=True)

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 10.0
 PROCESS_EXIT_WAIT_S = 15.0
+#: After a survivor reports a peer's failure, how long to wait for the dead rank's own error (the root cause).
+PEER_DEATH_GRACE_S = 5.0
 
 
 def _first_line(e: BaseException) -> str:
@@ -246,7 +248,9 @@ class RayExecutor(Executor):
             if cause is not None and not isinstance(cause, rex.RayError):
                 msg = f"{who} failed in {what}: {type(cause).__name__}: {_first_line(cause)}"
                 if type(cause).__name__ in PEER_FAILURES:  # a peer died or stalled: the group is broken, retry
-                    return WorkerFailure(msg)
+                    failure = WorkerFailure(msg)
+                    failure.seen_by_peer = True
+                    return failure
                 return WorkerError(msg + " (deterministic: not retried)")
         if isinstance(e, rex.GetTimeoutError):
             return WorkerFailure(f"{who} did not answer {what} in time")
@@ -281,9 +285,11 @@ class RayExecutor(Executor):
                 try:
                     out[r] = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - classified: user error or worker failure
+                    failure = self._root_cause(self._failure(e, r, method), {q: ref for ref, q in pending.items()},
+                                               method)
                     self._loose.extend(pending)
                     self._settle(1.0)
-                    raise self._failure(e, r, method) from None
+                    raise failure from None
         return out
 
     def _stream(self, method, args, kwargs, ranks, on_event, idle_timeout) -> list:
@@ -314,19 +320,54 @@ class RayExecutor(Executor):
                     del pending[id(gen)]
                     continue
                 except Exception as e:  # noqa: BLE001
+                    others = {q: g for q, g in pending.values() if q != r}
+                    failure = self._root_cause(self._failure(e, r, method), others, method)
                     self._loose.extend(g for _, g in pending.values())
-                    raise self._failure(e, r, method) from None
+                    raise failure from None
                 try:
                     kind, payload = ray.get(ref, timeout=idle)
                 except Exception as e:  # noqa: BLE001
+                    others = {q: g for q, g in pending.values() if q != r}
+                    failure = self._root_cause(self._failure(e, r, method), others, method)
                     self._loose.extend(g for _, g in pending.values())
-                    raise self._failure(e, r, method) from None
+                    raise failure from None
                 deadline = time.monotonic() + idle
                 if kind == "result":
                     out[r] = payload
                 elif on_event is not None:
                     on_event(r, kind, payload)
         return out
+
+    def _root_cause(self, failure: BaseException, others: dict, method: str) -> BaseException:
+        """A survivor's collective fails (``PeerError``: connection reset) about when its peer dies, and Ray may
+        tell the survivor's error first. Wait up to :data:`PEER_DEATH_GRACE_S` on the other ranks' calls
+        (``others``: rank -> object ref or streaming generator) for a death; report the death as the failure, with
+        what the survivor saw appended. Anything else (a user error, a death, a hang) is returned unchanged."""
+        import ray
+        from ray import exceptions as rex
+
+        if not getattr(failure, "seen_by_peer", False):
+            return failure
+        others = dict(others)
+        deadline = time.monotonic() + PEER_DEATH_GRACE_S
+        while others and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(others.values()), num_returns=1,
+                                timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            for item in ready:
+                r = next(q for q, it in others.items() if it is item)
+                try:
+                    if hasattr(item, "completed"):  # a streaming generator: its next item or its error
+                        ray.get(next(item), timeout=0.1)
+                        continue
+                    ray.get(item, timeout=0.1)
+                except StopIteration:
+                    pass
+                except Exception as e:  # noqa: BLE001 - classified below
+                    died = isinstance(e, rex.RayActorError) or isinstance(getattr(e, "cause", None), rex.RayActorError)
+                    if died:
+                        return WorkerFailure(f"{self._failure(e, r, method)}; then {failure}")
+                del others[r]
+        return failure
 
     # ---- tear-down -------------------------------------------------------------------------------------
     def _settle(self, timeout: float) -> None:
