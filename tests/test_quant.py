@@ -281,7 +281,11 @@ def test_denoisers_report(monkeypatch):
     monkeypatch.setattr(quant, "check_quant_runtime", lambda device, dtype: None)  # as on an sm90 GPU
     quant.quantize_denoisers_(den, "fp8-q8f")
     rep = den.describe()["quant"]
-    assert rep["scheme"] == "fp8" and rep["requested"] == "fp8-q8f" and rep["linears"] == 2 * 10
+    per_expert = 2 * 10  # 2 blocks x (4 self + 4 cross + 2 ffn) linears
+    assert rep["scheme"] == "fp8" and rep["requested"] == "fp8-q8f" and rep["linears"] == 2 * per_expert
+    assert {n: e["linears"] for n, e in rep["per_expert"].items()} == {"high_noise_model": per_expert,
+                                                                       "low_noise_model": per_expert}
+    assert rep["quantised_params"] == sum(e["quantised_params"] for e in rep["per_expert"].values())
     assert rep["experts"] == ["high_noise_model", "low_noise_model"]
     assert all(isinstance(d.blocks[1].ffn[2], Fp8Linear) for d in den)
     assert all(fnmatch.fnmatchcase(k, "blocks.*") for k in rep["modules"]) and math.isfinite(rep["quantised_params"])

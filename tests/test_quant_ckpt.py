@@ -268,6 +268,32 @@ def test_engine_loads_the_file_and_reports_it(tmp_path, gpu_like):
     assert rep["checkpoint"]["files"][0]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
 
 
+def test_model_folder_needs_no_dit_weights_with_the_file(tmp_path, gpu_like):
+    """With dit_quantized_ckpt the DiT folder needs only its config.json (the file holds every tensor); without the
+    file the same folder is incomplete."""
+    import shutil
+
+    from ditfleet.config import load_config
+    from ditfleet.engine.errors import ModelFolderError
+    from ditfleet.engine.pipeline import load_runner, model_root
+    from ditfleet.engine.preflight import check_quant
+
+    cpu = torch.device("cpu")
+    at_load = load_runner(load_config(data={"dit_quantized": True, "device": "cpu"}), device=cpu)
+    file = write_lightx2v(lightx2v_tensors(at_load.dit), tmp_path / "tiny_fp8.safetensors")
+    root = shutil.copytree(model_root(load_config(data={})), tmp_path / "model")
+    removed = list((root / "transformer").glob("diffusion_pytorch_model*"))
+    assert removed
+    for p in removed:
+        p.unlink()
+    data = {"dit_quantized": True, "device": "cpu", "model_path": str(root)}
+    with pytest.raises(ModelFolderError, match=r"missing transformer/diffusion_pytorch_model\.safetensors"):
+        load_runner(load_config(data=data), device=cpu)
+    cfg = load_config(data={**data, "dit_quantized_ckpt": str(file)})
+    check_quant(cfg, cpu)
+    assert_same_model(at_load.dit, load_runner(cfg, device=cpu).dit)
+
+
 def test_engine_refusals(tmp_path, gpu_like):
     from ditfleet.config import LoraEntry, load_config
     from ditfleet.engine.pipeline import model_root

@@ -134,19 +134,34 @@ def check_model(cfg, path: str | Path):
     :meth:`Pipeline.from_config`, :func:`load_runner` and preflight. Returns ``(spec, folder, denoiser configs)``."""
     folder = Path(path).expanduser()
     spec = model_spec(cfg, folder) if folder.is_dir() else None  # a missing folder: check_model_folder names it
-    root = check_model_folder(path, cfg.task, spec)
+    weights = dit_weights(cfg)
+    root = check_model_folder(path, cfg.task, spec, dit_weights=weights)
     spec = spec or model_spec(cfg, root)
-    configs = dit_configs(root, spec)
+    configs = dit_configs(root, spec, weights)
     for c in configs:
         _check_task(root, cfg.task, c, first_frame=_first_frame(spec))
     return spec, root, configs
 
 
-def dit_configs(root: Path, spec) -> list:
-    """Each denoiser's ``WanDiTConfig`` (read from its ``config.json``; no weights)."""
+def dit_weights(cfg) -> list[Path] | None:
+    """The files the (one) DiT's tensors come from when not its folder's: ``dit_quantized_ckpt``'s, with
+    ``dit_quantized`` (the DiT folder then needs only its ``config.json``); ``None``: the folder's own."""
+    if not (getattr(cfg, "dit_quantized", False) and getattr(cfg, "dit_quantized_ckpt", None)):
+        return None
+    from ..models.wan.loader import quantized_files
+
+    return quantized_files(cfg.dit_quantized_ckpt)
+
+
+def dit_configs(root: Path, spec, weights: list[Path] | None = None) -> list:
+    """Each denoiser's ``WanDiTConfig`` (read from its ``config.json``; no weights). ``weights``: as
+    :func:`dit_weights`, for a one-denoiser family."""
     from ..models.wan import find_checkpoint
 
-    return [find_checkpoint(folder).config for _, folder in spec.dit_folders(root)]
+    folders = spec.dit_folders(root)
+    if weights is not None and len(folders) == 1:
+        return [find_checkpoint(folders[0][1], weights=weights).config]
+    return [find_checkpoint(folder).config for _, folder in folders]
 
 
 def _first_frame(spec) -> bool:
@@ -154,14 +169,16 @@ def _first_frame(spec) -> bool:
     return spec.first_frame_i2v
 
 
-def _uses_clip(root: Path, spec) -> bool:
+def _uses_clip(root: Path, spec, weights: list[Path] | None = None) -> bool:
     """The first denoiser has the CLIP image branch (Wan2.1 I2V; not Wan2.2 A14B I2V nor TI2V-5B): by its checkpoint
-    (config and tensor names: an official Wan2.2 I2V config says ``i2v`` as Wan2.1's does), else its config.json."""
+    (config and tensor names: an official Wan2.2 I2V config says ``i2v`` as Wan2.1's does), else its config.json.
+    ``weights``: as :func:`dit_weights`."""
     from ..models.wan import find_checkpoint
 
-    (_, folder), *_ = spec.dit_folders(root)
+    folders = spec.dit_folders(root)
+    folder = folders[0][1]
     try:
-        return find_checkpoint(folder).config.has_image_branch
+        return find_checkpoint(folder, weights=weights if len(folders) == 1 else None).config.has_image_branch
     except UserError:
         pass  # no weights or no readable config: the checks below name the files
     try:
@@ -171,11 +188,12 @@ def _uses_clip(root: Path, spec) -> bool:
     return bool(data.get("image_dim") or data.get("added_kv_proj_dim") or data.get("model_type") in ("i2v", "flf2v"))
 
 
-def check_model_folder(path: str | Path, task: str, spec=None) -> Path:
+def check_model_folder(path: str | Path, task: str, spec=None, *, dit_weights: list[Path] | None = None) -> Path:
     """Check that ``path`` is a complete Diffusers Wan folder for ``task`` before loading anything.
 
     ``spec``: the model family (its denoiser folders: ``transformer/``, and ``transformer_2/`` for Wan2.2 A14B);
-    ``None``: the folder's own.
+    ``None``: the folder's own. ``dit_weights``: the one DiT's tensors come from these files
+    (``dit_quantized_ckpt``): its folder needs only ``config.json``.
 
     Raises:
         ModelFolderError: naming every missing file and what a valid layout holds.
@@ -202,16 +220,20 @@ def check_model_folder(path: str | Path, task: str, spec=None) -> Path:
     dits = [name for name, folder in spec.dit_folders(root) if folder != root] or ["transformer"]
     comps = [("text_encoder", "model.safetensors", "model.safetensors.index.json"),
              ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
+    own_weights = dit_weights is None or len(spec.dit_folders(root)) > 1
     comps += [(folder.name, "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
               for name, folder in spec.dit_folders(root) if name in dits]
-    if task == "i2v" and _uses_clip(root, spec):
+    if task == "i2v" and _uses_clip(root, spec, dit_weights):
         comps.append(("image_encoder", "model.safetensors", "model.safetensors.index.json"))
         if not (root / "image_processor" / "preprocessor_config.json").is_file():
             problems.append("image_processor/preprocessor_config.json")
+    dit_names = {folder.name for _, folder in spec.dit_folders(root)}
     for name, single, index in comps:
         folder = root / name
         if not (folder / "config.json").is_file():
             problems.append(f"{name}/config.json")
+        if name in dit_names and not own_weights:
+            continue  # the weights are dit_quantized_ckpt's
         if folder.is_dir():
             _weights_present(folder, single, index, problems, root)
         else:
@@ -404,7 +426,7 @@ class Pipeline:
         t1 = time.perf_counter()
         text = _load("text_encoder", root, lambda: TextEncoder.load(root, device=device, dtype=text_dtype, text_len=cfg.text_len))
         image = None
-        if cfg.task == "i2v" and _uses_clip(root, spec):
+        if cfg.task == "i2v" and _uses_clip(root, spec, dit_weights(cfg)):
             image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()

@@ -114,10 +114,10 @@ def model_dims(cfg) -> tuple[int, int] | None:
     (A Ray driver on a head node without the weights checks only the file's own consistency.)
     """
     from ..models.wan import find_checkpoint
-    from .pipeline import model_root
+    from .pipeline import dit_weights, model_root
 
     try:
-        c = find_checkpoint(model_root(cfg)).config
+        c = find_checkpoint(model_root(cfg), weights=dit_weights(cfg)).config
     except (UserError, OSError, ValueError):
         return None
     return c.num_layers, c.num_heads

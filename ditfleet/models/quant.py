@@ -370,10 +370,20 @@ def expert_target(name: str, expert: nn.Module) -> nn.Module:
     return target
 
 
+#: Report fields that count modules or parameters: summed over the experts in ``model.denoisers.quant``.
+COUNTED = ("linears", "quantised_params", "fused_gelu_quant")
+
+
 def denoisers_report(names: Iterable[str], reports: Iterable[dict]) -> dict:
-    """``model.denoisers.quant``: the first expert's report and the names of the experts quantised."""
-    reports = list(reports)
-    return {**{k: v for k, v in reports[0].items() if k != "expert"}, "experts": list(names)}
+    """``model.denoisers.quant``: one report for all experts -- the scheme and GEMM of the first (every expert is
+    quantised with the same scheme), the :data:`COUNTED` fields summed over the experts, ``experts`` their names, and
+    with several experts ``per_expert``: each one's counts and weights source."""
+    names, reports = list(names), list(reports)
+    out = {**{k: v for k, v in reports[0].items() if k != "expert"}, "experts": names}
+    out.update({k: sum(r[k] for r in reports) for k in COUNTED})
+    if len(reports) > 1:
+        out["per_expert"] = {n: {k: r[k] for k in (*COUNTED, "weights")} for n, r in zip(names, reports)}
+    return out
 
 
 def quantize_denoisers_(denoisers, scheme: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +169,13 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no DiT weights; {hint}")
 
 
-def find_checkpoint(path: str | Path) -> Checkpoint:
+def find_checkpoint(path: str | Path, *, weights: Sequence[Path] | None = None) -> Checkpoint:
     """Locate the DiT weights under ``path`` and read their config.
 
     ``path`` is an official Wan2.1 folder, a Diffusers ``transformer/`` folder, or a Diffusers
-    pipeline folder containing ``transformer/``.
+    pipeline folder containing ``transformer/``. ``weights``: the safetensors files that hold the DiT's tensors
+    instead of the folder's own (``dit_quantized_ckpt``'s: :func:`quantized_files`); the folder then needs only its
+    ``config.json``, and those files' tensor names answer what the folder's would (the CLIP image branch).
 
     Raises:
         CheckpointError: the path does not exist, is not a folder, has no ``config.json``, an
@@ -203,8 +205,9 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
                                   "config (dim, num_heads, ...) or a Diffusers WanTransformer3DModel config")
     except WanConfigError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
-    files = _weight_files(folder)
-    if layout == "official" and config.model_type == "i2v" and not _has_image_branch(folder, files):
+    files = _weight_files(folder) if weights is None else list(weights)
+    if layout == "official" and config.model_type == "i2v" and not _has_image_branch(
+            folder if weights is None else None, files):
         # Wan2.2 A14B I2V: the official config says "i2v" as Wan2.1 I2V does, but the model has no CLIP image branch
         # (no img_emb / k_img / v_img tensors): the image enters as the condition y only (Diffusers' reading)
         log.debug("%s: model_type i2v without image-embedding tensors: Wan2.2 I2V (no CLIP branch)", cfg_path)
@@ -212,11 +215,11 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(folder, layout, config, files)
 
 
-def _has_image_branch(folder: Path, files: list[Path]) -> bool:
-    """Whether the checkpoint holds the CLIP image embedding (Wan2.1 I2V), by tensor names only (the index's
-    weight map, else the safetensors headers)."""
-    index = folder / INDEX_NAME
-    if index.is_file():
+def _has_image_branch(folder: Path | None, files: list[Path]) -> bool:
+    """Whether the checkpoint holds the CLIP image embedding (Wan2.1 I2V), by tensor names only (``folder``'s
+    index's weight map, else the safetensors headers of ``files``)."""
+    index = folder / INDEX_NAME if folder is not None else None
+    if index is not None and index.is_file():
         names = list(_read_json(index).get("weight_map") or {})
     else:
         names = []
@@ -484,8 +487,8 @@ def check_quantized_ckpt(path: str | Path, quantized_ckpt: str | Path, *, model_
     """
     from ..quant import quantizable_linears
 
-    ckpt = find_checkpoint(path)
     files = quantized_files(quantized_ckpt)
+    ckpt = find_checkpoint(path, weights=files)
     with torch.device("meta"):
         model = model_cls(ckpt.config)
     qnames = quantizable_linears(model)
