@@ -139,7 +139,7 @@ def check_model(cfg, path: str | Path):
     spec = spec or model_spec(cfg, root)
     configs = dit_configs(root, spec, weights)
     for c in configs:
-        _check_task(root, cfg.task, c, first_frame=_first_frame(spec))
+        _check_task(root, cfg.task, c, first_frame=spec.first_frame_i2v)
     return spec, root, configs
 
 
@@ -162,11 +162,6 @@ def dit_configs(root: Path, spec, weights: list[Path] | None = None) -> list:
     if weights is not None and len(folders) == 1:
         return [find_checkpoint(folders[0][1], weights=weights).config]
     return [find_checkpoint(folder).config for _, folder in folders]
-
-
-def _first_frame(spec) -> bool:
-    """The family's image-to-video replaces the first latent frame (Wan2.2 TI2V-5B) instead of adding DiT input channels."""
-    return spec.first_frame_i2v
 
 
 def _uses_clip(root: Path, spec, weights: list[Path] | None = None) -> bool:
@@ -438,7 +433,7 @@ class Pipeline:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
         t3 = time.perf_counter()
         for dit in runner.denoisers:
-            _check_compatible(root, cfg, dit.config, text, image, vae, first_frame=_first_frame(spec))
+            _check_compatible(root, cfg, dit.config, text, image, vae, first_frame=spec.first_frame_i2v)
         timings = {"build_tiny_s": t_build, "encoders_vae_s": t2 - t1, "dit_s": t3 - t2, "total_s": t3 - t0}
         from ..attention.registry import log_resolutions
 
