@@ -79,6 +79,22 @@ def test_uniform_per_token_equals_scalar():
     assert rel_l2(per_token, scalar) <= 1e-6
 
 
+def test_per_token_time_embedding_is_kept_per_distinct_timestep():
+    """e / e0 of per-token timesteps: one row per distinct value (0, 999, 321.5 here) and an index, not a [B, S, 6, C]
+    table; the rows it gives each token are the scalar path's embedding of that token's timestep."""
+    from ditfleet.models.wan import build_dit
+    from ditfleet.models.wan.dit import TokenRows
+
+    model = build_dit(tiny_ti2v_config(), device="cpu", dtype=torch.float32, seed=0, std=0.1)
+    inp = inputs()
+    step = model.prepare(inp["x"], inp["t"], inp["context"])
+    assert isinstance(step.e0, TokenRows) and isinstance(step.e, TokenRows)
+    assert tuple(step.e0.values.shape) == (3, 6, 48) and tuple(step.e0.index.shape) == (2, 45)
+    scalar_e, scalar_e0 = model.embed_time(inp["t"].flatten())
+    torch.testing.assert_close(step.e0.take().flatten(0, 1), scalar_e0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step.e.take().flatten(0, 1), scalar_e, rtol=1e-6, atol=1e-6)
+
+
 def test_per_token_length_is_checked():
     from ditfleet.models.wan import build_dit
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..step_cache import StagedForward
+from .dit import TokenRows
 
 # (model size, task[, resolution]) -> (retention-steps polynomial, plain polynomial), highest power first.
 TEACACHE_COEFFICIENTS = {
@@ -137,9 +138,11 @@ class WanStagedForward(StagedForward):
 
     def tea_input(self, use_ret_steps: bool) -> tuple[torch.Tensor, bool]:
         inp = self.step.e0 if use_ret_steps else self.step.e
-        # one timestep per sample: e [B, C], e0 [B, 6, C], the same on every rank; per-token timesteps add a token
-        # dim (e [B, S_local, C], e0 [B, S_local, 6, C]): this rank's tokens, reduced over the group
-        return inp, inp.dim() == (4 if use_ret_steps else 3)
+        # one timestep per sample: e [B, C], e0 [B, 6, C], the same on every rank; per-token timesteps (TokenRows)
+        # give each token its row (e [B, S_local, C], e0 [B, S_local, 6, C]): this rank's tokens, reduced over the group
+        if isinstance(inp, TokenRows):
+            return inp.take(), True
+        return inp, False
 
     def run(self, start: int, stop: int, state):
         h, carry = (self.tokens, None) if state is None else state

@@ -73,6 +73,28 @@ class _Attend:
     image: AttentionBackend | None
 
 
+@dataclass(frozen=True)
+class TokenRows:
+    """Per-token float32 rows stored once per distinct value: token ``(b, s)``'s row is ``values[index[b, s]]``.
+
+    Per-token timesteps take few values (TI2V image-to-video: 0 on the first frame, ``t`` elsewhere), so the time
+    embeddings ``e`` / ``e0`` are kept this way, and each block gathers its six ``[B, S, C]`` modulation rows one
+    at a time where they are used -- instead of a ``[B, S, 6, C]`` table, its sum with the block's modulation and
+    six copies (about 6 GB at TI2V-5B 720p x 121, 27,280 tokens of 3,072; this way about 1 GB).
+
+    Attributes:
+        values: float32 ``[U, *row]`` (``[U, C]`` for ``e``, ``[U, 6, C]`` for ``e0``).
+        index: int64 ``[B, S]`` into ``values``.
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+
+    def take(self) -> torch.Tensor:
+        """The rows of every token: float32 ``[B, S, *row]``."""
+        return self.values[self.index]
+
+
 class WanSelfAttention(nn.Module):
     """q, k, v, o projections; RMSNorm over the full dim on q and k; 3D RoPE; attention by the site's kernel."""
 
@@ -168,8 +190,8 @@ class WanBlock(nn.Module):
         Args:
             x: float32 ``[B, S, C]`` residual stream (not modified).
             carry: the previous block's deferred ``(ffn_out [B, S, C], gate [B, 1, C] or [B, S, C])``, or ``None``.
-            e0: float32 ``[B, 6, C]`` projected time embedding, or ``[B, S, 6, C]`` per token (per-token
-                timesteps, TI2V image-to-video).
+            e0: float32 ``[B, 6, C]`` projected time embedding, or per token (per-token timesteps, TI2V
+                image-to-video) :class:`TokenRows` of ``[U, 6, C]`` rows.
             ctx: ``[B, L, C]`` embedded text, model dtype.
             ctx_img: ``[B, 257, C]`` embedded CLIP tokens (I2V) or ``None``.
             rope: float32 cos / sin ``[S, D/2]`` of the tokens of ``x``.
@@ -182,23 +204,29 @@ class WanBlock(nn.Module):
         sa, ca = self.self_attn, self.cross_attn  # quantised linears: the norm before them quantises in its pass
         self_in, cross_in = _input_dtype(dtype, sa.q, sa.k, sa.v), _input_dtype(dtype, ca.q)
         ffn_in = _input_dtype(dtype, self.ffn[0])
-        if e0.dim() == 3:  # one timestep per sample: [B, 6, 1, C] -> six [B, 1, C]
-            mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        else:  # per token: [1, 1, 6, C] + [B, S, 6, C] -> six [B, S, C]
-            mod = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
-        shift1, scale1, gate1, shift2, scale2, gate2 = (m.contiguous() for m in mod)
+        if isinstance(e0, TokenRows):  # per token: [U, 6, C] rows, each [B, S, C] gathered where it is used
+            table = self.modulation.float()[0] + e0.values
+
+            def mod(i: int) -> torch.Tensor:
+                return table[:, i][e0.index]
+        else:  # one timestep per sample: [1, 6, C] + [B, 6, C] -> six [B, 1, C]
+            six = [m.contiguous() for m in (self.modulation.float() + e0).unsqueeze(2).unbind(1)]
+
+            def mod(i: int) -> torch.Tensor:
+                return six[i]
+        # order of mod(i): shift1, scale1, gate1, shift2, scale2, gate2
         if carry is None:
-            h = ops.modulated_norm(x, shift1, scale1, self.eps, self_in)
+            h = ops.modulated_norm(x, mod(0), mod(1), self.eps, self_in)
         else:
-            x, h = ops.residual_modulated_norm(x, carry[0], carry[1], shift1, scale1, self.eps, self_in)
+            x, h = ops.residual_modulated_norm(x, carry[0], carry[1], mod(0), mod(1), self.eps, self_in)
         y = self.self_attn(h, rope, attend.self_attention)
         n3 = self.norm3
         x, h = ops.gated_residual_norm(
-            x, y, gate1, None if n3 is None else n3.weight, None if n3 is None else n3.bias, self.eps, cross_in
+            x, y, mod(2), None if n3 is None else n3.weight, None if n3 is None else n3.bias, self.eps, cross_in
         )
         y = self.cross_attn(h, ctx, ctx_img, attend)
-        x, h = ops.residual_modulated_norm(x, y, None, shift2, scale2, self.eps, ffn_in)
-        return x, (self.ffn(h), gate2)
+        x, h = ops.residual_modulated_norm(x, y, None, mod(3), mod(4), self.eps, ffn_in)
+        return x, (self.ffn(h), mod(5))
 
 
 class WanHead(nn.Module):
@@ -215,17 +243,19 @@ class WanHead(nn.Module):
 
         Args:
             x: float32 ``[B, S, C]``.
-            e: float32 ``[B, C]`` time embedding (not the projected ``e0``), or ``[B, S, C]`` per token.
+            e: float32 ``[B, C]`` time embedding (not the projected ``e0``), or per token :class:`TokenRows` of
+                ``[U, C]`` rows.
             carry: the last block's deferred FFN residual ``(ffn_out, gate)``, or ``None``.
 
         Returns:
             ``[B, S, prod(patch) * out_dim]`` in the head's dtype (float32).
         """
-        if e.dim() == 2:  # [1, 2, C] + [B, 1, C] -> shift, scale [B, 1, C]
+        if isinstance(e, TokenRows):  # per token: [2, C] + [U, 1, C] -> rows [U, 2, C] -> shift, scale [B, S, C]
+            table = self.modulation.float()[0] + e.values.unsqueeze(1)
+            shift, scale = table[:, 0][e.index], table[:, 1][e.index]
+        else:  # [1, 2, C] + [B, 1, C] -> shift, scale [B, 1, C]
             mod = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
-        else:  # per token: [1, 1, 2, C] + [B, S, 1, C] -> shift, scale [B, S, C]
-            mod = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
-        shift, scale = (m.contiguous() for m in mod)
+            shift, scale = (m.contiguous() for m in mod)
         if carry is None:
             h = ops.modulated_norm(x, shift, scale, self.eps, self.head.weight.dtype)
         else:
@@ -465,16 +495,16 @@ class WanDiT(nn.Module):
         return _linear(F.gelu(_linear(context, fc1), approximate="tanh"), fc2)
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` ``[B]`` -> ``(e [B, dim], e0 [B, 6, dim])``; per token, ``t`` ``[B, S]`` -> ``(e [B, S, dim],
-        e0 [B, S, 6, dim])``; float32.
+        """``t`` ``[B]`` -> ``(e [B, dim], e0 [B, 6, dim])``, float32; per token, ``t`` ``[B, S]`` -> the same as
+        :class:`TokenRows` (``[U, dim]`` and ``[U, 6, dim]`` rows, ``index`` ``[B, S]``).
 
         Per-token timesteps take few distinct values (TI2V image-to-video: 0 on the first frame, ``t``
-        elsewhere), so the embedding runs once per distinct value and is indexed out to the tokens.
+        elsewhere), so the embedding runs once per distinct value and the tokens index it.
         """
         if t.dim() == 2:
             values, index = torch.unique(t, return_inverse=True)
             e, e0 = self.embed_time(values)
-            return e[index], e0[index]
+            return TokenRows(e, index), TokenRows(e0, index)
         fc1, _, fc2 = self.time_embedding
         e = _linear(F.silu(_linear(sinusoidal_embedding(t, self.config.freq_dim), fc1)), fc2).float()
         e0 = _linear(F.silu(e), self.time_projection[1]).float()
@@ -601,8 +631,10 @@ class DiTStep:
 
     Attributes:
         tokens: float32 ``[B, S_local, C]`` this rank's video tokens (all of them without SP).
-        e: float32 ``[B, C]`` time embedding (head modulation); ``[B, S_local, C]`` for per-token timesteps.
-        e0: float32 ``[B, 6, C]`` projected time embedding (block modulation); ``[B, S_local, 6, C]`` per token.
+        e: float32 ``[B, C]`` time embedding (head modulation); for per-token timesteps :class:`TokenRows`
+            (``[U, C]`` rows, ``index`` ``[B, S_local]``).
+        e0: float32 ``[B, 6, C]`` projected time embedding (block modulation); per token :class:`TokenRows`
+            (``[U, 6, C]`` rows).
         ctx: ``[B, text_len, C]`` embedded text, model dtype.
         ctx_img: ``[B, 257, C]`` embedded CLIP tokens or ``None``.
         rope: float32 cos / sin ``[S_local, D/2]`` at the tokens' global positions.
@@ -614,8 +646,8 @@ class DiTStep:
     """
 
     tokens: torch.Tensor
-    e: torch.Tensor
-    e0: torch.Tensor
+    e: torch.Tensor | TokenRows
+    e0: torch.Tensor | TokenRows
     ctx: torch.Tensor
     ctx_img: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor]
