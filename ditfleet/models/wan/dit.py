@@ -494,7 +494,7 @@ class WanDiT(nn.Module):
         fc1, _, fc2 = self.text_embedding
         return _linear(F.gelu(_linear(context, fc1), approximate="tanh"), fc2)
 
-    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor | TokenRows, torch.Tensor | TokenRows]:
         """``t`` ``[B]`` -> ``(e [B, dim], e0 [B, 6, dim])``, float32; per token, ``t`` ``[B, S]`` -> the same as
         :class:`TokenRows` (``[U, dim]`` and ``[U, 6, dim]`` rows, ``index`` ``[B, S]``).
 
