@@ -41,7 +41,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARGE_CKPT_SUFFIXES = (".pt", ".pth", ".safetensors")
 PLACEMENT_STRATEGIES = ("auto", "STRICT_PACK", "PACK", "SPREAD")
 PLACEHOLDER = re.compile(r"^\$\{[A-Za-z0-9_]+\}$")
-PATH_KEYS = ("model_path", "sparge_ckpt", "image_path", "output", "dit_quantized_ckpt")
+#: Keys naming a denoiser's pre-quantised FP8 file (LightX2V's); a family takes its own (``ModelSpec.quantized_ckpt_keys``).
+QUANTIZED_CKPT_KEYS = ("dit_quantized_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt")
+PATH_KEYS = ("model_path", "sparge_ckpt", "image_path", "output", *QUANTIZED_CKPT_KEYS)
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -227,8 +229,17 @@ class RunConfig:
         None, "LightX2V's pre-quantised FP8 DiT (its converter's `--quantized --linear_dtype torch.float8_e4m3fn` "
         "output): a `.safetensors` file or a folder of them; the quantised linears are built from its e4m3 weights "
         "and `.weight_scale`s, every other DiT tensor is read from it too; the architecture still comes from "
-        "`model_path`. Needs `dit_quantized` true; no `lora_configs`; one-DiT wan2.1 models only. Null: quantise "
-        "the bf16 weights at load.",
+        "`model_path`, whose DiT folder then needs only its `config.json`. Needs `dit_quantized` true; no "
+        "`lora_configs`; one-DiT models (wan2.1, wan2.2 TI2V-5B). Null: quantise the bf16 weights at load.",
+    )
+    high_noise_quantized_ckpt: str | None = _f(
+        None, "Wan2.2 A14B (`wan2.2_moe`): the high-noise expert's pre-quantised FP8 file or folder, as "
+        "`dit_quantized_ckpt` is for one DiT (LightX2V's key); needs `dit_quantized` true; no LoRA for that expert. "
+        "Null: that expert is read from its folder and quantised at load.",
+    )
+    low_noise_quantized_ckpt: str | None = _f(
+        None, "Wan2.2 A14B: the low-noise expert's pre-quantised FP8 file or folder (LightX2V's key); as "
+        "`high_noise_quantized_ckpt`.",
     )
     feature_caching: str = _f(
         "none", "Step caching (LightX2V's key): `none` (LightX2V's `NoCaching` too), `Tea` (TeaCache: skip a step's "
@@ -689,33 +700,41 @@ def validate(cfg: RunConfig, *, world_size: int | None = None, check_files: bool
 
 
 def _validate_quantized_ckpt(cfg: RunConfig, check_files: bool) -> None:
-    """``dit_quantized_ckpt``: needs ``dit_quantized``, takes no LoRA, a .safetensors file or a folder that exists."""
-    path = cfg.dit_quantized_ckpt
-    if path is None:
-        return
-    if not cfg.dit_quantized:
-        raise ConfigError("dit_quantized_ckpt", "a pre-quantised checkpoint needs dit_quantized: true (and an fp8 "
-                                                "dit_quant_scheme); set it, or set dit_quantized_ckpt to null")
-    if cfg.lora_configs:
+    """The :data:`QUANTIZED_CKPT_KEYS`: each needs ``dit_quantized``, a .safetensors file or a folder that exists, and
+    a family that takes it (with ``model_cls`` set; else checked against the folder's family at start-up);
+    ``dit_quantized_ckpt`` takes no LoRA (a per-expert file refuses its expert's LoRAs at load)."""
+    given = {k: getattr(cfg, k) for k in QUANTIZED_CKPT_KEYS if getattr(cfg, k) is not None}
+    for key, path in given.items():
+        if not cfg.dit_quantized:
+            raise ConfigError(key, "a pre-quantised checkpoint needs dit_quantized: true (and an fp8 "
+                                   f"dit_quant_scheme); set it, or set {key} to null")
+        p = Path(path).expanduser()
+        if check_files and not p.exists():
+            raise ConfigError(key, f"{path!r} does not exist; give LightX2V's pre-quantised DiT (a .safetensors file "
+                                   "or a folder of them)")
+        if (p.is_file() and p.suffix != ".safetensors") or (not p.exists() and p.suffix not in ("", ".safetensors")):
+            raise ConfigError(key, f"{path!r} is not a .safetensors file (or a folder of them); ditfleet reads only "
+                                   "safetensors (no pickle)")
+    if cfg.lora_configs and "dit_quantized_ckpt" in given:
         raise ConfigError("lora_configs", "LoRAs merge into the bf16 weights before they are quantised, and "
-                                          f"dit_quantized_ckpt {path!r} is already quantised; drop lora_configs, or "
-                                          "drop dit_quantized_ckpt to quantise the LoRA-merged weights at load")
-    if cfg.model_cls is not None:
+                                          f"dit_quantized_ckpt {given['dit_quantized_ckpt']!r} is already quantised; "
+                                          "drop lora_configs, or drop dit_quantized_ckpt to quantise the LoRA-merged "
+                                          "weights at load")
+    if cfg.model_cls is not None and given:
         from .models.registry import spec_for
 
-        spec = spec_for(cfg.model_cls)
-        if not spec.loads_quantized_ckpt:
-            raise ConfigError("dit_quantized_ckpt", f"model_cls {cfg.model_cls} ({spec.description}) does not load "
-                                                    "pre-quantised checkpoints (only wan2.1 does; LightX2V's "
-                                                    "high_noise_quantized_ckpt / low_noise_quantized_ckpt are not "
-                                                    "supported); set it to null to quantise at load")
-    p = Path(path).expanduser()
-    if check_files and not p.exists():
-        raise ConfigError("dit_quantized_ckpt", f"{path!r} does not exist; give LightX2V's pre-quantised DiT (a "
-                                                ".safetensors file or a folder of them)")
-    if (p.is_file() and p.suffix != ".safetensors") or (not p.exists() and p.suffix not in ("", ".safetensors")):
-        raise ConfigError("dit_quantized_ckpt", f"{path!r} is not a .safetensors file (or a folder of them); ditfleet "
-                                                "reads only safetensors (no pickle)")
+        check_quantized_keys(spec_for(cfg.model_cls), given)
+
+
+def check_quantized_keys(spec, given: dict) -> None:
+    """Refuse a :data:`QUANTIZED_CKPT_KEYS` key (``given``: key -> path) that the family ``spec`` does not take."""
+    for key in given:
+        if key in spec.quantized_ckpt_keys:
+            continue
+        takes = (f"takes {' / '.join(spec.quantized_ckpt_keys)}" if spec.quantized_ckpt_keys
+                 else "does not load pre-quantised checkpoints")
+        raise ConfigError(key, f"{spec.family} ({spec.description}) {takes}; set {key} to null"
+                               + ("" if spec.quantized_ckpt_keys else " to quantise at load"))
 
 
 def _validate_caching(cfg: RunConfig) -> None:

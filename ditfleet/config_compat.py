@@ -49,8 +49,6 @@ LIGHTX2V_CHANGES_OUTPUT: dict[str, tuple] = {
     "boundary_step_index": (None,),
     "high_noise_original_ckpt": (None,),
     "low_noise_original_ckpt": (None,),
-    "high_noise_quantized_ckpt": (None,),
-    "low_noise_quantized_ckpt": (None,),
     "changing_resolution": (False, None),
     "enable_dynamic_cfg": (False, None),
     "use_tae": (False, None),

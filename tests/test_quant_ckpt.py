@@ -231,13 +231,25 @@ def test_config_round_trip_and_refusals(tmp_path):
         ({**data, "lora_configs": [{"path": "/l.safetensors"}]}, r"^lora_configs: LoRAs merge into the bf16 weights"),
         ({**data, "dit_quantized_ckpt": str(tmp_path / "no.safetensors")}, r"^dit_quantized_ckpt: '.*' does not exist"),
         ({**data, "dit_quantized_ckpt": str(tmp_path / "w.pth")}, r"^dit_quantized_ckpt: '.*w\.pth' is not a \.safetensors"),
-        ({**data, "model_cls": "wan2.2_moe"}, r"^dit_quantized_ckpt: model_cls wan2.2_moe .* high_noise_quantized_ckpt"),
+        ({**data, "model_cls": "wan2.2_moe"},
+         r"^dit_quantized_ckpt: wan2.2_moe .* takes high_noise_quantized_ckpt / low_noise_quantized_ckpt; set "
+         r"dit_quantized_ckpt to null"),
         ({**data, "dit_quantized_ckpt": ""}, r"^dit_quantized_ckpt: empty path"),
-        ({**data, "high_noise_quantized_ckpt": "/h"}, r"^high_noise_quantized_ckpt: LightX2V's .*would change the video"),
-        ({**data, "low_noise_quantized_ckpt": "/l"}, r"^low_noise_quantized_ckpt: LightX2V's .*would change the video"),
+        ({"high_noise_quantized_ckpt": str(file)}, r"^high_noise_quantized_ckpt: a pre-quantised checkpoint needs "
+                                                   r"dit_quantized: true"),
+        ({**data, "low_noise_quantized_ckpt": "/l.safetensors"}, r"^low_noise_quantized_ckpt: '/l.safetensors' does "
+                                                                r"not exist"),
+        ({**data, "model_cls": "wan2.1", "low_noise_quantized_ckpt": str(file)},
+         r"^low_noise_quantized_ckpt: wan2.1 .* takes dit_quantized_ckpt; set low_noise_quantized_ckpt to null"),
+        # valid: a LoRA for the expert without a pre-quantised file
+        ({"dit_quantized": True, "model_cls": "wan2.2_moe", "high_noise_quantized_ckpt": str(file),
+          "lora_configs": [{"path": "/l.safetensors", "name": "low_noise_model"}]}, None),
     ]
     (tmp_path / "w.pth").write_bytes(b"")
     for d, match in cases:
+        if match is None:
+            assert load_config(data=d).high_noise_quantized_ckpt == str(file)
+            continue
         with pytest.raises(ConfigError, match=match):
             load_config(data=d)
 
@@ -309,14 +321,14 @@ def test_engine_refusals(tmp_path, gpu_like):
     with pytest.raises(CheckpointError, match=r"^dit_quantized_ckpt .*partial\.safetensors: 1 quantised weight\(s\) "
                                               r"without their scale"):
         check_quant(cfg, cpu)  # before anything loads
-    kw = dict(device=cpu, dtype=torch.bfloat16, attention={}, quant="fp8", quantized_ckpt=bad)
-    with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: wan2\.2_moe .*low_noise_quantized_ckpt are not supported"):
+    kw = dict(device=cpu, dtype=torch.bfloat16, attention={}, quant="fp8", quantized=[bad])
+    with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: wan2\.2_moe .*takes high_noise_quantized_ckpt / "
+                                          r"low_noise_quantized_ckpt; got 1 file"):
         ModelRunner.load(root, spec=spec_for("wan2.2_moe"), **kw)
-    with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: wan2\.2 .*does not load pre-quantised"):
-        ModelRunner.load(root, spec=spec_for("wan2.2"), **kw)
     with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: a pre-quantised checkpoint needs dit_quantized"):
         ModelRunner.load(root, **{**kw, "quant": None})
-    with pytest.raises(ConfigError, match=r"^lora_configs: 1 LoRA\(s\) with the pre-quantised"):
+    with pytest.raises(ConfigError, match=r"^lora_configs: 1 LoRA\(s\) for transformer, whose dit_quantized_ckpt "
+                                          r"'.*partial\.safetensors' is pre-quantised"):
         ModelRunner.load(root, loras=[LoraEntry(path="/l.safetensors")], **kw)
 
 
@@ -330,3 +342,94 @@ def test_generate_exits_2_with_one_message(tmp_path, made):
     assert p.returncode == 2, p.stderr
     assert "ditfleet: error: dit_quantized_ckpt " in p.stderr and "wan_int8.safetensors" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "v.npy").exists()
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    """A tiny Diffusers-layout Wan2.2 A14B folder (experts made distinct) and its two experts quantised at load."""
+    from ditfleet.engine.tiny import build_components, save_components
+
+    comps = build_components("t2v", family="wan2.2_moe")
+    for name, seed in (("transformer", 7), ("transformer_2", 8)):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in comps[name].parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    folder = save_components(comps, tmp_path_factory.mktemp("a14b") / "model", "t2v")
+    return folder
+
+
+def test_wan22_experts_load_from_their_files(a14b, tmp_path, gpu_like):
+    """high_noise_quantized_ckpt / low_noise_quantized_ckpt (LightX2V's keys): each expert from its own file, bit for bit
+    the quantise-at-load expert; an expert without a file is quantised at load; the report counts both and says which
+    came from a file; the expert's folder then needs no weights; the other family's key is refused."""
+    import shutil
+
+    from ditfleet.config import load_config
+    from ditfleet.engine.errors import ModelFolderError
+    from ditfleet.engine.pipeline import load_runner
+    from ditfleet.engine.preflight import check_quant
+
+    cpu = torch.device("cpu")
+    base = {"dit_quantized": True, "device": "cpu", "model_path": str(a14b)}
+    at_load = load_runner(load_config(data=base), device=cpu)
+    assert at_load.denoisers.names == ["transformer", "transformer_2"]
+    high = write_lightx2v(lightx2v_tensors(at_load.denoisers.experts[0]), tmp_path / "high.safetensors")
+    low = write_lightx2v(lightx2v_tensors(at_load.denoisers.experts[1]), tmp_path / "low", by_block=True)
+
+    cfg = load_config(data={**base, "high_noise_quantized_ckpt": str(high)})
+    check_quant(cfg, cpu)
+    one = load_runner(cfg, device=cpu)
+    for ours, ref in zip(one.denoisers.experts, at_load.denoisers.experts):
+        assert_same_model(ref, ours)
+    rep = one.denoisers.describe()["quant"]
+    assert rep["linears"] == 2 * at_load.denoisers.describe()["quant"]["per_expert"]["transformer"]["linears"]
+    assert "pre-quantised" in rep["per_expert"]["transformer"]["weights"]
+    assert "pre-quantised" not in rep["per_expert"]["transformer_2"]["weights"]
+    assert rep["per_expert"]["transformer"]["checkpoint"]["path"] == str(high) and "checkpoint" not in rep
+    assert "checkpoint" not in rep["per_expert"]["transformer_2"]
+
+    # both experts from files; the model folder without either expert's weights
+    root = shutil.copytree(a14b, tmp_path / "model")
+    for sub in ("transformer", "transformer_2"):
+        for p in (root / sub).glob("diffusion_pytorch_model*"):
+            p.unlink()
+    both = {**base, "model_path": str(root), "high_noise_quantized_ckpt": str(high), "low_noise_quantized_ckpt": str(low)}
+    with pytest.raises(ModelFolderError, match=r"missing transformer_2/diffusion_pytorch_model\.safetensors"):
+        load_runner(load_config(data={**both, "low_noise_quantized_ckpt": None}), device=cpu)
+    two = load_runner(load_config(data=both), device=cpu)
+    for ours, ref in zip(two.denoisers.experts, at_load.denoisers.experts):
+        assert_same_model(ref, ours)
+    assert all("pre-quantised" in e["weights"] for e in two.denoisers.describe()["quant"]["per_expert"].values())
+
+    # refusals: the one-DiT key on two experts; an expert's file does not fit it (the experts' files swapped is fine:
+    # same shapes), a LoRA for an expert with a file
+    with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: wan2\.2_moe .* takes high_noise_quantized_ckpt / "
+                                          r"low_noise_quantized_ckpt; set dit_quantized_ckpt to null"):
+        check_quant(load_config(data={**base, "dit_quantized_ckpt": str(high)}), cpu)
+    partial = write_lightx2v({"blocks.0.self_attn.q.weight": torch.zeros(32, 32).to(torch.float8_e4m3fn)},
+                             tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"^low_noise_quantized_ckpt .*partial\.safetensors: 1 quantised weight"):
+        check_quant(load_config(data={**base, "low_noise_quantized_ckpt": str(partial)}), cpu)
+    lora = {"path": str(tmp_path / "l.safetensors"), "name": "high_noise_model"}
+    with pytest.raises(ConfigError, match=r"^lora_configs: 1 LoRA\(s\) for transformer, whose "
+                                          r"high_noise_quantized_ckpt '.*high\.safetensors' is pre-quantised"):
+        load_runner(load_config(data={**base, "high_noise_quantized_ckpt": str(high), "lora_configs": [lora]}),
+                    device=cpu)
+
+
+def test_ti2v_loads_from_its_file(tmp_path, gpu_like):
+    """Wan2.2 TI2V-5B (its Ti2vDiT) from dit_quantized_ckpt: bit for bit the quantise-at-load model."""
+    from ditfleet.config import load_config
+    from ditfleet.engine.pipeline import load_runner
+    from ditfleet.engine.tiny import build_components, save_components
+    from ditfleet.models.wan22.ti2v import Ti2vDiT
+
+    folder = save_components(build_components("i2v", family="wan2.2"), tmp_path / "ti2v", "i2v")
+    cpu = torch.device("cpu")
+    base = {"task": "i2v", "dit_quantized": True, "device": "cpu", "model_path": str(folder)}
+    at_load = load_runner(load_config(data=base), device=cpu)
+    file = write_lightx2v(lightx2v_tensors(at_load.dit), tmp_path / "ti2v_fp8.safetensors")
+    runner = load_runner(load_config(data={**base, "dit_quantized_ckpt": str(file)}), device=cpu)
+    assert type(runner.dit) is Ti2vDiT and runner.family == "wan2.2"
+    assert_same_model(at_load.dit, runner.dit)

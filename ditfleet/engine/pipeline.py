@@ -134,7 +134,7 @@ def check_model(cfg, path: str | Path):
     :meth:`Pipeline.from_config`, :func:`load_runner` and preflight. Returns ``(spec, folder, denoiser configs)``."""
     folder = Path(path).expanduser()
     spec = model_spec(cfg, folder) if folder.is_dir() else None  # a missing folder: check_model_folder names it
-    weights = dit_weights(cfg)
+    weights = dit_weights(cfg, spec) if spec is not None else None
     root = check_model_folder(path, cfg.task, spec, dit_weights=weights)
     spec = spec or model_spec(cfg, root)
     configs = dit_configs(root, spec, weights)
@@ -143,37 +143,51 @@ def check_model(cfg, path: str | Path):
     return spec, root, configs
 
 
-def dit_weights(cfg) -> list[Path] | None:
-    """The files the (one) DiT's tensors come from when not its folder's: ``dit_quantized_ckpt``'s, with
-    ``dit_quantized`` (the DiT folder then needs only its ``config.json``); ``None``: the folder's own."""
-    if not (getattr(cfg, "dit_quantized", False) and getattr(cfg, "dit_quantized_ckpt", None)):
-        return None
+def quantized_ckpts(cfg, spec) -> list[Path | None]:
+    """Each denoiser's pre-quantised file, in ``spec.dit_folders`` order (``None``: read from its folder): the
+    config's ``spec.quantized_ckpt_keys`` when ``dit_quantized``.
+
+    Raises:
+        ConfigError: a pre-quantised-file key the family does not take (``dit_quantized_ckpt`` for Wan2.2 A14B, say).
+    """
+    from ..config import QUANTIZED_CKPT_KEYS, check_quantized_keys
+
+    given = {k: getattr(cfg, k, None) for k in QUANTIZED_CKPT_KEYS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not getattr(cfg, "dit_quantized", False) or not given:
+        return [None] * spec.experts
+    check_quantized_keys(spec, given)
+    return [Path(given[k]).expanduser() if k in given else None for k in spec.quantized_ckpt_keys]
+
+
+def dit_weights(cfg, spec) -> list[list[Path] | None]:
+    """Per denoiser (``spec.dit_folders`` order) the files its tensors come from when not its folder's: its
+    pre-quantised file's (:func:`quantized_ckpts`; that DiT folder then needs only its ``config.json``); ``None``:
+    the folder's own."""
     from ..models.wan.loader import quantized_files
 
-    return quantized_files(cfg.dit_quantized_ckpt)
+    keys = spec.quantized_ckpt_keys or ("dit_quantized_ckpt",) * spec.experts
+    return [None if p is None else quantized_files(p, key) for p, key in zip(quantized_ckpts(cfg, spec), keys)]
 
 
-def dit_configs(root: Path, spec, weights: list[Path] | None = None) -> list:
+def dit_configs(root: Path, spec, weights: list | None = None) -> list:
     """Each denoiser's ``WanDiTConfig`` (read from its ``config.json``; no weights). ``weights``: as
-    :func:`dit_weights`, for a one-denoiser family."""
+    :func:`dit_weights`."""
     from ..models.wan import find_checkpoint
 
-    folders = spec.dit_folders(root)
-    if weights is not None and len(folders) == 1:
-        return [find_checkpoint(folders[0][1], weights=weights).config]
-    return [find_checkpoint(folder).config for _, folder in folders]
+    weights = weights or [None] * len(spec.dit_folders(root))
+    return [find_checkpoint(folder, weights=w).config for (_, folder), w in zip(spec.dit_folders(root), weights)]
 
 
-def _uses_clip(root: Path, spec, weights: list[Path] | None = None) -> bool:
+def _uses_clip(root: Path, spec, weights: list | None = None) -> bool:
     """The first denoiser has the CLIP image branch (Wan2.1 I2V; not Wan2.2 A14B I2V nor TI2V-5B): by its checkpoint
     (config and tensor names: an official Wan2.2 I2V config says ``i2v`` as Wan2.1's does), else its config.json.
     ``weights``: as :func:`dit_weights`."""
     from ..models.wan import find_checkpoint
 
-    folders = spec.dit_folders(root)
-    folder = folders[0][1]
+    (_, folder), *_ = spec.dit_folders(root)
     try:
-        return find_checkpoint(folder, weights=weights if len(folders) == 1 else None).config.has_image_branch
+        return find_checkpoint(folder, weights=(weights or [None])[0]).config.has_image_branch
     except UserError:
         pass  # no weights or no readable config: the checks below name the files
     try:
@@ -183,12 +197,12 @@ def _uses_clip(root: Path, spec, weights: list[Path] | None = None) -> bool:
     return bool(data.get("image_dim") or data.get("added_kv_proj_dim") or data.get("model_type") in ("i2v", "flf2v"))
 
 
-def check_model_folder(path: str | Path, task: str, spec=None, *, dit_weights: list[Path] | None = None) -> Path:
+def check_model_folder(path: str | Path, task: str, spec=None, *, dit_weights: list | None = None) -> Path:
     """Check that ``path`` is a complete Diffusers Wan folder for ``task`` before loading anything.
 
     ``spec``: the model family (its denoiser folders: ``transformer/``, and ``transformer_2/`` for Wan2.2 A14B);
-    ``None``: the folder's own. ``dit_weights``: the one DiT's tensors come from these files
-    (``dit_quantized_ckpt``): its folder needs only ``config.json``.
+    ``None``: the folder's own. ``dit_weights``: per denoiser, the files its tensors come from instead of its
+    folder (a pre-quantised file: :func:`dit_weights`); such a denoiser's folder needs only ``config.json``.
 
     Raises:
         ModelFolderError: naming every missing file and what a valid layout holds.
@@ -215,20 +229,19 @@ def check_model_folder(path: str | Path, task: str, spec=None, *, dit_weights: l
     dits = [name for name, folder in spec.dit_folders(root) if folder != root] or ["transformer"]
     comps = [("text_encoder", "model.safetensors", "model.safetensors.index.json"),
              ("vae", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
-    own_weights = dit_weights is None or len(spec.dit_folders(root)) > 1
     comps += [(folder.name, "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
               for name, folder in spec.dit_folders(root) if name in dits]
     if task == "i2v" and _uses_clip(root, spec, dit_weights):
         comps.append(("image_encoder", "model.safetensors", "model.safetensors.index.json"))
         if not (root / "image_processor" / "preprocessor_config.json").is_file():
             problems.append("image_processor/preprocessor_config.json")
-    dit_names = {folder.name for _, folder in spec.dit_folders(root)}
+    elsewhere = {folder.name for (_, folder), w in zip(spec.dit_folders(root), dit_weights or []) if w is not None}
     for name, single, index in comps:
         folder = root / name
         if not (folder / "config.json").is_file():
             problems.append(f"{name}/config.json")
-        if name in dit_names and not own_weights:
-            continue  # the weights are dit_quantized_ckpt's
+        if name in elsewhere:
+            continue  # this denoiser's weights are its pre-quantised file's
         if folder.is_dir():
             _weights_present(folder, single, index, problems, root)
         else:
@@ -271,7 +284,7 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     attention = cfg.resolve_attention(device)
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                              loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized_ckpt=cfg.dit_quantized_ckpt,
+                              loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized=quantized_ckpts(cfg, spec),
                               step_cache=StepCacheSettings.from_config(cfg))
     for dit in runner.denoisers:
         bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
@@ -421,13 +434,13 @@ class Pipeline:
         t1 = time.perf_counter()
         text = _load("text_encoder", root, lambda: TextEncoder.load(root, device=device, dtype=text_dtype, text_len=cfg.text_len))
         image = None
-        if cfg.task == "i2v" and _uses_clip(root, spec, dit_weights(cfg)):
+        if cfg.task == "i2v" and _uses_clip(root, spec, dit_weights(cfg, spec)):
             image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()
         runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
                                   radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                                  loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized_ckpt=cfg.dit_quantized_ckpt,
+                                  loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized=quantized_ckpts(cfg, spec),
                                   step_cache=StepCacheSettings.from_config(cfg))
         for dit in runner.denoisers:
             bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)

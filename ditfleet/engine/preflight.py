@@ -263,14 +263,16 @@ def check_quant(cfg, device: torch.device) -> None:
     """Refuse a ``dit_quantized`` run this machine cannot run quantised, before anything loads: no CUDA device,
     a GPU below sm89 (no FP8 tensor cores), torchao missing, a dtype other than bf16 (one ConfigError naming
     ``dit_quantized``: :func:`ditfleet.models.quant.check_quant_runtime`). A Ray driver that sees no GPU leaves
-    it to the workers, whose load runs the same check. A ``dit_quantized_ckpt`` is checked first, on any machine
+    it to the workers, whose load runs the same check. Pre-quantised files (``dit_quantized_ckpt``, Wan2.2's
+    ``high_noise_quantized_ckpt`` / ``low_noise_quantized_ckpt``) are checked first, on any machine
     (:func:`check_quantized_ckpt`)."""
     if not getattr(cfg, "dit_quantized", False):
         return
+    from ..config import QUANTIZED_CKPT_KEYS
     from ..models.quant import canonical_scheme, check_quant_runtime
 
     canonical_scheme(cfg.dit_quant_scheme)
-    if getattr(cfg, "dit_quantized_ckpt", None) is not None:
+    if any(getattr(cfg, k, None) is not None for k in QUANTIZED_CKPT_KEYS):
         check_quantized_ckpt(cfg)
     if cfg.launcher == "ray" and not torch.cuda.is_available():
         log.info("dit_quantized: this Ray driver sees no GPU; the workers check FP8 support when they load")
@@ -279,29 +281,25 @@ def check_quant(cfg, device: torch.device) -> None:
 
 
 def check_quantized_ckpt(cfg) -> None:
-    """``dit_quantized_ckpt`` before anything loads: the family loads pre-quantised checkpoints (wan2.1), the file or
-    folder exists and holds safetensors, and its headers fit the model ``model_path`` describes (fp8 weights, each
-    with its scale, every tensor present, none unknown, shapes) -- no tensor data is read
+    """The pre-quantised files before anything loads: the family takes their keys (``dit_quantized_ckpt`` for one
+    DiT, ``high_noise_quantized_ckpt`` / ``low_noise_quantized_ckpt`` for Wan2.2 A14B), each exists and holds
+    safetensors, and its headers fit the denoiser its folder describes (fp8 weights, each with its scale, every
+    tensor present, none unknown, shapes) -- no tensor data is read
     (:func:`ditfleet.models.wan.loader.check_quantized_ckpt`).
 
     Raises:
-        ConfigError: naming ``dit_quantized_ckpt`` (a family without it, a missing path).
+        ConfigError: naming the key (a family without it, a missing path).
         CheckpointError: naming the file and the tensors.
     """
-    from ..errors import ConfigError
     from ..models.wan.loader import check_quantized_ckpt as check_headers
-    from .pipeline import check_model, model_root
+    from .pipeline import check_model, model_root, quantized_ckpts
 
     if cfg.launcher == "ray" and cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
         return  # a Ray driver without the model (driver_geometry): the workers' load runs the same checks
     spec, root, _ = check_model(cfg, model_root(cfg))
-    if not spec.loads_quantized_ckpt:
-        raise ConfigError("dit_quantized_ckpt", f"{spec.family} ({spec.description}) does not load pre-quantised "
-                                                "checkpoints (only wan2.1 does; LightX2V's high_noise_quantized_ckpt / "
-                                                "low_noise_quantized_ckpt are not supported); set it to null to "
-                                                "quantise at load")
-    (_, folder), = spec.dit_folders(root)
-    check_headers(folder, cfg.dit_quantized_ckpt)
+    for (_, folder), path, key in zip(spec.dit_folders(root), quantized_ckpts(cfg, spec), spec.quantized_ckpt_keys):
+        if path is not None:
+            check_headers(folder, path, model_cls=spec.dit_class, key=key)
 
 
 def check_request(req, geom: ModelGeometry, cfg, *, device: torch.device | None, files: bool = True,

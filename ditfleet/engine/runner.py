@@ -81,7 +81,7 @@ class ModelRunner:
         boundary: float | None = None,
         loras=(),
         quant: str | None = None,
-        quantized_ckpt=None,
+        quantized=None,
         step_cache: StepCacheSettings | None = None,
         **kwargs,
     ) -> ModelRunner:
@@ -92,8 +92,9 @@ class ModelRunner:
         the :class:`~ditfleet.models.spec.ModelSpec` (``None``: the folder's family); ``boundary``: the expert
         switch of a two-expert family (``None``: the folder's); ``quant``: the ``dit_quant_scheme`` of a
         ``dit_quantized`` run (``None``: the compute dtype), applied once after the LoRAs are merged;
-        ``quantized_ckpt``: the run's ``dit_quantized_ckpt`` (with ``quant``): the family's spec builds the denoiser
-        pre-quantised from that file (``Denoisers.quant`` set) instead of quantising loaded weights;
+        ``quantized``: per denoiser (``spec.dit_folders`` order) its pre-quantised file or ``None`` (the run's
+        ``dit_quantized_ckpt`` / ``high_noise_quantized_ckpt`` / ``low_noise_quantized_ckpt``, with ``quant``): the
+        family's spec builds those denoisers from their files, the others are quantised at load;
         ``step_cache``: the run's ``feature_caching`` settings (:meth:`set_step_cache`; ``None``: no caching).
         """
         from pathlib import Path
@@ -103,19 +104,20 @@ class ModelRunner:
         root = Path(model_path)
         spec = spec or resolve_family(None, root)
         extra = {}
-        if quantized_ckpt is not None:
+        if quantized is not None and any(p is not None for p in quantized):
+            keys = spec.quantized_ckpt_keys
+            if len(keys) != len(quantized):
+                raise ConfigError("dit_quantized_ckpt", f"{spec.family} ({spec.description}) "
+                                  + (f"takes {' / '.join(keys)}" if keys else "does not load pre-quantised checkpoints")
+                                  + f"; got {len(quantized)} file(s)")
             if quant is None:
-                raise ConfigError("dit_quantized_ckpt", "a pre-quantised checkpoint needs dit_quantized: true (and an "
-                                                        "fp8 dit_quant_scheme)")
-            if not spec.loads_quantized_ckpt:
-                raise ConfigError("dit_quantized_ckpt", f"{spec.family} ({spec.description}) does not load pre-quantised "
-                                                        f"checkpoints (only wan2.1 does; LightX2V's high_noise_quantized_ckpt"
-                                                        f" / low_noise_quantized_ckpt are not supported); drop it to "
-                                                        f"quantise at load")
-            extra = {"quantized_ckpt": Path(quantized_ckpt), "quant": quant}
+                key = next(k for k, p in zip(keys, quantized) if p is not None)
+                raise ConfigError(key, "a pre-quantised checkpoint needs dit_quantized: true (and an fp8 "
+                                       "dit_quant_scheme)")
+            extra = {"quantized": [None if p is None else Path(p) for p in quantized], "quant": quant}
         den = spec.load(root, device=device, dtype=dtype, attention={k: v for k, v in attention.items() if v is not None},
                         boundary=boundary, loras=loras or (), **extra)
-        if quant is not None and den.quant is None:
+        if quant is not None:  # the experts not built pre-quantised are quantised here; the report covers all
             from ..models.quant import quantize_denoisers_
 
             quantize_denoisers_(den, quant)

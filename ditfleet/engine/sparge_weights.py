@@ -114,10 +114,11 @@ def model_dims(cfg) -> tuple[int, int] | None:
     (A Ray driver on a head node without the weights checks only the file's own consistency.)
     """
     from ..models.wan import find_checkpoint
-    from .pipeline import dit_weights, model_root
+    from .pipeline import dit_weights, model_root, model_spec
 
     try:
-        c = find_checkpoint(model_root(cfg), weights=dit_weights(cfg)).config
+        root = model_root(cfg)
+        c = find_checkpoint(root, weights=dit_weights(cfg, model_spec(cfg, root))[0]).config
     except (UserError, OSError, ValueError):
         return None
     return c.num_layers, c.num_heads

@@ -377,12 +377,14 @@ COUNTED = ("linears", "quantised_params", "fused_gelu_quant")
 def denoisers_report(names: Iterable[str], reports: Iterable[dict]) -> dict:
     """``model.denoisers.quant``: one report for all experts -- the scheme and GEMM of the first (every expert is
     quantised with the same scheme), the :data:`COUNTED` fields summed over the experts, ``experts`` their names, and
-    with several experts ``per_expert``: each one's counts and weights source."""
+    with several experts ``per_expert``: each one's counts, weights source and (pre-quantised) ``checkpoint``."""
     names, reports = list(names), list(reports)
     out = {**{k: v for k, v in reports[0].items() if k != "expert"}, "experts": names}
     out.update({k: sum(r[k] for r in reports) for k in COUNTED})
-    if len(reports) > 1:
-        out["per_expert"] = {n: {k: r[k] for k in (*COUNTED, "weights")} for n, r in zip(names, reports)}
+    if len(reports) > 1:  # the weights' source (and a pre-quantised file's checkpoint record) per expert
+        out.pop("checkpoint", None)
+        out["per_expert"] = {n: {k: r[k] for k in (*COUNTED, "weights", "checkpoint") if k in r}
+                             for n, r in zip(names, reports)}
     return out
 
 
@@ -391,9 +393,12 @@ def quantize_denoisers_(denoisers, scheme: str) -> None:
     goes to ``denoisers.quant`` (the run report's ``model.denoisers.quant``).
 
     An expert that does not declare ``quant_linears`` itself (a wrapper) is searched for the one submodule
-    that does. Refuses (ConfigError naming ``dit_quantized``) a device, dtype or install that cannot run it.
+    that does; one built pre-quantised from its file (``quant_report`` set) is kept as it is. Refuses (ConfigError naming ``dit_quantized``) a device, dtype or install that cannot run it.
     """
     canonical_scheme(scheme)
-    reports = [quantize_model_(expert_target(name, expert), scheme)
-               for name, expert in zip(denoisers.names, denoisers.experts)]
+    reports = []
+    for name, expert in zip(denoisers.names, denoisers.experts):
+        target = expert_target(name, expert)
+        done = getattr(target, "quant_report", None)  # built pre-quantised from its file
+        reports.append(done if done is not None else quantize_model_(target, scheme))
     denoisers.quant = denoisers_report(denoisers.names, reports)

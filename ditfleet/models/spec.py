@@ -79,16 +79,18 @@ class ModelSpec:
         experts: denoisers per folder (1, or 2 for a high / low-noise pair).
         first_frame_i2v: image-to-video replaces the first latent frame by the image's (Wan2.2 TI2V-5B) instead of
             feeding the condition as extra DiT input channels (Wan2.1 / Wan2.2 A14B I2V).
-        loads_quantized_ckpt: :meth:`load` takes ``quantized_ckpt`` and ``quant`` (``dit_quantized_ckpt``: the
-            denoiser built from LightX2V's pre-quantised FP8 file, ``Denoisers.quant`` set); other families refuse
-            the key.
+        dit_class: the denoiser's module class (built on ``meta`` by start-up checks of a pre-quantised file).
+        quantized_ckpt_keys: the config keys naming each denoiser's pre-quantised FP8 file (LightX2V's), in
+            :meth:`dit_folders` order (``dit_quantized_ckpt``; Wan2.2 A14B ``high_noise_quantized_ckpt`` /
+            ``low_noise_quantized_ckpt``); empty: the family loads none, and the keys are refused.
     """
 
     family: str = ""
     description: str = ""
     experts: int = 1
     first_frame_i2v: bool = False
-    loads_quantized_ckpt: bool = False
+    dit_class: type | None = None
+    quantized_ckpt_keys: tuple[str, ...] = ()
 
     def claims(self, root: Path) -> bool:
         """True when ``root`` (a model folder) is one of this family's (used to pick the family from a folder)."""
@@ -110,8 +112,10 @@ class ModelSpec:
         """Load the denoiser(s) of ``root``; ``boundary`` overrides :meth:`default_boundary`; ``loras`` (config
         ``lora_configs`` entries: ``path``, ``strength``, ``alpha``, ``name``) are merged into their expert's weights.
 
-        A family with :attr:`loads_quantized_ckpt` also takes ``quantized_ckpt`` (a path) and ``quant`` (the
-        ``dit_quant_scheme``): the denoiser comes pre-quantised from that file, ``Denoisers.quant`` says so."""
+        A family with :attr:`quantized_ckpt_keys` also takes ``quantized`` (one path or ``None`` per denoiser, in
+        :meth:`dit_folders` order) and ``quant`` (the ``dit_quant_scheme``): a denoiser with a path is built
+        pre-quantised from that file (its ``quant_report`` set; it takes no LoRA), the others load from their
+        folders (and are quantised at load by the runner)."""
         raise NotImplementedError
 
     def loras_for(self, loras: Sequence, names: Sequence[str], aliases: Mapping[str, str] | None = None) -> list[list]:
@@ -144,13 +148,3 @@ class ModelSpec:
         if self.experts == 2 and (boundary is None or not 0.0 < boundary < 1.0):
             raise ConfigError("boundary", f"{where}: {boundary!r} is not a fraction of the timesteps in (0, 1) "
                                           f"(Wan2.2 A14B: T2V 0.875, I2V 0.9)")
-
-
-def load_experts(loader, folders: Sequence[tuple[str, Path]], **kwargs) -> tuple[list, list[str], list[str]]:
-    """``loader(folder, **kwargs)`` for each ``(name, folder)``: ``(models, names, folders as strings)``."""
-    models, names, sources = [], [], []
-    for name, folder in folders:
-        models.append(loader(folder, **kwargs))
-        names.append(name)
-        sources.append(str(folder))
-    return models, names, sources

@@ -169,18 +169,8 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no DiT weights; {hint}")
 
 
-def find_checkpoint(path: str | Path, *, weights: Sequence[Path] | None = None) -> Checkpoint:
-    """Locate the DiT weights under ``path`` and read their config.
-
-    ``path`` is an official Wan2.1 folder, a Diffusers ``transformer/`` folder, or a Diffusers
-    pipeline folder containing ``transformer/``. ``weights``: the safetensors files that hold the DiT's tensors
-    instead of the folder's own (``dit_quantized_ckpt``'s: :func:`quantized_files`); the folder then needs only its
-    ``config.json``, and those files' tensor names answer what the folder's would (the CLIP image branch).
-
-    Raises:
-        CheckpointError: the path does not exist, is not a folder, has no ``config.json``, an
-            unknown config, or no safetensors weights. The message names the path or file.
-    """
+def _config_of(path: str | Path) -> tuple[Path, str, WanDiTConfig]:
+    """``(folder, layout, config)`` of the DiT ``config.json`` under ``path`` (see :func:`find_checkpoint`)."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise CheckpointError(f"model path {str(path)!r} does not exist")
@@ -196,21 +186,41 @@ def find_checkpoint(path: str | Path, *, weights: Sequence[Path] | None = None) 
     data = _read_json(cfg_path)
     try:
         if data.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in data:
-            layout, config = "diffusers", WanDiTConfig.from_diffusers(data)
-        elif "dim" in data and "num_heads" in data:
-            layout, config = "official", WanDiTConfig.from_official(data)
-        else:
-            cls = data.get("_class_name")
-            raise CheckpointError(f"{cfg_path}: not a Wan2.1 DiT config (class {cls!r}); expected an official WanModel "
-                                  "config (dim, num_heads, ...) or a Diffusers WanTransformer3DModel config")
+            return folder, "diffusers", WanDiTConfig.from_diffusers(data)
+        if "dim" in data and "num_heads" in data:
+            return folder, "official", WanDiTConfig.from_official(data)
+        cls = data.get("_class_name")
+        raise CheckpointError(f"{cfg_path}: not a Wan2.1 DiT config (class {cls!r}); expected an official WanModel "
+                              "config (dim, num_heads, ...) or a Diffusers WanTransformer3DModel config")
     except WanConfigError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def read_config(path: str | Path) -> WanDiTConfig:
+    """The DiT's config as its ``config.json`` states it, no weights needed (an official ``model_type: i2v`` stays
+    ``i2v``; :func:`find_checkpoint` also reads the tensor names). ``path`` as for :func:`find_checkpoint`."""
+    return _config_of(path)[2]
+
+
+def find_checkpoint(path: str | Path, *, weights: Sequence[Path] | None = None) -> Checkpoint:
+    """Locate the DiT weights under ``path`` and read their config.
+
+    ``path`` is an official Wan2.1 folder, a Diffusers ``transformer/`` folder, or a Diffusers
+    pipeline folder containing ``transformer/``. ``weights``: the safetensors files that hold the DiT's tensors
+    instead of the folder's own (``dit_quantized_ckpt``'s: :func:`quantized_files`); the folder then needs only its
+    ``config.json``, and those files' tensor names answer what the folder's would (the CLIP image branch).
+
+    Raises:
+        CheckpointError: the path does not exist, is not a folder, has no ``config.json``, an
+            unknown config, or no safetensors weights. The message names the path or file.
+    """
+    folder, layout, config = _config_of(path)
     files = _weight_files(folder) if weights is None else list(weights)
     if layout == "official" and config.model_type == "i2v" and not _has_image_branch(
             folder if weights is None else None, files):
         # Wan2.2 A14B I2V: the official config says "i2v" as Wan2.1 I2V does, but the model has no CLIP image branch
         # (no img_emb / k_img / v_img tensors): the image enters as the condition y only (Diffusers' reading)
-        log.debug("%s: model_type i2v without image-embedding tensors: Wan2.2 I2V (no CLIP branch)", cfg_path)
+        log.debug("%s: model_type i2v without image-embedding tensors: Wan2.2 I2V (no CLIP branch)", folder / "config.json")
         config = config.replace(model_type="t2v")
     return Checkpoint(folder, layout, config, files)
 
@@ -379,12 +389,13 @@ _HEADER_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "i
 _FLOAT_HEADERS = ("BF16", "F16", "F32", "F64")
 
 
-def quantized_files(path: str | Path) -> list[Path]:
-    """The safetensors file(s) of a ``dit_quantized_ckpt``: the file itself, or the folder's (its index's files
+def quantized_files(path: str | Path, key: str = QUANT_KEY) -> list[Path]:
+    """The safetensors file(s) of a pre-quantised checkpoint (config key ``key``: ``dit_quantized_ckpt``,
+    ``high_noise_quantized_ckpt``, ``low_noise_quantized_ckpt``): the file itself, or the folder's (its index's files
     when it has a ``*.index.json``, else every ``*.safetensors``), sorted.
 
     Raises:
-        ConfigError: (``dit_quantized_ckpt``) the path does not exist, is not a ``.safetensors`` file, or a folder
+        ConfigError: (naming ``key``) the path does not exist, is not a ``.safetensors`` file, or a folder
             holds none.
         CheckpointError: an index that lists missing files.
     """
@@ -392,23 +403,23 @@ def quantized_files(path: str | Path) -> list[Path]:
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise ConfigError(QUANT_KEY, f"{str(path)!r} does not exist; give LightX2V's pre-quantised DiT (a .safetensors "
-                                     f"file or a folder of them)")
+        raise ConfigError(key, f"{str(path)!r} does not exist; give LightX2V's pre-quantised DiT (a .safetensors "
+                               f"file or a folder of them)")
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise ConfigError(QUANT_KEY, f"{str(path)!r} is not a .safetensors file; ditfleet reads only safetensors "
-                                         f"(no pickle)")
+            raise ConfigError(key, f"{str(path)!r} is not a .safetensors file; ditfleet reads only safetensors "
+                                   f"(no pickle)")
         return [p]
     indexes = sorted(p.glob("*.index.json"))
     if indexes:
-        return _indexed_files(indexes[0], f"{QUANT_KEY} ")
+        return _indexed_files(indexes[0], f"{key} ")
     files = sorted(p.glob("*.safetensors"))
     if not files:
-        raise ConfigError(QUANT_KEY, f"{str(path)!r} is a folder without .safetensors files")
+        raise ConfigError(key, f"{str(path)!r} is a folder without .safetensors files")
     return files
 
 
-def _scan_quantized(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+def _scan_quantized(files: list[Path], key: str = QUANT_KEY) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
     """Official name -> (file, stored name, shape, header dtype) of every tensor, from the headers only."""
     entries: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}
     for path in files:
@@ -417,7 +428,7 @@ def _scan_quantized(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, 
                 sl = f.get_slice(name)
                 official = name.removeprefix(OFFICIAL_PREFIX)
                 if official in entries:
-                    raise CheckpointError(f"{QUANT_KEY}: tensor {name!r} appears twice: in {entries[official][0].name} "
+                    raise CheckpointError(f"{key}: tensor {name!r} appears twice: in {entries[official][0].name} "
                                           f"and {path.name}")
                 entries[official] = (path, name, tuple(sl.get_shape()), sl.get_dtype())
     return entries
@@ -428,7 +439,8 @@ def _listing(label: str, items: list[str]) -> str:
     return f"{len(items)} {label}: {', '.join(items[:SHOW])}{more}"
 
 
-def _check_quantized(model: WanDiT, qnames: list[str], found: Mapping[str, tuple], where: str) -> None:
+def _check_quantized(model: WanDiT, qnames: list[str], found: Mapping[str, tuple], where: str,
+                     key: str = QUANT_KEY) -> None:
     """Every check of a pre-quantised checkpoint's headers against ``model`` (one CheckpointError each)."""
     qweights = {f"{n}.weight" for n in qnames}
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -438,13 +450,13 @@ def _check_quantized(model: WanDiT, qnames: list[str], found: Mapping[str, tuple
         d = _HEADER_DTYPES.get(hdt[other_q[0]], hdt[other_q[0]])
         raise CheckpointError(f"{where}: {_listing(f'{d} linear weight(s)', other_q)}; this build runs fp8 only "
                               f"(float8_e4m3fn weights with per-channel scales: LightX2V's converter --linear_dtype "
-                              f"torch.float8_e4m3fn), or drop {QUANT_KEY} to quantise the bf16 weights at load")
+                              f"torch.float8_e4m3fn), or drop {key} to quantise the bf16 weights at load")
     unquantised = sorted(k for k in qweights if k in found and hdt[k] in _FLOAT_HEADERS)
     if unquantised:
         d = _HEADER_DTYPES[hdt[unquantised[0]]]
         raise CheckpointError(f"{where}: {_listing(f'{d} (not quantised) linear weight(s)', unquantised)}; a "
                               f"pre-quantised checkpoint holds these in float8_e4m3fn with a .weight_scale each; for a "
-                              f"bf16 / fp32 checkpoint drop {QUANT_KEY} (dit_quantized quantises at load)")
+                              f"bf16 / fp32 checkpoint drop {key} (dit_quantized quantises at load)")
     odd = sorted(k for k, d in hdt.items() if k not in qweights and not k.endswith(SCALE_SUFFIX) and k in expected
                  and d not in _FLOAT_HEADERS)
     if odd:
@@ -475,9 +487,11 @@ def _check_quantized(model: WanDiT, qnames: list[str], found: Mapping[str, tuple
                               + "; ".join(problems))
 
 
-def check_quantized_ckpt(path: str | Path, quantized_ckpt: str | Path, *, model_cls: type[WanDiT] = WanDiT):
-    """Check a ``dit_quantized_ckpt`` against the model ``path``'s config describes, from the headers only (the
-    start-up check of :func:`ditfleet.engine.preflight.check_quant`, and the first step of :func:`load_quantized_dit`).
+def check_quantized_ckpt(path: str | Path, quantized_ckpt: str | Path, *, model_cls: type[WanDiT] = WanDiT,
+                         key: str = QUANT_KEY):
+    """Check a pre-quantised checkpoint (config key ``key``, named by the messages) against the model ``path``'s
+    config describes, from the headers only (the start-up check of :func:`ditfleet.engine.preflight.check_quant`, and
+    the first step of :func:`load_quantized_dit`).
 
     Returns:
         ``(checkpoint, model on meta, quantised linear names, files, tensors by official name)``.
@@ -487,13 +501,13 @@ def check_quantized_ckpt(path: str | Path, quantized_ckpt: str | Path, *, model_
     """
     from ..quant import quantizable_linears
 
-    files = quantized_files(quantized_ckpt)
+    files = quantized_files(quantized_ckpt, key)
     ckpt = find_checkpoint(path, weights=files)
     with torch.device("meta"):
         model = model_cls(ckpt.config)
     qnames = quantizable_linears(model)
-    found = _scan_quantized(files)
-    _check_quantized(model, qnames, found, f"{QUANT_KEY} {quantized_ckpt}")
+    found = _scan_quantized(files, key)
+    _check_quantized(model, qnames, found, f"{key} {quantized_ckpt}", key)
     return ckpt, model, qnames, files, found
 
 
@@ -508,8 +522,10 @@ def load_quantized_dit(
     scheme: str = "fp8",
     check_device: bool = True,
     gemm=None,
+    key: str = QUANT_KEY,
 ) -> WanDiT:
-    """Build a quantised :class:`WanDiT` from LightX2V's pre-quantised FP8 checkpoint (``dit_quantized_ckpt``).
+    """Build a quantised :class:`WanDiT` from LightX2V's pre-quantised FP8 checkpoint (``dit_quantized_ckpt``; a
+    Wan2.2 A14B expert's ``high_noise_quantized_ckpt`` / ``low_noise_quantized_ckpt``: ``key``, named by the messages).
 
     The architecture comes from ``path``'s ``config.json`` (as :func:`load_dit`); every tensor comes from
     ``quantized_ckpt`` (a ``.safetensors`` file or a folder of them: :func:`quantized_files`). The model is built
@@ -530,7 +546,7 @@ def load_quantized_dit(
         The model in eval mode; ``model.quant_report`` records the checkpoint (path, each file's sha256).
 
     Raises:
-        ConfigError: (``dit_quantized_ckpt``) a missing path; (``dit_quantized`` / ``dit_quant_scheme``) a device or
+        ConfigError: (``key``) a missing path; (``dit_quantized`` / ``dit_quant_scheme``) a device or
             scheme that cannot run it.
         CheckpointError: naming the file: int8 or other non-fp8 weights, a weight without its scale, missing,
             unknown or misshaped tensors.
@@ -539,8 +555,8 @@ def load_quantized_dit(
     from .lora import _sha256
 
     quant.canonical_scheme(scheme)
-    ckpt, model, qnames, files, found = check_quantized_ckpt(path, quantized_ckpt, model_cls=model_cls)
-    where = f"{QUANT_KEY} {quantized_ckpt}"
+    ckpt, model, qnames, files, found = check_quantized_ckpt(path, quantized_ckpt, model_cls=model_cls, key=key)
+    where = f"{key} {quantized_ckpt}"
     device = torch.device(device)
     if check_device:
         quant.check_quant_runtime(device, dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +17,8 @@ class Wan21Spec(ModelSpec):
     family = "wan2.1"
     description = "Wan2.1: one DiT (T2V 1.3B / 14B, I2V 14B)"
     experts = 1
-    loads_quantized_ckpt = True
+    dit_class = WanDiT
+    quantized_ckpt_keys = ("dit_quantized_ckpt",)
 
     def claims(self, root: Path) -> bool:
         return (root / "transformer" / "config.json").is_file() or (root / "config.json").is_file()
@@ -26,31 +27,41 @@ class Wan21Spec(ModelSpec):
         return [("transformer", root / "transformer")] if (root / "transformer").is_dir() else [("dit", root)]
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None, loras=(), quantized_ckpt: Path | None = None,
+             boundary: float | None = None, loras=(), quantized: Sequence[Path | None] = (),
              quant: str | None = None) -> Denoisers:
         return load_single(self, root, device=device, dtype=dtype, attention=attention, boundary=boundary, loras=loras,
-                           quantized_ckpt=quantized_ckpt, quant=quant)
+                           quantized=quantized, quant=quant)
+
+
+def load_expert(folder: Path, name: str, loras: Sequence, quantized: Path | None, key: str, *, quant: str | None,
+                model_cls: type[WanDiT] = WanDiT, **kwargs) -> tuple[WanDiT, list]:
+    """One Wan DiT: from ``folder`` with its ``loras`` merged, or with ``quantized`` (the file of config key ``key``)
+    built pre-quantised from that file (:func:`~.loader.load_quantized_dit`: the config from the folder, every tensor
+    from the file, scheme ``quant``), which takes no LoRA. ``kwargs``: device, dtype, attention.
+
+    Returns:
+        ``(model, merged LoRA entries)``.
+    """
+    if quantized is None:
+        dit = load_dit(folder, model_cls=model_cls, **kwargs)
+        return dit, merge_loras_(dit, loras)
+    if loras:
+        from ...errors import ConfigError
+
+        raise ConfigError("lora_configs", f"{len(loras)} LoRA(s) for {name}, whose {key} {str(quantized)!r} is "
+                                          "pre-quantised: a LoRA merges into bf16 weights before they are quantised; "
+                                          f"drop those LoRAs, or drop {key} to quantise the LoRA-merged weights at load")
+    return load_quantized_dit(folder, quantized, model_cls=model_cls, scheme=quant or "fp8", key=key, **kwargs), []
 
 
 def load_single(spec: ModelSpec, root: Path, *, device, dtype, attention, boundary, loras,
-                quantized_ckpt: Path | None = None, quant: str | None = None, model_cls: type[WanDiT] = WanDiT) -> Denoisers:
-    """One Wan DiT from ``spec.dit_folders(root)``, its LoRAs merged; with ``quantized_ckpt`` (``dit_quantized_ckpt``,
-    scheme ``quant``) built pre-quantised from that file instead (:func:`~.loader.load_quantized_dit`: the config from
-    the folder, every tensor from the file), which takes no LoRA. ``model_cls``: the :class:`WanDiT` (sub)class to build
-    (TI2V-5B: ``Ti2vDiT``)."""
+                quantized: Sequence[Path | None] = (), quant: str | None = None) -> Denoisers:
+    """One Wan DiT of class ``spec.dit_class`` (TI2V-5B: ``Ti2vDiT``) from ``spec.dit_folders(root)``
+    (:func:`load_expert`; ``quantized``: ``[dit_quantized_ckpt]`` or empty)."""
     spec.check_boundary(boundary, "boundary")
     (name, folder), = spec.dit_folders(root)
     (mine,) = spec.loras_for(loras, [name])
-    if quantized_ckpt is not None:
-        from ...errors import ConfigError
-        from ..quant import denoisers_report
-
-        if mine:
-            raise ConfigError("lora_configs", f"{len(mine)} LoRA(s) with the pre-quantised {quantized_ckpt}: a LoRA "
-                                              "merges into bf16 weights before they are quantised; drop lora_configs, "
-                                              "or drop dit_quantized_ckpt to quantise the LoRA-merged weights at load")
-        dit = load_quantized_dit(folder, quantized_ckpt, device=device, dtype=dtype, attention=attention,
-                                 scheme=quant or "fp8")
-        return Denoisers([dit], [name], sources=[str(folder)], quant=denoisers_report([name], [dit.quant_report]))
-    dit = load_dit(folder, device=device, dtype=dtype, attention=attention, model_cls=model_cls)
-    return Denoisers([dit], [name], sources=[str(folder)], loras=merge_loras_(dit, mine))
+    (path,) = tuple(quantized) or (None,)
+    dit, merged = load_expert(folder, name, mine, path, spec.quantized_ckpt_keys[0] if spec.quantized_ckpt_keys else "",
+                              quant=quant, model_cls=spec.dit_class, device=device, dtype=dtype, attention=attention)
+    return Denoisers([dit], [name], sources=[str(folder)], loras=merged)

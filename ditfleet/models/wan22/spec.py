@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from ..spec import Denoisers, ModelSpec, load_experts
-from ..wan.loader import CheckpointError, find_checkpoint, load_dit
-from ..wan.lora import merge_loras_
+from ..spec import Denoisers, ModelSpec
+from ..wan.dit import WanDiT
+from ..wan.loader import CheckpointError, find_checkpoint, quantized_files, read_config
+from ..wan.spec import load_expert
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Wan22MoeSpec(ModelSpec):
     family = "wan2.2_moe"
     description = "Wan2.2 A14B: high- and low-noise experts switched at a boundary"
     experts = 2
+    dit_class = WanDiT
+    quantized_ckpt_keys = ("high_noise_quantized_ckpt", "low_noise_quantized_ckpt")
 
     def claims(self, root: Path) -> bool:
         if any((root / d).exists() for d in ("transformer_2", "high_noise_model", "low_noise_model")):
@@ -74,27 +77,35 @@ class Wan22MoeSpec(ModelSpec):
         if index.get("boundary_ratio") is not None:
             return float(index["boundary_ratio"])
         (_, high), _ = self.dit_folders(root)
-        in_dim = find_checkpoint(high).config.in_dim
+        in_dim = read_config(high).in_dim  # the config alone: the weights may be high_noise_quantized_ckpt's
         if in_dim not in OFFICIAL_BOUNDARY:
             raise CheckpointError(f"{high}: in_dim {in_dim}; no official boundary is known for it: set the config's "
                                   f"boundary (a fraction of the 1000 timesteps, e.g. 0.875)")
         return OFFICIAL_BOUNDARY[in_dim]
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None, loras=()) -> Denoisers:
+             boundary: float | None = None, loras=(), quantized: Sequence[Path | None] = (),
+             quant: str | None = None) -> Denoisers:
         folders = self.dit_folders(root)
         where = "boundary" if boundary is not None else f"{root / 'model_index.json'} boundary_ratio"
         boundary = self.default_boundary(root) if boundary is None else boundary
         self.check_boundary(boundary, where)
-        configs = [find_checkpoint(f).config for _, f in folders]
+        quantized = list(quantized) or [None, None]
+        configs = [find_checkpoint(f, weights=None if q is None else quantized_files(q, key)).config
+                   for (_, f), q, key in zip(folders, quantized, self.quantized_ckpt_keys)]
         if configs[0] != configs[1]:
             diff = [k for k in configs[0].__dataclass_fields__ if getattr(configs[0], k) != getattr(configs[1], k)]
             raise CheckpointError(f"{folders[0][1]} and {folders[1][1]}: the two experts differ in {', '.join(diff)}; "
                                   "a Wan2.2 A14B folder holds two DiTs of one architecture")
         names = [n for n, _ in folders]
         per_expert = self.loras_for(loras, names, {k: v for k, v in ALIASES.items() if v in names})
-        models, names, sources = load_experts(load_dit, folders, device=device, dtype=dtype, attention=attention)
-        merged = [entry for dit, mine in zip(models, per_expert) for entry in merge_loras_(dit, mine)]
+        models, merged = [], []
+        for (name, folder), mine, q, key in zip(folders, per_expert, quantized, self.quantized_ckpt_keys):
+            dit, entries = load_expert(folder, name, mine, q, key, quant=quant, device=device, dtype=dtype,
+                                       attention=attention)
+            models.append(dit)
+            merged.extend(entries)
+        sources = [str(f) for _, f in folders]
         log.info("Wan2.2 experts %s / %s, switching below t = %.1f (boundary %.3f)", names[0], names[1],
                  boundary * 1000, boundary)
         return Denoisers(models, names, boundary=boundary, sources=sources, loras=merged)

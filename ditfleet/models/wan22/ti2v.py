@@ -111,6 +111,8 @@ class Wan22Ti2vSpec(ModelSpec):
     experts = 1
     #: image-to-video conditions by replacing the first latent frame (no extra DiT input channels, no CLIP)
     first_frame_i2v = True
+    dit_class = Ti2vDiT
+    quantized_ckpt_keys = ("dit_quantized_ckpt",)
 
     def claims(self, root: Path) -> bool:
         try:
@@ -129,6 +131,6 @@ class Wan22Ti2vSpec(ModelSpec):
         return [("transformer", root / "transformer")]
 
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
-             boundary: float | None = None, loras=()) -> Denoisers:
+             boundary: float | None = None, loras=(), quantized=(), quant: str | None = None) -> Denoisers:
         return load_single(self, root, device=device, dtype=dtype, attention=attention, boundary=boundary, loras=loras,
-                           model_cls=Ti2vDiT)
+                           quantized=quantized, quant=quant)
