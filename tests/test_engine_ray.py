@@ -354,9 +354,9 @@ def test_a_worker_error_is_not_retried(monkeypatch, tmp_path):
 
 
 
-def _dying_pair():
-    """An actor class (built here, so Ray ships it by value): rank 0 dies after a moment; rank 1, the survivor,
-    fails at once with the PeerError its collective raises."""
+def _dying_pair(stall: bool = False):
+    """An actor class (built here, so Ray ships it by value): rank 0 dies after a moment (``stall``: sleeps on,
+    alive); rank 1, the survivor, fails at once with the PeerError its collective raises."""
 
     class DyingPair:
         def __init__(self, rank: int):
@@ -366,7 +366,7 @@ def _dying_pair():
             from ditfleet.parallel import PeerError
 
             if self.rank == 0:
-                time.sleep(1.0)
+                time.sleep(60.0 if stall else 1.0)
                 os._exit(1)
             raise PeerError("ulysses exchange: rank(s) 0 did not answer (connection reset by peer)")
 
@@ -395,6 +395,25 @@ def test_a_death_is_reported_before_the_survivors_peer_error(cluster, method):
                 ex._rpc(method, (), {}, [0, 1], None, 30)
             else:
                 ex._stream(method, (), {}, [0, 1], None, 30)
+    finally:
+        for a in ex.actors:
+            ray.kill(a, no_restart=True)
+
+
+def test_a_stalled_peer_leaves_the_survivors_error_after_the_grace(cluster):
+    """No death within PEER_DEATH_GRACE_S (a stalled peer): the survivor's PeerError is the failure, in bounded time."""
+    from ditfleet.config import load_config
+    from ditfleet.engine.executor import WorkerFailure
+    from ditfleet.engine.ray_executor import PEER_DEATH_GRACE_S
+
+    ex = RayExecutor(load_config(None, [], data=config()))
+    ex.actors = [ray.remote(_dying_pair(stall=True)).options(num_cpus=0, max_restarts=0).remote(r) for r in range(2)]
+    ex.infos = [{"pid": None, "node_ip": "127.0.0.1"}] * 2
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailure, match=r"^rank 1 failed in execute: PeerError"):
+            ex._stream("execute", (), {}, [0, 1], None, 30)
+        assert PEER_DEATH_GRACE_S - 0.5 <= time.monotonic() - t0 <= PEER_DEATH_GRACE_S + 5
     finally:
         for a in ex.actors:
             ray.kill(a, no_restart=True)

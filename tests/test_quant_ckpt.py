@@ -120,7 +120,9 @@ def test_lightx2v_file_loads_bit_for_bit(made, monkeypatch):
         {k: v for k, v in ref.quant_report.items() if k != "weights"}
     assert "pre-quantised" in rep["weights"] and "quantised once at load" in ref.quant_report["weights"]
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
-    assert rep["checkpoint"] == {"path": str(file), "files": [{"file": file.name, "sha256": sha}]}
+    assert rep["checkpoint"] == {"key": "dit_quantized_ckpt", "path": str(file),
+                                 "files": [{"file": file.name, "sha256": sha}]}
+    assert "read from dit_quantized_ckpt" in rep["weights"]
 
 
 def test_block_folder_and_bf16_non_linears(made, tmp_path):
@@ -384,7 +386,8 @@ def test_wan22_experts_load_from_their_files(a14b, tmp_path, gpu_like):
         assert_same_model(ref, ours)
     rep = one.denoisers.describe()["quant"]
     assert rep["linears"] == 2 * at_load.denoisers.describe()["quant"]["per_expert"]["transformer"]["linears"]
-    assert "pre-quantised" in rep["per_expert"]["transformer"]["weights"]
+    assert "pre-quantised: read from high_noise_quantized_ckpt" in rep["per_expert"]["transformer"]["weights"]
+    assert "weights" not in rep  # given per expert
     assert "pre-quantised" not in rep["per_expert"]["transformer_2"]["weights"]
     assert rep["per_expert"]["transformer"]["checkpoint"]["path"] == str(high) and "checkpoint" not in rep
     assert "checkpoint" not in rep["per_expert"]["transformer_2"]
@@ -411,25 +414,33 @@ def test_wan22_experts_load_from_their_files(a14b, tmp_path, gpu_like):
                              tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match=r"^low_noise_quantized_ckpt .*partial\.safetensors: 1 quantised weight"):
         check_quant(load_config(data={**base, "low_noise_quantized_ckpt": str(partial)}), cpu)
-    lora = {"path": str(tmp_path / "l.safetensors"), "name": "high_noise_model"}
-    with pytest.raises(ConfigError, match=r"^lora_configs: 1 LoRA\(s\) for transformer, whose "
-                                          r"high_noise_quantized_ckpt '.*high\.safetensors' is pre-quantised"):
-        load_runner(load_config(data={**base, "high_noise_quantized_ckpt": str(high), "lora_configs": [lora]}),
-                    device=cpu)
+    lora = {"path": str(tmp_path / "l.safetensors"), "name": "low_noise_model"}
+    with_lora = load_config(data={**base, "low_noise_quantized_ckpt": str(low), "lora_configs": [lora]})
+    for call in (lambda: check_quant(with_lora, cpu), lambda: load_runner(with_lora, device=cpu)):
+        with pytest.raises(ConfigError, match=r"^lora_configs: 1 LoRA\(s\) for transformer_2, whose "
+                                              r"low_noise_quantized_ckpt '.*low' is pre-quantised"):
+            call()  # start-up check, and the load itself before either expert is read
 
 
 def test_ti2v_loads_from_its_file(tmp_path, gpu_like):
-    """Wan2.2 TI2V-5B (its Ti2vDiT) from dit_quantized_ckpt: bit for bit the quantise-at-load model."""
+    """Wan2.2 TI2V-5B (its Ti2vDiT) from dit_quantized_ckpt, its DiT folder without weights: bit for bit the
+    quantise-at-load model."""
     from ditfleet.config import load_config
     from ditfleet.engine.pipeline import load_runner
     from ditfleet.engine.tiny import build_components, save_components
     from ditfleet.models.wan22.ti2v import Ti2vDiT
+
+    from ditfleet.engine.preflight import check_quant
 
     folder = save_components(build_components("i2v", family="wan2.2"), tmp_path / "ti2v", "i2v")
     cpu = torch.device("cpu")
     base = {"task": "i2v", "dit_quantized": True, "device": "cpu", "model_path": str(folder)}
     at_load = load_runner(load_config(data=base), device=cpu)
     file = write_lightx2v(lightx2v_tensors(at_load.dit), tmp_path / "ti2v_fp8.safetensors")
-    runner = load_runner(load_config(data={**base, "dit_quantized_ckpt": str(file)}), device=cpu)
+    for p in (folder / "transformer").glob("diffusion_pytorch_model*"):
+        p.unlink()  # the DiT folder keeps only its config.json
+    cfg = load_config(data={**base, "dit_quantized_ckpt": str(file)})
+    check_quant(cfg, cpu)  # builds Ti2vDiT on meta against the file's headers
+    runner = load_runner(cfg, device=cpu)
     assert type(runner.dit) is Ti2vDiT and runner.family == "wan2.2"
     assert_same_model(at_load.dit, runner.dit)

@@ -166,8 +166,10 @@ def dit_weights(cfg, spec) -> list[list[Path] | None]:
     the folder's own."""
     from ..models.wan.loader import quantized_files
 
-    keys = spec.quantized_ckpt_keys or ("dit_quantized_ckpt",) * spec.experts
-    return [None if p is None else quantized_files(p, key) for p, key in zip(quantized_ckpts(cfg, spec), keys)]
+    paths = quantized_ckpts(cfg, spec)
+    if not any(paths):
+        return paths
+    return [None if p is None else quantized_files(p, key) for p, key in zip(paths, spec.quantized_ckpt_keys)]
 
 
 def dit_configs(root: Path, spec, weights: list | None = None) -> list:

@@ -297,7 +297,10 @@ def check_quantized_ckpt(cfg) -> None:
     if cfg.launcher == "ray" and cfg.model_path is not None and not Path(cfg.model_path).expanduser().exists():
         return  # a Ray driver without the model (driver_geometry): the workers' load runs the same checks
     spec, root, _ = check_model(cfg, model_root(cfg))
-    for (_, folder), path, key in zip(spec.dit_folders(root), quantized_ckpts(cfg, spec), spec.quantized_ckpt_keys):
+    folders, paths = spec.dit_folders(root), quantized_ckpts(cfg, spec)
+    names = [n for n, _ in folders]
+    spec.check_prequantized_loras(names, spec.denoiser_loras(cfg.lora_configs or (), names), paths)
+    for (_, folder), path, key in zip(folders, paths, spec.quantized_ckpt_keys):
         if path is not None:
             check_headers(folder, path, model_cls=spec.dit_class, key=key)
 

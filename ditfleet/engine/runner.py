@@ -107,7 +107,8 @@ class ModelRunner:
         if quantized is not None and any(p is not None for p in quantized):
             keys = spec.quantized_ckpt_keys
             if len(keys) != len(quantized):
-                raise ConfigError("dit_quantized_ckpt", f"{spec.family} ({spec.description}) "
+                given = "dit_quantized_ckpt" if len(quantized) == 1 else "high_noise_quantized_ckpt"
+                raise ConfigError(given, f"{spec.family} ({spec.description}) "
                                   + (f"takes {' / '.join(keys)}" if keys else "does not load pre-quantised checkpoints")
                                   + f"; got {len(quantized)} file(s)")
             if quant is None:

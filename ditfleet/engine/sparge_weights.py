@@ -113,12 +113,11 @@ def model_dims(cfg) -> tuple[int, int] | None:
 
     (A Ray driver on a head node without the weights checks only the file's own consistency.)
     """
-    from ..models.wan import find_checkpoint
-    from .pipeline import dit_weights, model_root, model_spec
+    from ..models.wan.loader import read_config
+    from .pipeline import model_root
 
     try:
-        root = model_root(cfg)
-        c = find_checkpoint(root, weights=dit_weights(cfg, model_spec(cfg, root))[0]).config
+        c = read_config(model_root(cfg))  # the config.json alone (the weights may be a pre-quantised file's)
     except (UserError, OSError, ValueError):
         return None
     return c.num_layers, c.num_heads

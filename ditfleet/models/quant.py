@@ -310,7 +310,8 @@ def build_prequantized_(model: nn.Module, scheme: str, linears: Mapping[str, tup
             (``[N, 1]`` as LightX2V stores them, ``[N]`` or ``[1, N]``; ``W[n] ~= weight_fp8[n] * scale[n]``),
             ``[N]`` or ``None``; exactly the model's quantisable linears.
         device: where the quantised weights go; dtype: the compute dtype (GEMM output, bias).
-        source: what the report records of where they came from (``path``, ``files`` with sha256).
+        source: what the report records of where they came from (``key``: the config key, ``path``, ``files`` with
+            sha256).
         check_device: as :func:`quantize_model_`.
         gemm: the scaled GEMM (default :func:`torchao_gemm`).
 
@@ -350,8 +351,8 @@ def build_prequantized_(model: nn.Module, scheme: str, linears: Mapping[str, tup
     fused = _fuse_gelus(model)
     report = _report(model, scheme, names, params, fused, dtype,
                      GEMM if default_gemm else getattr(gemm, "__qualname__", repr(gemm)),
-                     "float8_e4m3fn, one float32 scale per output channel, pre-quantised: read from dit_quantized_ckpt "
-                     "(not quantised here)")
+                     "float8_e4m3fn, one float32 scale per output channel, pre-quantised: read from "
+                     f"{source.get('key', 'dit_quantized_ckpt')} (not quantised here)")
     report["checkpoint"] = dict(source)
     return report
 
@@ -377,12 +378,14 @@ COUNTED = ("linears", "quantised_params", "fused_gelu_quant")
 def denoisers_report(names: Iterable[str], reports: Iterable[dict]) -> dict:
     """``model.denoisers.quant``: one report for all experts -- the scheme and GEMM of the first (every expert is
     quantised with the same scheme), the :data:`COUNTED` fields summed over the experts, ``experts`` their names, and
-    with several experts ``per_expert``: each one's counts, weights source and (pre-quantised) ``checkpoint``."""
+    with several experts ``per_expert``: each one's counts, ``weights`` (quantised at load or read from a file) and
+    (pre-quantised) ``checkpoint``, which are then not given once for all."""
     names, reports = list(names), list(reports)
     out = {**{k: v for k, v in reports[0].items() if k != "expert"}, "experts": names}
     out.update({k: sum(r[k] for r in reports) for k in COUNTED})
     if len(reports) > 1:  # the weights' source (and a pre-quantised file's checkpoint record) per expert
         out.pop("checkpoint", None)
+        out.pop("weights", None)
         out["per_expert"] = {n: {k: r[k] for k in (*COUNTED, "weights", "checkpoint") if k in r}
                              for n, r in zip(names, reports)}
     return out

@@ -138,6 +138,24 @@ class ModelSpec:
                                                              f"{', '.join(names)}; valid: {', '.join(map(str, valid))}")
         return out
 
+    def denoiser_loras(self, loras: Sequence, names: Sequence[str]) -> list[list]:
+        """``loras`` split per denoiser (``names``: :meth:`dit_folders`' names): :meth:`loras_for` with the names the
+        family also accepts (Wan2.2 A14B: LightX2V's expert names)."""
+        return self.loras_for(loras, names)
+
+    def check_prequantized_loras(self, names: Sequence[str], per_denoiser: Sequence[Sequence],
+                                 quantized: Sequence) -> None:
+        """Refuse a LoRA for a denoiser built from a pre-quantised file (``quantized``: a path or ``None`` per
+        denoiser) -- a LoRA merges into bf16 weights before they are quantised -- before anything loads."""
+        from ..errors import ConfigError
+
+        for name, mine, path, key in zip(names, per_denoiser, quantized, self.quantized_ckpt_keys):
+            if path is not None and mine:
+                raise ConfigError("lora_configs", f"{len(mine)} LoRA(s) for {name}, whose {key} {str(path)!r} is "
+                                                  "pre-quantised: a LoRA merges into bf16 weights before they are "
+                                                  f"quantised; drop those LoRAs, or drop {key} to quantise the "
+                                                  "LoRA-merged weights at load")
+
     def check_boundary(self, boundary: float | None, where: str) -> None:
         """A two-expert family needs a boundary in (0, 1); a one-expert family none."""
         from ..errors import ConfigError

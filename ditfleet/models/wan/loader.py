@@ -116,7 +116,8 @@ class Checkpoint:
         folder: the folder holding ``config.json`` and the weights.
         layout: ``"official"`` or ``"diffusers"``.
         config: the model hyperparameters.
-        files: the safetensors files, in shard order.
+        files: the safetensors files, in shard order; with ``find_checkpoint(weights=...)`` those files (a
+            pre-quantised checkpoint, official names whatever ``layout`` the folder's config has).
     """
 
     folder: Path
@@ -590,7 +591,8 @@ def load_quantized_dit(
                     state[official] = value
                 del tensor, value
     linears = {n: (d["weight"], d["weight" + SCALE_SUFFIX], d.get("bias")) for n, d in by_module.items()}
-    source = {"path": str(quantized_ckpt), "files": [{"file": p.name, "sha256": _sha256(p)} for p in files]}
+    source = {"key": key, "path": str(quantized_ckpt),
+              "files": [{"file": p.name, "sha256": _sha256(p)} for p in files]}
     quant.build_prequantized_(model, scheme, linears, device=device, dtype=dtype, source=source, check_device=False,
                               gemm=gemm)
     del linears, by_module
@@ -602,9 +604,9 @@ def load_quantized_dit(
     del state
     model.requires_grad_(False).eval()
     model.set_attention(attention if attention is not None else default_attention(ckpt.config, device, dtype))
-    log.info("loaded Wan2.1 %s DiT pre-quantised (%s, %d linears fp8) from %s, config from %s, to %s/%s",
-             ckpt.config.model_type, scheme, len(qnames), quantized_ckpt, ckpt.folder, device,
-             str(dtype).removeprefix("torch."))
+    log.info("loaded %s (%s) pre-quantised (%s, %d linears fp8) from %s %s, config from %s, to %s/%s",
+             type(model).__name__, ckpt.config.model_type, scheme, len(qnames), key, quantized_ckpt, ckpt.folder,
+             device, str(dtype).removeprefix("torch."))
     return model
 
 

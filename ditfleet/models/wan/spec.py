@@ -37,7 +37,8 @@ def load_expert(folder: Path, name: str, loras: Sequence, quantized: Path | None
                 model_cls: type[WanDiT] = WanDiT, **kwargs) -> tuple[WanDiT, list]:
     """One Wan DiT: from ``folder`` with its ``loras`` merged, or with ``quantized`` (the file of config key ``key``)
     built pre-quantised from that file (:func:`~.loader.load_quantized_dit`: the config from the folder, every tensor
-    from the file, scheme ``quant``), which takes no LoRA. ``kwargs``: device, dtype, attention.
+    from the file, scheme ``quant``), which takes no LoRA (:meth:`ModelSpec.check_prequantized_loras` refuses them
+    before anything loads). ``kwargs``: device, dtype, attention.
 
     Returns:
         ``(model, merged LoRA entries)``.
@@ -46,11 +47,7 @@ def load_expert(folder: Path, name: str, loras: Sequence, quantized: Path | None
         dit = load_dit(folder, model_cls=model_cls, **kwargs)
         return dit, merge_loras_(dit, loras)
     if loras:
-        from ...errors import ConfigError
-
-        raise ConfigError("lora_configs", f"{len(loras)} LoRA(s) for {name}, whose {key} {str(quantized)!r} is "
-                                          "pre-quantised: a LoRA merges into bf16 weights before they are quantised; "
-                                          f"drop those LoRAs, or drop {key} to quantise the LoRA-merged weights at load")
+        raise ValueError(f"load_expert: {name} has LoRAs and the pre-quantised {key}")
     return load_quantized_dit(folder, quantized, model_cls=model_cls, scheme=quant or "fp8", key=key, **kwargs), []
 
 
@@ -59,9 +56,12 @@ def load_single(spec: ModelSpec, root: Path, *, device, dtype, attention, bounda
     """One Wan DiT of class ``spec.dit_class`` (TI2V-5B: ``Ti2vDiT``) from ``spec.dit_folders(root)``
     (:func:`load_expert`; ``quantized``: ``[dit_quantized_ckpt]`` or empty)."""
     spec.check_boundary(boundary, "boundary")
+    if spec.dit_class is None:
+        raise TypeError(f"{type(spec).__name__} sets no dit_class (the WanDiT class to build)")
     (name, folder), = spec.dit_folders(root)
-    (mine,) = spec.loras_for(loras, [name])
+    (mine,) = spec.denoiser_loras(loras, [name])
     (path,) = tuple(quantized) or (None,)
+    spec.check_prequantized_loras([name], [mine], [path])
     dit, merged = load_expert(folder, name, mine, path, spec.quantized_ckpt_keys[0] if spec.quantized_ckpt_keys else "",
                               quant=quant, model_cls=spec.dit_class, device=device, dtype=dtype, attention=attention)
     return Denoisers([dit], [name], sources=[str(folder)], loras=merged)

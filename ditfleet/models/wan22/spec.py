@@ -83,6 +83,9 @@ class Wan22MoeSpec(ModelSpec):
                                   f"boundary (a fraction of the 1000 timesteps, e.g. 0.875)")
         return OFFICIAL_BOUNDARY[in_dim]
 
+    def denoiser_loras(self, loras, names):
+        return self.loras_for(loras, names, {k: v for k, v in ALIASES.items() if v in names})
+
     def load(self, root: Path, *, device: torch.device, dtype: torch.dtype, attention: Mapping[str, object],
              boundary: float | None = None, loras=(), quantized: Sequence[Path | None] = (),
              quant: str | None = None) -> Denoisers:
@@ -98,7 +101,8 @@ class Wan22MoeSpec(ModelSpec):
             raise CheckpointError(f"{folders[0][1]} and {folders[1][1]}: the two experts differ in {', '.join(diff)}; "
                                   "a Wan2.2 A14B folder holds two DiTs of one architecture")
         names = [n for n, _ in folders]
-        per_expert = self.loras_for(loras, names, {k: v for k, v in ALIASES.items() if v in names})
+        per_expert = self.denoiser_loras(loras, names)
+        self.check_prequantized_loras(names, per_expert, quantized)  # before either expert loads
         models, merged = [], []
         for (name, folder), mine, q, key in zip(folders, per_expert, quantized, self.quantized_ckpt_keys):
             dit, entries = load_expert(folder, name, mine, q, key, quant=quant, device=device, dtype=dtype,
