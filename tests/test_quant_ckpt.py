@@ -405,6 +405,21 @@ def test_wan22_experts_load_from_their_files(a14b, tmp_path, gpu_like):
         assert_same_model(ref, ours)
     assert all("pre-quantised" in e["weights"] for e in two.denoisers.describe()["quant"]["per_expert"].values())
 
+    # the official layout (high_noise_model/ + low_noise_model/, no boundary file: the boundary from the high expert's
+    # config.json alone), the high expert's folder without weights
+    off = shutil.copytree(a14b, tmp_path / "official")
+    (off / "transformer").rename(off / "high_noise_model")
+    (off / "transformer_2").rename(off / "low_noise_model")
+    (off / "model_index.json").write_text((off / "model_index.json").read_text().replace(
+        '"boundary_ratio": 0.875', '"boundary_ratio": null'))
+    for p in (off / "high_noise_model").glob("diffusion_pytorch_model*"):
+        p.unlink()
+    official = load_runner(load_config(data={**base, "model_path": str(off), "high_noise_quantized_ckpt": str(high)}),
+                           device=cpu)
+    assert official.denoisers.names == ["high_noise_model", "low_noise_model"] and official.denoisers.boundary == 0.875
+    for ours, ref in zip(official.denoisers.experts, at_load.denoisers.experts):
+        assert_same_model(ref, ours)
+
     # refusals: the one-DiT key on two experts; an expert's file does not fit it (the experts' files swapped is fine:
     # same shapes), a LoRA for an expert with a file
     with pytest.raises(ConfigError, match=r"^dit_quantized_ckpt: wan2\.2_moe .* takes high_noise_quantized_ckpt / "
