@@ -283,7 +283,14 @@ def load_runner(cfg, *, device: torch.device, mesh=None, sparge_state: dict | No
     spec, root, configs = check_model(cfg, model_root(cfg))
     _check_experts(cfg, spec)
     _check_before_load(cfg, device, spec, configs)
-    attention = cfg.resolve_attention(device)
+    return _load_denoisers(cfg, root, spec, cfg.resolve_attention(device), device=device, mesh=mesh,
+                           sparge_state=sparge_state, read_sparge_file=read_sparge_file)
+
+
+def _load_denoisers(cfg, root: Path, spec, attention, *, device: torch.device, mesh, sparge_state: dict | None,
+                    read_sparge_file: bool) -> ModelRunner:
+    """The :class:`ModelRunner` of the run (every denoiser as the config asks: LoRAs, quantisation, pre-quantised
+    files, step cache) with Sparge bound -- the one load of :func:`load_runner` and :meth:`Pipeline.from_config`."""
     runner = ModelRunner.load(root, device=device, dtype=cfg.torch_dtype, attention=attention, mesh=mesh,
                               radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
                               loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized=quantized_ckpts(cfg, spec),
@@ -436,16 +443,12 @@ class Pipeline:
         t1 = time.perf_counter()
         text = _load("text_encoder", root, lambda: TextEncoder.load(root, device=device, dtype=text_dtype, text_len=cfg.text_len))
         image = None
-        if cfg.task == "i2v" and _uses_clip(root, spec, dit_weights(cfg, spec)):
+        if cfg.task == "i2v" and configs[0].has_image_branch:  # what check_model's _uses_clip read
             image = _load("image_encoder", root, lambda: ImageEncoder.load(root, device=device, dtype=dtype))
         vae = _load("vae", root, lambda: WanVAE.load(root, device=device))
         t2 = time.perf_counter()
-        runner = ModelRunner.load(root, device=device, dtype=dtype, attention=attention, mesh=mesh,
-                                  radial=cfg.radial_attn_setting, spec=spec, boundary=cfg.boundary,
-                                  loras=cfg.lora_configs, quant=quant_scheme(cfg), quantized=quantized_ckpts(cfg, spec),
-                                  step_cache=StepCacheSettings.from_config(cfg))
-        for dit in runner.denoisers:
-            bind_sparge(dit, cfg, sparge_state, read_file=read_sparge_file)
+        runner = _load_denoisers(cfg, root, spec, attention, device=device, mesh=mesh, sparge_state=sparge_state,
+                                 read_sparge_file=read_sparge_file)
         t3 = time.perf_counter()
         for dit in runner.denoisers:
             _check_compatible(root, cfg, dit.config, text, image, vae, first_frame=spec.first_frame_i2v)
